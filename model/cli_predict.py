@@ -1,0 +1,93 @@
+"""`unet-predict IMAGE... --output-dir DIR`: offline segmentation on the service's engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
+from model.imageio import ImageError, read_image
+from model.precision import PRECISIONS
+from model.weights import WeightsError
+
+
+def mask_to_png(mask: np.ndarray, out_channels: int) -> Image.Image:
+    """One class: 0/255, so the file is viewable; several: the class index."""
+    return Image.fromarray(mask * np.uint8(255) if out_channels == 1 else mask, mode="L")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unet-predict",
+        description="Segment images with a UNet by exact overlap-tile inference; writes "
+        "DIR/<name>.png masks (and DIR/<name>.npy probabilities with --probabilities).",
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--output-dir", "-o", type=Path, required=True, metavar="DIR")
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="%(default)s")
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=DEFAULT_TILE_SIZE,
+        help="output tile size; legal sizes are 4 + 2^depth * j (default %(default)s)",
+    )
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--probabilities", action="store_true", help="also write float32 .npy")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        seg = Segmenter.from_weights(args.weights, device=args.device, precision=args.precision)
+        seg.geometry.check_output(args.tile_size)
+    except (WeightsError, ValueError) as e:
+        parser.exit(2, f"unet-predict: error: {e}\n")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    failures = 0
+    with tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr) as bar:
+        for path in bar:
+            bar.set_postfix_str(path.name)
+            try:
+                image = read_image(str(path))
+                plan_tiles = len(seg.plan(image.shape[0], image.shape[1], args.tile_size))
+                with tqdm(
+                    total=plan_tiles,
+                    unit="tile",
+                    leave=False,
+                    disable=plan_tiles < 8,
+                    file=sys.stderr,
+                ) as tiles_bar:
+                    result = seg.segment(
+                        image,
+                        tile_size=args.tile_size,
+                        batch_size=args.batch_size,
+                        probabilities=args.probabilities,
+                        on_batch=tiles_bar.update,
+                    )
+            except (OSError, ImageError) as e:
+                failures += 1
+                tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
+                continue
+            mask_to_png(result.mask, seg.out_channels).save(args.output_dir / f"{path.stem}.png")
+            if result.probabilities is not None:
+                probs = result.probabilities
+                np.save(
+                    args.output_dir / f"{path.stem}.npy", probs[0] if len(probs) == 1 else probs
+                )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

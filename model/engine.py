@@ -1,0 +1,146 @@
+"""The inference engine shared by the CLI and the service: a loaded UNet on its device, tile
+preparation (normalisation) and batched forward passes returning probabilities."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.geometry import Geometry
+from model.imageio import match_channels
+from model.precision import Precision, autocast, resolve_precision
+from model.tiling import Stitcher, Tile, TilePlan
+from model.unet import UNet
+from model.weights import ModelCard, load_weights
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "isbi2012.safetensors"
+DEFAULT_TILE_SIZE = 388
+
+_SCALE = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # (H, W) uint8: 0/1 for one class, class index for several
+    probabilities: np.ndarray | None  # (K, H, W) float32, when asked for
+
+
+class Segmenter:
+    """A UNet in eval mode on one device. Thread-compatible, not thread-safe: one owner
+    (the CLI loop or the service's inference worker) calls `forward`."""
+
+    def __init__(
+        self,
+        model: UNet,
+        card: ModelCard,
+        device: str | torch.device = "auto",
+        precision: str = "fp32",
+        channels_last: bool = True,
+    ) -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.card = card
+        self.precision: Precision = resolve_precision(precision, self.device, card.precision)
+        self.geometry = Geometry(card.depth)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = memory_format
+        self.model = model.to(self.device, memory_format=memory_format).eval()
+        n = card.in_channels
+        norm = card.normalization
+        self._mean = np.broadcast_to(np.asarray(norm.mean, np.float32), (n,))[:, None, None]
+        self._inv_std = 1 / np.broadcast_to(np.asarray(norm.std, np.float32), (n,))[:, None, None]
+
+    @classmethod
+    def from_weights(
+        cls, path: str | Path = DEFAULT_WEIGHTS, device: str = "auto", precision: str = "fp32"
+    ) -> Segmenter:
+        model, card = load_weights(path)
+        return cls(model, card, device=device, precision=precision)
+
+    @property
+    def out_channels(self) -> int:
+        return self.card.out_channels
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Decoded (H, W, C) image -> (H, W, in_channels), still in its own dtype."""
+        return match_channels(image, self.card.in_channels)
+
+    def plan(self, height: int, width: int, tile_size: int | None = None) -> TilePlan:
+        return TilePlan(height, width, self.geometry, tile_size or DEFAULT_TILE_SIZE)
+
+    def tile_input(self, plan: TilePlan, image: np.ndarray, tile: Tile) -> np.ndarray:
+        """The normalised float32 (C, S, S) input of one tile."""
+        return self.normalize(plan.extract(image, tile))
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray:
+        """(C, H, W) pixels in their own dtype -> normalised float32, as the card says."""
+        scale = _SCALE.get(raw.dtype, 1.0)
+        return ((raw.astype(np.float32) * np.float32(scale) - self._mean) * self._inv_std).astype(
+            np.float32, copy=False
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """(N, C, S, S) normalised float32 tiles -> (N, K, S', S') float32 probabilities."""
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        with autocast(self.precision, self.device):
+            logits = self.model(x)
+        logits = logits.float()
+        probs = torch.sigmoid(logits) if self.out_channels == 1 else torch.softmax(logits, 1)
+        return probs.cpu().numpy()
+
+    def to_mask(self, probabilities: np.ndarray) -> np.ndarray:
+        """(K, ...) probabilities -> (...) uint8 mask: 0/1 at the card's threshold for one
+        class, the arg-max class index for several."""
+        if probabilities.shape[0] == 1:
+            return (probabilities[0] > self.card.threshold).astype(np.uint8)
+        return probabilities.argmax(axis=0).astype(np.uint8)
+
+    def segment(
+        self,
+        image: np.ndarray,
+        tile_size: int | None = None,
+        batch_size: int = 4,
+        probabilities: bool = False,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> Segmentation:
+        """Segment one decoded (H, W, C) image by overlap tiles, `batch_size` tiles per pass.
+        Tiles are cut and consumed lazily, so memory stays bounded for huge images."""
+        image = self.prepare(image)
+        plan = self.plan(image.shape[0], image.shape[1], tile_size)
+        mask = Stitcher(plan, 1, np.uint8)
+        probs = Stitcher(plan, self.out_channels, np.float32) if probabilities else None
+        for tiles in batched(plan, batch_size):
+            batch = np.stack([self.tile_input(plan, image, t) for t in tiles])
+            out = self.forward(batch)
+            for tile, values in zip(tiles, out, strict=True):
+                mask.aggregate(self.to_mask(values)[None], tile)
+                if probs is not None:
+                    probs.aggregate(values, tile)
+            if on_batch is not None:
+                on_batch(len(tiles))
+        return Segmentation(mask.finalize()[0], probs.finalize() if probs is not None else None)
+
+
+def batched(items: Iterable[Tile], n: int) -> Iterator[tuple[Tile, ...]]:
+    if n < 1:
+        raise ValueError("batch size must be >= 1")
+    it = iter(items)
+    while chunk := tuple(itertools.islice(it, n)):
+        yield chunk

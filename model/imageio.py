@@ -1,0 +1,155 @@
+"""Decoding uploads into (H, W, C) arrays in their own integer type (uint8 / uint16) or
+float32, and matching them to the model's input channels. Limits are checked from the header,
+before any pixel is decoded."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import tifffile
+from PIL import Image, UnidentifiedImageError
+
+# Our own pixel limit replaces Pillow's global one (checked before decoding, below).
+Image.MAX_IMAGE_PIXELS = None
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# ITU-R 601-2 luma, as Pillow's "L" conversion uses.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+class ImageError(ValueError):
+    """Base class: the upload cannot be used as an image."""
+
+
+class EmptyImageError(ImageError):
+    """Empty file, or an image with zero height or width."""
+
+
+class UnsupportedImageError(ImageError):
+    """Not an image in a supported format, or truncated/corrupt."""
+
+
+class ImageTooLargeError(ImageError):
+    """More pixels than allowed (decompression-bomb guard)."""
+
+
+def _check_size(height: int, width: int, max_pixels: int | None) -> None:
+    if height < 1 or width < 1:
+        raise EmptyImageError(f"image has zero size ({height}x{width})")
+    if max_pixels is not None and height * width > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {height * width} pixels, more than the limit of "
+            f"{max_pixels}"
+        )
+
+
+def _standard_dtype(arr: np.ndarray) -> np.ndarray:
+    """Keep uint8/uint16/float32; map other types onto them without losing range."""
+    if arr.dtype in (np.uint8, np.uint16, np.float32):
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return arr.astype(np.uint16)
+        info = np.iinfo(arr.dtype)
+        return ((arr.astype(np.float64) - info.min) / (info.max - info.min)).astype(np.float32)
+    raise UnsupportedImageError(f"unsupported pixel type {arr.dtype}")
+
+
+def _decode_tiff(data: bytes, max_pixels: int | None) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if not tif.pages:
+                raise EmptyImageError("TIFF file has no pages")
+            page = tif.pages.first  # multi-page: the first page
+            axes, shape = page.axes, page.shape
+            dims = dict(zip(axes, shape, strict=True))
+            _check_size(dims.get("Y", 0), dims.get("X", 0), max_pixels)
+            arr = page.asarray()
+    except ImageError:
+        raise
+    except Exception as e:  # tifffile raises many types for corrupt files
+        raise UnsupportedImageError(f"cannot decode TIFF: {e}") from None
+    # Put the sample axis last and drop anything else of length 1.
+    order = [axes.index(a) for a in ("Y", "X") if a in axes]
+    rest = [i for i in range(arr.ndim) if i not in order]
+    arr = np.transpose(arr, order + rest).reshape(arr.shape[order[0]], arr.shape[order[1]], -1)
+    return arr
+
+
+def _decode_pillow(data: bytes, max_pixels: int | None) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            _check_size(img.height, img.width, max_pixels)
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise UnsupportedImageError(
+            "not a supported image (PNG, JPEG, TIFF, BMP, WebP, GIF)"
+        ) from None
+    except Exception as e:
+        raise UnsupportedImageError(f"cannot decode image (truncated or corrupt?): {e}") from None
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("1", "LA", "La", "PA"):
+        img = img.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        arr = arr.astype(np.uint16)
+    return arr
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG/TIFF/BMP/WebP/GIF bytes into (H, W, C); alpha is dropped."""
+    if not data:
+        raise EmptyImageError("empty file")
+    if data[:4] in _TIFF_MAGIC:
+        arr = _decode_tiff(data, max_pixels)
+    else:
+        arr = _decode_pillow(data, max_pixels)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3:
+        raise UnsupportedImageError(f"unsupported image layout with shape {arr.shape}")
+    _check_size(arr.shape[0], arr.shape[1], max_pixels)
+    if arr.shape[2] in (2, 4):  # gray+alpha, RGB+alpha
+        arr = arr[:, :, : arr.shape[2] - 1]
+    return _standard_dtype(arr)
+
+
+def read_image(path: str, max_pixels: int | None = None) -> np.ndarray:
+    with open(path, "rb") as f:
+        return decode_image(f.read(), max_pixels)
+
+
+def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
+    """(H, W, C) -> (H, W, in_channels): RGB to luma for 1-channel models, gray replicated
+    (as a view, no copy) for 3-channel ones."""
+    channels = image.shape[2]
+    if channels == in_channels:
+        return image
+    if channels == 1:
+        return np.broadcast_to(image, (*image.shape[:2], in_channels))
+    if channels == 3 and in_channels == 1:
+        out = np.empty((*image.shape[:2], 1), dtype=image.dtype)
+        for r in range(0, image.shape[0], 1024):  # bounded temporaries for huge images
+            luma = image[r : r + 1024].astype(np.float32) @ _LUMA
+            if image.dtype != np.float32:
+                luma = np.rint(luma)
+            out[r : r + 1024, :, 0] = luma
+        return out
+    raise ImageError(f"image has {channels} channels, the model expects {in_channels}")

@@ -1,0 +1,178 @@
+"""Overlap-tile planning and stitching (U-Net paper, Fig. 2), exact by construction.
+
+The planner lays output tiles on a grid whose origins are multiples of 2^d, so every tile is
+a shifted window of one big virtual forward pass over the mirror-padded image, and a tiled
+result equals that single pass. Each output pixel is taken from exactly one tile: nothing is
+blended. Planner and stitcher are separate, so one batch may hold tiles of many images.
+Tiles are cut lazily from the original (integer) image by index arithmetic: no padded or
+float copy of the whole image is ever made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.geometry import Geometry
+
+
+def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
+    """Source indices for positions start..stop-1 of an axis of length `size` extended by
+    mirror reflection about the edge pixels (numpy's/torch's "reflect"), for any pad width:
+    reflection repeats with period 2 * (size - 1), so a pad larger than the image works."""
+    positions = np.arange(start, stop)
+    if size == 1:
+        return np.zeros_like(positions)
+    period = 2 * (size - 1)
+    positions = np.mod(positions, period)
+    return np.where(positions < size, positions, period - positions)
+
+
+def mirror_pad(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """Mirror-pad the first two axes of an (H, W, ...) array by any amounts."""
+    h, w = image.shape[:2]
+    ys = reflect_indices(-top, h + bottom, h)
+    xs = reflect_indices(-left, w + right, w)
+    return image[ys][:, xs]
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int
+    row: int  # output rows row .. row + size - 1, in image coordinates
+    col: int
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Square output tiles of `tile_size` covering an image of height x width."""
+
+    height: int
+    width: int
+    geometry: Geometry
+    tile_size: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image must be at least 1x1, got {self.height}x{self.width}")
+        self.geometry.check_output(self.tile_size)
+
+    @property
+    def stride(self) -> int:
+        return self.geometry.tile_stride(self.tile_size)
+
+    @property
+    def input_size(self) -> int:
+        return self.tile_size + self.geometry.shrink
+
+    def _origins(self, length: int) -> list[int]:
+        n = 1 if length <= self.tile_size else -(-(length - self.tile_size) // self.stride) + 1
+        return [i * self.stride for i in range(n)]
+
+    @property
+    def rows(self) -> list[int]:
+        return self._origins(self.height)
+
+    @property
+    def cols(self) -> list[int]:
+        return self._origins(self.width)
+
+    @property
+    def covered_height(self) -> int:
+        """Output extent of the equivalent single pass (legal, >= height)."""
+        return self.rows[-1] + self.tile_size
+
+    @property
+    def covered_width(self) -> int:
+        return self.cols[-1] + self.tile_size
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def __iter__(self) -> Iterator[Tile]:
+        cols = self.cols
+        for i, row in enumerate(self.rows):
+            for j, col in enumerate(cols):
+                yield Tile(i * len(cols) + j, row, col)
+
+    @property
+    def computed_pixels(self) -> int:
+        return len(self) * self.tile_size**2
+
+    def extract(self, image: np.ndarray, tile: Tile) -> np.ndarray:
+        """The tile's input window, (C, S, S) in the image's dtype, from an (H, W, C) image."""
+        m = self.geometry.margin
+        ys = reflect_indices(tile.row - m, tile.row - m + self.input_size, self.height)
+        xs = reflect_indices(tile.col - m, tile.col - m + self.input_size, self.width)
+        return np.ascontiguousarray(image[ys][:, xs].transpose(2, 0, 1))
+
+    def padded_image(self, image: np.ndarray) -> np.ndarray:
+        """The whole mirror-padded canvas whose single forward pass the tiles reproduce,
+        (H', W', C). For reference and tests; the tiled path never builds it."""
+        m = self.geometry.margin
+        return mirror_pad(
+            image,
+            m,
+            m + self.covered_height - self.height,
+            m,
+            m + self.covered_width - self.width,
+        )
+
+    def write_window(self, tile: Tile) -> tuple[slice, slice]:
+        """The part of the tile's output this tile owns, in tile coordinates. Tile k owns
+        [origin_k, origin_{k+1}) (the last one up to the image edge), so the small overlap
+        between neighbours is computed twice and written once."""
+
+        def extent(origin: int, length: int) -> int:
+            is_last = origin + self.tile_size >= length
+            return length - origin if is_last else self.stride
+
+        return slice(0, extent(tile.row, self.height)), slice(0, extent(tile.col, self.width))
+
+
+class Stitcher:
+    """Collects tile outputs into a (C, H, W) array: `aggregate(values, tile)` per tile in any
+    order, then `finalize()`. `track_coverage=True` counts writes per pixel (for tests)."""
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        channels: int,
+        dtype: np.dtype | type = np.float32,
+        track_coverage: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.output = np.empty((channels, plan.height, plan.width), dtype=dtype)
+        self.coverage = (
+            np.zeros((plan.height, plan.width), dtype=np.uint16) if track_coverage else None
+        )
+        self._done = np.zeros(len(plan), dtype=bool)
+
+    def aggregate(self, values: np.ndarray, tile: Tile) -> None:
+        """values: (C, tile_size, tile_size) output of the tile's input window."""
+        size = self.plan.tile_size
+        if values.shape[-2:] != (size, size):
+            raise ValueError(f"tile output must be {size}x{size}, got {values.shape[-2:]}")
+        if self._done[tile.index]:
+            raise ValueError(f"tile {tile.index} was already aggregated")
+        rows, cols = self.plan.write_window(tile)
+        dst = (
+            slice(tile.row, tile.row + rows.stop),
+            slice(tile.col, tile.col + cols.stop),
+        )
+        self.output[(slice(None), *dst)] = values[:, rows, cols]
+        if self.coverage is not None:
+            self.coverage[dst] += 1
+        self._done[tile.index] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._done.all())
+
+    def finalize(self) -> np.ndarray:
+        if not self.complete:
+            missing = int((~self._done).sum())
+            raise RuntimeError(f"{missing} of {len(self.plan)} tiles were never aggregated")
+        return self.output
