@@ -58,6 +58,7 @@ class Segmenter:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.memory_format = memory_format
         self.model = model.to(self.device, memory_format=memory_format).eval()
+        self._param_dtype = next(self.model.parameters()).dtype
         n = card.in_channels
         norm = card.normalization
         self._mean = np.broadcast_to(np.asarray(norm.mean, np.float32), (n,))[:, None, None]
@@ -98,7 +99,8 @@ class Segmenter:
         x = torch.from_numpy(batch)
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=self.memory_format)
+        # Match the weights' dtype (float64 models are used to check exactness).
+        x = x.to(self._param_dtype).contiguous(memory_format=self.memory_format)
         with autocast(self.precision, self.device):
             logits = self.model(x)
         logits = logits.float()

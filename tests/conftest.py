@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny real UNets saved as real weights, and real ISBI EM images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model.unet import UNet
+from model.weights import ModelCard, save_weights
+
+REPO = Path(__file__).resolve().parent.parent
+ISBI = REPO.parent / "shared" / "data" / "isbi2012"
+TINY_CHANNELS = [1, 4, 8, 16]  # depth 2: shrink 40, margin 20, legal outputs 4 + 4j
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give BatchNorm layers non-trivial statistics so eval mode is not an identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+def tiny_unet(channels: list[int] = TINY_CHANNELS, out_channels: int = 1, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return randomize_batchnorm(UNet(channels, out_channels), seed).eval()
+
+
+@pytest.fixture
+def tiny_weights(tmp_path: Path) -> Path:
+    """A tiny real UNet with its card, as the service and the CLI load it."""
+    card = ModelCard(
+        name="tiny",
+        channels=TINY_CHANNELS,
+        class_names=["cell_interior"],
+        normalization={"mean": [0.5], "std": [0.25]},
+    )
+    return save_weights(tiny_unet(), card, tmp_path / "tiny.safetensors")
+
+
+def isbi_slice(index: int = 0) -> np.ndarray:
+    """A real 512x512 8-bit EM slice from the ISBI 2012 training set, (H, W)."""
+    path = ISBI / "train" / "image" / f"{index:02d}.png"
+    if not path.is_file():
+        pytest.skip(f"ISBI data not found at {ISBI}")
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture
+def em_slice() -> np.ndarray:
+    return isbi_slice(0)
