@@ -68,7 +68,9 @@ def _decode_tiff(data: bytes, max_pixels: int | None) -> np.ndarray:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
-                raise EmptyImageError("TIFF file has no pages")
+                raise UnsupportedImageError(
+                    "TIFF file has no readable pages (truncated or corrupt?)"
+                )
             page = tif.pages.first  # multi-page: the first page
             axes, shape = page.axes, page.shape
             dims = dict(zip(axes, shape, strict=True))

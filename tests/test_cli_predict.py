@@ -1,0 +1,91 @@
+"""unet-predict on real EM slices with a tiny real model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import isbi_slice
+from model.cli_predict import main
+from model.engine import Segmenter
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, (h, w) in enumerate([(512, 512), (37, 300)]):
+        path = tmp_path / "in" / f"slice{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(isbi_slice(i)[:h, :w]).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_writes_masks_and_probabilities(tiny_weights: Path, images: list[Path], tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = [*map(str, images), "-o", str(out), "--weights", str(tiny_weights), "--tile-size", "96"]
+    assert main([*argv, "--probabilities"]) == 0
+    seg = Segmenter.from_weights(tiny_weights, device="cpu")
+    for path in images:
+        image = np.asarray(Image.open(path))
+        mask = np.asarray(Image.open(out / f"{path.stem}.png"))
+        probs = np.load(out / f"{path.stem}.npy")
+        assert mask.shape == probs.shape == image.shape
+        assert probs.dtype == np.float32
+        assert set(np.unique(mask)) <= {0, 255}
+        expected = seg.segment(image[..., None], tile_size=96, probabilities=True)
+        assert np.array_equal(mask, expected.mask * 255)
+        assert np.abs(probs - expected.probabilities[0]).max() <= 1e-6
+        # The tile size changes the work, not the result.
+        assert np.abs(seg.segment(image[..., None], tile_size=36).mask - expected.mask).max() == 0
+
+
+def test_bad_image_is_reported_and_the_rest_still_done(
+    tiny_weights: Path, images: list[Path], tmp_path: Path, capsys
+) -> None:
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    assert main([str(bad), str(images[1]), "-o", str(out), "--weights", str(tiny_weights)]) == 1
+    assert "broken.png" in capsys.readouterr().err
+    assert (out / "slice1.png").is_file() and not (out / "broken.npy").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--tile-size", "390"], "nearest legal"),
+        (["--weights", "missing.safetensors"], "not found"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 is supported on CUDA"),
+    ],
+)
+def test_one_line_errors(
+    tiny_weights: Path, images: list[Path], tmp_path: Path, capsys, extra, message
+) -> None:
+    argv = [str(images[0]), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), *extra]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unet-predict: error:") and message in err and "\n" not in err
+
+
+def test_console_script_runs(tiny_weights: Path, images: list[Path], tmp_path: Path) -> None:
+    exe = shutil.which("unet-predict", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("unet-predict is not installed in this environment")
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [exe, str(images[1]), "--output-dir", str(out), "--weights", str(tiny_weights)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert np.asarray(Image.open(out / "slice1.png")).shape == (37, 300)
