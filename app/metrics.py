@@ -1,0 +1,94 @@
+"""Prometheus metrics. Each app gets its own registry, so several apps (tests, or two
+models in one process) never collide on metric names."""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds: from a few milliseconds (one small tile on a GPU) to minutes (huge images on a CPU).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "unet_requests",
+            "HTTP requests by route and status code.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "unet_request_latency_seconds",
+            "End-to-end latency of HTTP requests, from arrival to the last byte sent.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "unet_queue_wait_seconds",
+            "Time an accepted image waits before its first tile enters a forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_tiles = Histogram(
+            "unet_batch_tiles",
+            "Tiles per forward pass.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "unet_forward_seconds",
+            "Duration of one batched forward pass, tile preparation included.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_passes = Counter(
+            "unet_forward_passes", "Forward passes run by the inference worker.", registry=r
+        )
+        self.tiles = Counter("unet_tiles", "Tiles computed by the inference worker.", registry=r)
+        self.oom_splits = Counter(
+            "unet_oom_splits",
+            "Batches halved and retried after a CUDA out-of-memory error.",
+            registry=r,
+        )
+        self.worker_errors = Counter(
+            "unet_worker_errors", "Forward passes that failed (their requests got 500).", registry=r
+        )
+        self.queue_tiles = Gauge(
+            "unet_queue_tiles", "Tiles accepted and not yet computed (queue depth).", registry=r
+        )
+        self.queue_images = Gauge(
+            "unet_queue_images", "Images accepted and not yet finished.", registry=r
+        )
+        self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)
+        self._device_gauges = False
+
+    def add_device(self, device: torch.device) -> None:
+        """Memory gauges for a CUDA inference device (nothing for a CPU)."""
+        if device.type != "cuda" or self._device_gauges:
+            return
+        self._device_gauges = True
+        r = self.registry
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        allocated = Gauge(
+            "unet_cuda_memory_allocated_bytes",
+            "CUDA memory held by tensors on the inference device.",
+            registry=r,
+        )
+        allocated.set_function(lambda: torch.cuda.memory_allocated(index))
+        reserved = Gauge(
+            "unet_cuda_memory_reserved_bytes",
+            "CUDA memory reserved by PyTorch's caching allocator on the inference device.",
+            registry=r,
+        )
+        reserved.set_function(lambda: torch.cuda.memory_reserved(index))
+        peak = Gauge(
+            "unet_cuda_memory_peak_bytes",
+            "Peak CUDA memory held by tensors since the service started.",
+            registry=r,
+        )
+        peak.set_function(lambda: torch.cuda.max_memory_allocated(index))

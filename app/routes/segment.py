@@ -1,0 +1,121 @@
+"""`POST /v1/segment`: an image in, its mask (or probabilities, or an overlay) out."""
+
+from __future__ import annotations
+
+import asyncio
+from enum import StrEnum
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from app.auth import require_api_key
+from app.encoding import mask_png, overlay_png, probabilities_npy
+from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
+from app.uploads import read_image_upload
+
+router = APIRouter(tags=["segmentation"])
+
+
+class Output(StrEnum):
+    mask = "mask"
+    probabilities = "probabilities"
+    overlay = "overlay"
+
+
+_ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
+_HEADERS = {
+    "X-Model-Name": "Name of the model (from its card).",
+    "X-Image-Width": "Width of the input image, pixels.",
+    "X-Image-Height": "Height of the input image, pixels.",
+    "X-Tile-Size": "Output tile size used for this image.",
+    "X-Tiles": "Number of overlap tiles computed.",
+    "X-Batches": "Forward passes that held this image's tiles (shared with other requests).",
+    "X-Queue-Ms": "Wait from acceptance to the first forward pass.",
+    "X-Inference-Ms": "From the first forward pass to the last tile stitched.",
+    "X-Total-Ms": "From arrival to the response being ready.",
+}
+
+RESPONSES = {
+    200: {
+        "description": "The segmentation, as asked for by `output`.",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+        "headers": {
+            name: {"description": d, "schema": {"type": "string"}} for name, d in _HEADERS.items()
+        },
+    },
+    401: {"description": "Missing or wrong bearer token (when UNET_API_KEY is set).", **_ERROR},
+    413: {"description": "Upload or image larger than the limits.", **_ERROR},
+    415: {"description": "Not an image in a supported format.", **_ERROR},
+    422: {"description": "Empty, truncated or unusable image; missing `file` field.", **_ERROR},
+    503: {"description": "Queue full or server not ready (see Retry-After).", **_ERROR},
+    504: {"description": "Not done within UNET_REQUEST_TIMEOUT_S.", **_ERROR},
+}
+
+REQUEST_BODY = {
+    "required": True,
+    "description": "The image as multipart field `file` (PNG, JPEG, TIFF incl. 16-bit and "
+    "multi-page, first page used, BMP, WebP, GIF). The raw image bytes with `Content-Type: "
+    "image/...` or `application/octet-stream` work too.",
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "The image."}
+                },
+            }
+        },
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@router.post(
+    "/v1/segment",
+    summary="Segment an image",
+    description="Upload one image; get its segmentation mask. Large images are cut into "
+    "overlap tiles whose results are stitched exactly (the result equals one pass over the "
+    "whole image), and the tiles share forward passes with other requests' tiles.",
+    dependencies=[Depends(require_api_key)],
+    responses=RESPONSES,
+    openapi_extra={"requestBody": REQUEST_BODY},
+    response_class=Response,
+)
+async def segment(
+    request: Request,
+    output: Output = Query(  # noqa: B008
+        Output.mask,
+        description="`mask`: PNG, 0/255 for one class, the class index for several. "
+        "`probabilities`: float32 .npy, (H, W) for one class, (K, H, W) for several. "
+        "`overlay`: RGB PNG of the mask tinted over the image.",
+    ),
+) -> Response:
+    service = get_service(request)
+    service.check_available()
+    data = await read_image_upload(request, service.settings.max_upload_bytes)
+    image = await service.decode(data)
+    del data
+    result = await service.segment(
+        image,
+        probabilities=output is Output.probabilities,
+        started=arrival(request),
+        disconnected=wait_for_disconnect(request),
+    )
+    height, width = image.shape[:2]
+    out_channels = service.segmenter.out_channels
+    if output is Output.mask:
+        body = await asyncio.to_thread(mask_png, result.mask, out_channels)
+        media, filename = "image/png", "mask.png"
+    elif output is Output.probabilities:
+        assert result.probabilities is not None
+        body = await asyncio.to_thread(probabilities_npy, result.probabilities)
+        media, filename = "application/octet-stream", "probabilities.npy"
+    else:
+        body = await asyncio.to_thread(overlay_png, image, result.mask)
+        media, filename = "image/png", "overlay.png"
+    headers = timing_headers(request, result, height, width, service.model_name)
+    headers["Content-Disposition"] = f'inline; filename="{filename}"'
+    return Response(body, media_type=media, headers=headers)

@@ -1,0 +1,87 @@
+"""Service settings: one pydantic-settings object read from `UNET_*` environment variables
+(and a `.env` file in the working directory, if there is one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
+from model.geometry import Geometry
+from model.precision import PRECISIONS
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UNET_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    weights: Path = Field(
+        DEFAULT_WEIGHTS,
+        description="Path to NAME.safetensors; its model card NAME.json must sit beside it.",
+    )
+    device: str = Field("auto", description="auto (first CUDA device, else CPU), cpu, cuda:N.")
+    precision: str = Field("fp32", description="fp32, bf16, fp16 (CUDA only) or auto.")
+    tile_size: int = Field(
+        DEFAULT_TILE_SIZE,
+        description="Largest output tile; must be legal for the model (4 + 2^depth * j).",
+    )
+    max_batch_tiles: int = Field(8, ge=1, description="Most tiles in one forward pass.")
+    max_wait_ms: float = Field(
+        10.0, ge=0, description="Longest wait for a batch to fill before running it anyway."
+    )
+    max_queue_tiles: int = Field(
+        4096, ge=1, description="Tiles accepted but not yet computed; beyond this, 503."
+    )
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="A request not done after this long gets 504."
+    )
+    max_upload_mb: float = Field(128.0, gt=0, description="Largest request body, in MiB.")
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Largest image (height x width); beyond this, 413."
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Bearer token required on inference routes; unset = open."
+    )
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: LogLevel = "info"
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long accepted work may still take."
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        if v not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+        return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
+        # `UNET_API_KEY=` in a compose file means "no key", not "the empty key".
+        return v if v is not None and v.get_secret_value() else None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def check_tile_size(self, geometry: Geometry) -> None:
+        """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""
+        try:
+            geometry.check_output(self.tile_size)
+        except ValueError as e:
+            raise ValueError(
+                f"UNET_TILE_SIZE={self.tile_size} does not fit the model: {e}"
+            ) from None

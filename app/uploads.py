@@ -1,0 +1,97 @@
+"""Reading request bodies under a size limit: the declared Content-Length is checked before
+anything is read, and bytes are counted while reading, so a client that lies or streams
+chunked gets 413 after at most the limit, never after the whole upload."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from app.errors import ApiError
+
+# Room for the multipart boundaries and part headers around a file of the maximum size.
+MULTIPART_SLACK = 64 * 1024
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the upload is larger than the limit of {limit / 2**20:g} MiB")
+
+
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise _TooLarge
+        yield chunk
+
+
+def _check_declared_length(request: Request, allowed: int, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    try:
+        length = int(declared)
+    except ValueError:
+        raise ApiError(400, "invalid Content-Length header") from None
+    if length > allowed:
+        raise _too_large(limit)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, at most `limit` bytes."""
+    _check_declared_length(request, limit, limit)
+    chunks = []
+    try:
+        async for chunk in _limited(request, limit):
+            chunks.append(chunk)
+    except _TooLarge:
+        raise _too_large(limit) from None
+    return b"".join(chunks)
+
+
+async def read_image_upload(request: Request, limit: int) -> bytes:
+    """The image bytes of a `multipart/form-data` upload (field `file`) or of a raw image
+    body (`Content-Type: image/*` or `application/octet-stream`), at most `limit` bytes."""
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/form-data"):
+        _check_declared_length(request, limit + MULTIPART_SLACK, limit)
+        parser = MultiPartParser(
+            request.headers,
+            _limited(request, limit + MULTIPART_SLACK),
+            max_files=1,
+            max_fields=8,
+        )
+        try:
+            form = await parser.parse()
+        except _TooLarge:
+            raise _too_large(limit) from None
+        except MultiPartException as e:
+            raise ApiError(422, f"malformed multipart body: {e.message}") from None
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(
+                    422, "the multipart body needs the image in a file field named 'file'"
+                )
+            data = await upload.read()
+        finally:
+            await form.close()
+        if len(data) > limit:
+            raise _too_large(limit)
+        return data
+    if content_type.startswith(("image/", "application/octet-stream")):
+        return await read_body(request, limit)
+    shown = content_type or "none"
+    raise ApiError(
+        415,
+        f"unsupported Content-Type ({shown}): send multipart/form-data with the image in "
+        "field 'file', or the raw image bytes as image/* or application/octet-stream",
+    )
