@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.backends import make_backend
 from model.geometry import Geometry
 from model.imageio import match_channels
-from model.precision import Precision, autocast, resolve_precision
+from model.precision import Precision, resolve_precision
 from model.tiling import Stitcher, Tile, TilePlan
 from model.unet import UNet
 from model.weights import ModelCard, load_weights
@@ -49,16 +50,19 @@ class Segmenter:
         card: ModelCard,
         device: str | torch.device = "auto",
         precision: str = "fp32",
-        channels_last: bool = True,
+        backend: str = "auto",
     ) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.card = card
         self.precision: Precision = resolve_precision(precision, self.device, card.precision)
         self.geometry = Geometry(card.depth)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.memory_format = memory_format
-        self.model = model.to(self.device, memory_format=memory_format).eval()
+        self.model = model.to(self.device).eval()  # unfused, for reference passes
         self._param_dtype = next(self.model.parameters()).dtype
+        if self._param_dtype != torch.float32:
+            backend = "torch"  # float64 models check exactness; only torch runs them
+        self.backend = make_backend(
+            backend, self.model, self.device, self.precision, card.in_channels
+        )
         n = card.in_channels
         norm = card.normalization
         self._mean = np.broadcast_to(np.asarray(norm.mean, np.float32), (n,))[:, None, None]
@@ -66,10 +70,14 @@ class Segmenter:
 
     @classmethod
     def from_weights(
-        cls, path: str | Path = DEFAULT_WEIGHTS, device: str = "auto", precision: str = "fp32"
+        cls,
+        path: str | Path = DEFAULT_WEIGHTS,
+        device: str = "auto",
+        precision: str = "fp32",
+        backend: str = "auto",
     ) -> Segmenter:
         model, card = load_weights(path)
-        return cls(model, card, device=device, precision=precision)
+        return cls(model, card, device=device, precision=precision, backend=backend)
 
     @property
     def out_channels(self) -> int:
@@ -96,14 +104,7 @@ class Segmenter:
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) normalised float32 tiles -> (N, K, S', S') float32 probabilities."""
-        x = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        # Match the weights' dtype (float64 models are used to check exactness).
-        x = x.to(self._param_dtype).contiguous(memory_format=self.memory_format)
-        with autocast(self.precision, self.device):
-            logits = self.model(x)
-        logits = logits.float()
+        logits = self.backend(batch)
         probs = torch.sigmoid(logits) if self.out_channels == 1 else torch.softmax(logits, 1)
         return probs.cpu().numpy()
 

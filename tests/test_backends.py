@@ -1,0 +1,76 @@
+"""The runtimes agree with the plain PyTorch network, and results do not depend on the batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CHANNELS, tiny_unet
+from model.backends import choose_backend, fold_batchnorm, onnxruntime_available
+from model.engine import Segmenter
+from model.weights import ModelCard
+
+CARD = ModelCard(channels=TINY_CHANNELS)
+CPU = torch.device("cpu")
+
+
+def tiles(n: int = 5, size: int = 76, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, size, size)).astype(np.float32)
+
+
+def reference(batch: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.sigmoid(tiny_unet()(torch.from_numpy(batch))).numpy()
+
+
+def test_folded_batchnorm_matches_the_network() -> None:
+    model = tiny_unet()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.from_numpy(tiles())
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_backend_matches_pytorch_and_is_batch_independent(backend: str) -> None:
+    if backend == "onnxruntime" and not onnxruntime_available():
+        pytest.skip("onnxruntime not installed")
+    seg = Segmenter(tiny_unet(), CARD, device="cpu", backend=backend)
+    assert seg.backend.name == backend
+    batch = tiles()
+    together = seg.forward(batch)
+    assert np.abs(together - reference(batch)).max() <= 1e-4
+    # Each tile alone, and the same tile beside other tiles, give the same result.
+    alone = np.concatenate([seg.forward(batch[i : i + 1]) for i in range(len(batch))])
+    assert np.abs(alone - together).max() <= 1e-5
+    # Other tile sizes go through the same exported graph (dynamic axes).
+    small = tiles(2, 48)
+    assert np.abs(seg.forward(small) - reference(small)).max() <= 1e-4
+
+
+def test_backend_choice() -> None:
+    expected = "onnxruntime" if onnxruntime_available() else "torch"
+    assert choose_backend("auto", CPU, "fp32") == expected
+    assert choose_backend("auto", CPU, "bf16") == "torch"
+    assert choose_backend("auto", torch.device("cuda"), "fp32") == "torch"
+    with pytest.raises(ValueError, match="fp32 on the CPU only"):
+        choose_backend("onnxruntime", torch.device("cuda"), "fp16")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose_backend("tensorrt", CPU, "fp32")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_path(precision: str) -> None:
+    seg = Segmenter(tiny_unet(), CARD, device="cuda", precision=precision)
+    assert seg.backend.name == "torch" and seg.device.type == "cuda"
+    batch = tiles()
+    tol = 1e-4 if precision == "fp32" else 5e-2
+    assert np.abs(seg.forward(batch) - reference(batch)).max() <= tol
+    image = np.random.default_rng(0).integers(0, 256, (300, 200, 1), dtype=np.uint8)
+    cpu = Segmenter(tiny_unet(), CARD, device="cpu").segment(image, tile_size=60)
+    gpu = seg.segment(image, tile_size=60)
+    assert (gpu.mask == cpu.mask).mean() >= 0.99
