@@ -1,0 +1,464 @@
+"""The deployment files agree with each other, with the README and with the service, and the
+CI checks in .ci/check-deploy (hadolint, Compose and Kubernetes schemas) catch real mistakes.
+No Docker engine or cluster is needed."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.metrics import Metrics
+from app.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+KUBE = REPO / "deploy" / "kubernetes"
+BIN = Path(sys.executable).parent  # the test extra installs the check tools beside python
+PROJECT = "<this project>"
+
+
+# --- Dockerfile ------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def one(self, keyword: str) -> str:
+        (rest,) = self.all(keyword)
+        return rest
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages with their instructions, continuation lines joined and global ARG defaults
+    substituted (enough for this repository's Dockerfile, not every Dockerfile)."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+        else:
+            lines.append(pending + line)
+            pending = ""
+    args: dict[str, str] = {}
+    stages: list[Stage] = []
+    for line in lines:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        rest = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m[1], m[0]), rest.strip())
+        if keyword == "ARG" and not stages:
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif keyword == "FROM":
+            match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest, flags=re.IGNORECASE)
+            assert match, f"every stage is named: {line}"
+            stages.append(Stage(name=match[2], base=match[1]))
+        else:
+            stages[-1].instructions.append((keyword, rest))
+    return stages
+
+
+def pip_installs(command: str) -> set[tuple[str, str | None]]:
+    """(what, index URL) for each target of each `pip install` in a shell command line. The
+    project itself, as `.` or as its wheel, becomes PROJECT plus its extras."""
+    installs: set[tuple[str, str | None]] = set()
+    for part in re.split(r"&&|;", command):
+        words = shlex.split(part, comments=True)
+        if words[:2] != ["pip", "install"]:
+            continue
+        targets, index = [], None
+        it = iter(words[2:])
+        for word in it:
+            if word == "--index-url":
+                index = next(it)
+            elif not word.startswith("-"):
+                targets.append(word)
+        for target in targets:
+            path, bracket, extras = target.partition("[")
+            is_project = path == "." or path.endswith(".whl")
+            installs.add(((PROJECT if is_project else path) + bracket + extras, index))
+    return installs
+
+
+@pytest.fixture(scope="module")
+def stages() -> dict[str, Stage]:
+    parsed = parse_dockerfile((REPO / "Dockerfile").read_text())
+    assert parsed[-1].name == "cuda", "the default target (last stage) is the GPU image"
+    return {s.name: s for s in parsed}
+
+
+def run_commands(stage: Stage) -> list[str]:
+    # BuildKit flags (--mount=...) come before the command itself.
+    return [re.sub(r"^(--\S+\s+)+", "", rest) for rest in stage.all("RUN")]
+
+
+def readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"README.md has a section '## {title}'"
+    return match[1]
+
+
+def code_lines(markdown: str) -> list[str]:
+    blocks = re.findall(r"^```\w*\n(.*?)^```", markdown, re.M | re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> None:
+    readme = set().union(
+        *(pip_installs(line) for line in code_lines(readme_section("Run with Docker")))
+    )
+    cpu = set().union(*(pip_installs(c) for c in run_commands(stages["cpu"])))
+    cuda = set().union(*(pip_installs(c) for c in run_commands(stages["cuda"])))
+    assert (PROJECT, None) in readme
+    assert cpu == readme
+    torch = {(what, index) for what, index in readme if what.startswith("torch")}
+    assert len(torch) == 1
+    # The CUDA base ships torch itself: the same release as the CPU image pins.
+    assert cuda == readme - torch
+    ((pin, _),) = torch
+    version = pin.removeprefix("torch==")
+    assert stages["cuda"].base.startswith(f"pytorch/pytorch:{version}-cuda")
+    # The wheel the images install is built from the project itself.
+    assert any(re.search(r"\bpip wheel\b.*\s\.$", c) for c in run_commands(stages["wheel"]))
+
+
+def test_images_start_the_readme_entrypoint(stages: dict[str, Stage]) -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["unet-serve"] == "app.main:main"
+    assert "unet-serve" in code_lines(readme_section("Run with Docker"))
+    for name in ("cpu", "cuda"):
+        # JSON (exec) form: unet-serve is PID 1 and gets SIGTERM itself, not a shell.
+        assert json.loads(stages[name].one("ENTRYPOINT")) == ["unet-serve"]
+        assert not stages[name].all("CMD")
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_final_stages(stages: dict[str, Stage], name: str) -> None:
+    stage = stages[name]
+    env = dict(pair.split("=", 1) for line in stage.all("ENV") for pair in shlex.split(line))
+    # Non-root, by number so Kubernetes' runAsNonRoot can verify it.
+    user = stage.one("USER").split(":")[0]
+    assert user.isdigit() and int(user) != 0
+    assert f"runAsUser: {user}" in (KUBE / "deployment.yaml").read_text()
+    assert stage.one("EXPOSE") == env["UNET_PORT"] == "8000"
+    assert env["UNET_HOST"] == "0.0.0.0"
+    # The baked-in weights are where UNET_WEIGHTS points, with their card beside them.
+    weights = Path(env["UNET_WEIGHTS"])
+    copied = [c.split() for c in stage.all("COPY") if not c.startswith("--from")]
+    destinations = {Path(words[-1]) / Path(src).name for words in copied for src in words[:-1]}
+    assert {weights, weights.with_suffix(".json")} <= destinations
+    # Nothing that builds software, and no pip cache, in the final image.
+    for command in run_commands(stage):
+        assert not re.search(r"apt-get|gcc|build-essential|pip wheel", command)
+        if "pip install" in command:
+            assert "--no-cache-dir" in command
+    assert "/v2/health/ready" in stage.one("HEALTHCHECK")
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders wins,
+    `!` re-includes, `*` stays within one path segment and `**` spans any number."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        regex = regex.replace(r"\?", "[^/]")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_the_context_to_what_the_image_needs(stages: dict[str, Stage]) -> None:
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [p.strip() for p in lines if p.strip() and not p.startswith("#")]
+    for path in [
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/test_deploy.py",
+        "weights/README.md",
+        "runs/checkpoint.safetensors",
+        ".ruff_cache/CACHEDIR.TAG",
+        ".pytest_cache/README.md",
+        "model/__pycache__/unet.cpython-311.pyc",
+        "docker-compose.yml",
+        "deploy/kubernetes/deployment.yaml",
+    ]:
+        assert dockerignore_excludes(path, patterns), path
+    # Everything the Dockerfile copies from the context exists and is sent.
+    sources = [
+        src
+        for stage in stages.values()
+        for line in stage.all("COPY")
+        if not line.startswith("--from")
+        for src in line.split()[:-1]
+    ]
+    assert sources
+    for src in sources:
+        assert (REPO / src).exists(), f"the Dockerfile copies {src}, which is not in the repo"
+        files = [REPO / src] if (REPO / src).is_file() else (REPO / src).rglob("*.py")
+        for file in files:
+            rel = file.relative_to(REPO).as_posix()
+            assert not dockerignore_excludes(rel, patterns), f"{rel} is left out of the context"
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_healthcheck_command_follows_readiness(stages: dict[str, Stage], status: int) -> None:
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status if self.path == "/v2/health/ready" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    commands = [
+        json.loads(stage.one("HEALTHCHECK").split(" CMD ", 1)[1])
+        for stage in stages.values()
+        if stage.all("HEALTHCHECK")
+    ]
+    compose = load_compose()["services"]["unet"]["healthcheck"]["test"]
+    assert compose[0] == "CMD" and all(c == compose[1:] for c in commands)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        argv = [sys.executable if commands[0][0] == "python" else commands[0][0], *commands[0][1:]]
+        port = str(server.server_address[1])
+        done = subprocess.run(argv, env={"UNET_PORT": port}, capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert (done.returncode == 0) == (status == 200), done.stderr.decode()
+
+
+# --- docker compose --------------------------------------------------------------------------
+
+
+def load_compose() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def interpolation_default(value: object) -> str:
+    """`${VAR:-default}` -> default; a literal stays as it is."""
+    match = re.fullmatch(r"\$\{\w+:-(.*)\}", str(value))
+    return match[1] if match else str(value)
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|s|m|h)", duration))
+
+
+def test_compose_gpu_service() -> None:
+    unet = load_compose()["services"]["unet"]
+    assert "profiles" not in unet, "plain `docker compose up` starts the GPU service"
+    assert unet["build"]["target"] == "cuda"
+    (device,) = unet["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"]
+    assert unet["ports"] == ["${UNET_PUBLISH_PORT:-8000}:8000"]
+    assert unet["restart"] in ("always", "unless-stopped", "on-failure")
+    (models,) = unet["volumes"]
+    assert models["read_only"] is True
+
+
+def test_compose_cpu_profile_and_prometheus() -> None:
+    services = load_compose()["services"]
+    cpu = services["unet-cpu"]
+    assert cpu["profiles"] == ["cpu"]
+    assert cpu["build"]["target"] == "cpu"
+    assert "deploy" not in cpu
+    assert cpu["environment"]["UNET_DEVICE"] == "cpu"
+    assert cpu["ports"] == services["unet"]["ports"]
+    # Prometheus finds the service under one name, whichever of the two runs.
+    assert "unet" in cpu["networks"]["default"]["aliases"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["monitoring"]
+    (config,) = prometheus["volumes"]
+    assert config["target"] == "/etc/prometheus/prometheus.yml" and config["read_only"]
+    scrape = yaml.safe_load((REPO / config["source"]).read_text())["scrape_configs"]
+    assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [
+        ("/metrics", ["unet:8000"])
+    ]
+
+
+def test_compose_settings_are_the_service_defaults(stages: dict[str, Stage]) -> None:
+    env = load_compose()["services"]["unet"]["environment"]
+    defaults = Settings(_env_file=None)
+    assert set(env) == {f"UNET_{name.upper()}" for name in Settings.model_fields}
+    given = {
+        name: interpolation_default(env[f"UNET_{name.upper()}"]) for name in Settings.model_fields
+    }
+    # The one deliberate difference: the weights baked into the image.
+    image_env = stages["cuda"].all("ENV")
+    assert f"UNET_WEIGHTS={given.pop('weights')}" in " ".join(image_env)
+    parsed = Settings(_env_file=None, **given)
+    for name in given:
+        assert getattr(parsed, name) == getattr(defaults, name), name
+    # A stop waits for the drain before it kills.
+    grace = seconds(load_compose()["services"]["unet"]["stop_grace_period"])
+    assert grace > parsed.drain_timeout_s
+
+
+# --- Kubernetes ------------------------------------------------------------------------------
+
+
+def manifests() -> dict[str, dict]:
+    docs = [d for p in sorted(KUBE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+    return {d["kind"]: d for d in docs}
+
+
+def test_deployment_probes_gpu_and_drain() -> None:
+    deployment = manifests()["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    (port,) = container["ports"]
+    assert str(port["containerPort"]) == env["UNET_PORT"]
+    probes = {k: container[k]["httpGet"] for k in ("readinessProbe", "livenessProbe")}
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert all(p["port"] == port["name"] for p in probes.values())
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == env["UNET_PORT"]
+    # The kubelet kills at the end of the grace period, which also covers the preStop pause.
+    pause = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pause[0] == "sleep"
+    drain = float(env["UNET_DRAIN_TIMEOUT_S"])
+    assert pod["terminationGracePeriodSeconds"] > float(pause[1]) + drain
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_service_and_hpa_reach_the_deployment() -> None:
+    kinds = manifests()
+    deployment, service, hpa = (
+        kinds["Deployment"],
+        kinds["Service"],
+        kinds["HorizontalPodAutoscaler"],
+    )
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert (
+        hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    )
+
+
+def test_hpa_scales_on_the_queue_depth_the_service_exports() -> None:
+    gauge = Metrics().queue_tiles
+    (family,) = gauge.collect()
+    assert family.type == "gauge"
+    hpa = manifests()["HorizontalPodAutoscaler"]
+    pods = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert [p["metric"]["name"] for p in pods] == [family.name]
+    adapter = yaml.safe_load((REPO / "deploy" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(family.name + "{")
+    assert rule["name"]["as"] == family.name
+
+
+# --- the CI checks have teeth ----------------------------------------------------------------
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    assert path.exists(), f"{name} comes with the test extra: pip install -e '.[test]'"
+    return str(path)
+
+
+def mutated(tmp_path: Path, source: Path, old: str, new: str) -> Path:
+    text = source.read_text()
+    assert old in text
+    out = tmp_path / source.name
+    out.write_text(text.replace(old, new))
+    return out
+
+
+@pytest.fixture
+def checks(tmp_path: Path) -> Iterator[dict[str, tuple[list[str], str]]]:
+    """Each check of .ci/check-deploy run on a copy with one typical mistake, and the message
+    that must name the mistake."""
+    yield {
+        "hadolint: shell-form entrypoint": (
+            [
+                tool("hadolint"),
+                str(
+                    mutated(
+                        tmp_path,
+                        REPO / "Dockerfile",
+                        'ENTRYPOINT ["unet-serve"]',
+                        "ENTRYPOINT unet-serve",
+                    )
+                ),
+            ],
+            "DL3025",
+        ),
+        "compose: misspelt GPU capabilities": (
+            [
+                tool("check-jsonschema"),
+                "--builtin-schema",
+                "vendor.compose-spec",
+                str(
+                    mutated(
+                        tmp_path,
+                        REPO / "docker-compose.yml",
+                        "capabilities: [gpu]",
+                        "capability: [gpu]",
+                    )
+                ),
+            ],
+            "'capabilities' is a required property",
+        ),
+        "kubernetes: misspelt grace period": (
+            [
+                tool("kubernetes-validate"),
+                "--strict",
+                str(
+                    mutated(
+                        tmp_path,
+                        KUBE / "deployment.yaml",
+                        "terminationGracePeriodSeconds:",
+                        "terminationGracePeriod:",
+                    )
+                ),
+            ],
+            "'terminationGracePeriod' was unexpected",
+        ),
+    }
+
+
+def test_ci_checks_reject_typical_mistakes(checks: dict[str, tuple[list[str], str]]) -> None:
+    script = (REPO / ".ci" / "check-deploy").read_text()
+    for name, (argv, message) in checks.items():
+        assert Path(argv[0]).name in script, f"{name}: .ci/check-deploy runs this tool"
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, name
+        assert message in done.stdout + done.stderr, name
