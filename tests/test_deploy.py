@@ -456,6 +456,7 @@ def checks(tmp_path: Path) -> Iterator[dict[str, tuple[list[str], str]]]:
 
 
 def test_ci_checks_reject_typical_mistakes(checks: dict[str, tuple[list[str], str]]) -> None:
+    assert ".ci/check-deploy" in (REPO / ".ci" / "run").read_text(), "CI runs the checks"
     script = (REPO / ".ci" / "check-deploy").read_text()
     for name, (argv, message) in checks.items():
         assert Path(argv[0]).name in script, f"{name}: .ci/check-deploy runs this tool"
