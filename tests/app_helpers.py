@@ -1,0 +1,128 @@
+"""Helpers for the service tests: a tiny real UNet saved as real weights, real images as
+upload bytes, and an in-process app with its lifespan running."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tifffile
+import torch
+from fastapi import FastAPI
+from PIL import Image
+
+from app.main import create_app
+from app.service import InferenceService
+from app.settings import Settings
+from conftest import TINY_CHANNELS, isbi_slice, tiny_unet
+from model.engine import Segmenter
+from model.weights import ModelCard, save_weights
+
+# Depth 2: legal output tiles are 4 + 4j; 60 gives buckets 16 / 32 / 60 and input tiles 100.
+TILE = 60
+
+
+def save_tiny(tmp_path: Path, out_channels: int = 1, name: str = "tiny") -> Path:
+    """A tiny random UNet. Its outputs sit in a narrow band around 0.49, so for one class the
+    card's threshold is set to the median on a real EM slice: masks then have both values
+    and comparisons of masks test something."""
+    card = ModelCard(
+        name=name,
+        channels=TINY_CHANNELS,
+        out_channels=out_channels,
+        class_names=[f"class{i}" for i in range(out_channels)],
+        normalization={"mean": [0.5], "std": [0.25]},
+    )
+    model = tiny_unet(out_channels=out_channels)
+    if out_channels > 1:
+        # Centre each class's logit on real data, so the arg-max varies over the image.
+        pixels = isbi_slice(0)[:140, :140].astype(np.float32) / 255
+        x = torch.from_numpy((pixels - 0.5) / 0.25)[None, None]
+        with torch.no_grad():
+            model.head.bias -= model(x).mean(dim=(0, 2, 3))
+    if out_channels == 1:
+        seg = Segmenter(model, card, device="cpu", backend="torch")
+        probs = seg.segment(isbi_slice(0)[:200, :200, None], TILE, probabilities=True)
+        assert probs.probabilities is not None
+        card.threshold = float(np.median(probs.probabilities))
+    return save_weights(model, card, tmp_path / f"{name}.safetensors")
+
+
+def settings(weights: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "weights": weights,
+        "tile_size": TILE,
+        "max_batch_tiles": 8,
+        "max_wait_ms": 5,
+        "backend": "torch",
+        "device": "cpu",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def em_crop(index: int, top: int, left: int, height: int, width: int) -> np.ndarray:
+    """A real 8-bit EM crop, (H, W)."""
+    return np.ascontiguousarray(isbi_slice(index)[top : top + height, left : left + width])
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_uint16(pixels: np.ndarray) -> np.ndarray:
+    """8-bit EM -> a real 16-bit image using the whole range (with a low-bit texture, so the
+    16-bit values matter)."""
+    rng = np.random.default_rng(0)
+    return (pixels.astype(np.uint16) * 257 + rng.integers(0, 200, pixels.shape)).astype(np.uint16)
+
+
+def tiff_bytes(*pages: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for page in pages:
+            tif.write(page)
+    return buf.getvalue()
+
+
+def service_of(app: FastAPI) -> InferenceService:
+    service = app.state.service
+    assert service is not None
+    return service
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan run, and an async client talking to it in-process."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+def make_app(weights: Path, **overrides: object) -> FastAPI:
+    return create_app(settings(weights, **overrides))
+
+
+class Gate:
+    """Wraps the real forward pass so a test can hold the worker inside a batch."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.forward = forward
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        self.entered.set()
+        if not self.release.wait(timeout=30):
+            raise TimeoutError("gate never released")
+        return self.forward(batch)
