@@ -1,0 +1,160 @@
+"""`unet-eval`: measure a trained UNet on labelled image pairs with the real tiled inference
+path: pixel error at the card's threshold, foreground Dice / IoU, and the adapted Rand error
+of the connected cell interiors (see model.metrics), per image and overall; writes JSON.
+
+`--update-card` stores the numbers in the model card, which is how the shipped card's metrics
+are produced (and what tests/test_train_shipped.py reproduces)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.data import DEFAULT_DATA, DataError, Pair, load_pairs, parse_slices
+from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
+from model.metrics import Counts, confusion, rand_error
+from model.precision import PRECISIONS
+from model.weights import WeightsError, load_weights, save_weights
+
+ROUND = 6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unet-eval",
+        description="Evaluate UNet weights on DATA/image + DATA/label pairs: pixel error, "
+        "Dice, IoU and Rand error (1 - adapted Rand F-score of 4-connected cell interiors).",
+    )
+    p.add_argument("weights", nargs="?", type=Path, default=DEFAULT_WEIGHTS, help="%(default)s")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="%(default)s")
+    p.add_argument(
+        "--slices",
+        default=None,
+        help="pair indices (sorted by name), e.g. 20,21,22,23 or 20-23; default: the card's "
+        "validation slices when the data holds them, else every pair",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--tile-size", type=int, default=DEFAULT_TILE_SIZE)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--update-card", action="store_true", help="store the results in the card's metrics"
+    )
+    return p
+
+
+def select(pairs: list[Pair], slices: str | None, card_slices: list[str]) -> list[Pair]:
+    if slices is not None:
+        return [pairs[i] for i in parse_slices(slices, len(pairs))]
+    names = {p.name for p in pairs}
+    if card_slices and set(card_slices) <= names:
+        return [p for p in pairs if p.name in card_slices]
+    return pairs
+
+
+def evaluate(
+    segmenter: Segmenter,
+    pairs: list[Pair],
+    tile_size: int = DEFAULT_TILE_SIZE,
+    batch_size: int = 4,
+    reference: Segmenter | None = None,
+) -> dict[str, Any]:
+    """Metrics per image and overall. Pixel error, Dice and IoU pool the pixels of all images;
+    the overall Rand error is the mean of the per-image ones (slices are separate 2-D
+    segmentations). With `reference` (an fp32 segmenter), also the fraction of mask pixels
+    on which both agree."""
+    per_image: dict[str, dict[str, float]] = {}
+    total = Counts(0, 0, 0, 0)
+    rands = []
+    agree = 0
+    pixels = 0
+    for pair in pairs:
+        mask = segmenter.segment(pair.image, tile_size, batch_size).mask
+        counts = confusion(mask, pair.label)
+        rand = rand_error(mask, pair.label)
+        total = total + counts
+        rands.append(rand)
+        row = {
+            "pixel_error": round(counts.pixel_error, ROUND),
+            "dice": round(counts.dice, ROUND),
+            "iou": round(counts.iou, ROUND),
+            "rand_error": round(rand.error, ROUND),
+            "rand_precision": round(rand.precision, ROUND),
+            "rand_recall": round(rand.recall, ROUND),
+        }
+        if reference is not None:
+            ref = reference.segment(pair.image, tile_size, batch_size).mask
+            same = int(np.count_nonzero(ref == mask))
+            row["agreement_with_fp32"] = round(same / mask.size, ROUND)
+            agree += same
+            pixels += mask.size
+        per_image[pair.name] = row
+    overall: dict[str, float] = {
+        "pixel_error": round(total.pixel_error, ROUND),
+        "dice": round(total.dice, ROUND),
+        "iou": round(total.iou, ROUND),
+        "rand_error": round(float(np.mean([r.error for r in rands])), ROUND),
+        "rand_precision": round(float(np.mean([r.precision for r in rands])), ROUND),
+        "rand_recall": round(float(np.mean([r.recall for r in rands])), ROUND),
+    }
+    if reference is not None:
+        overall["agreement_with_fp32"] = round(agree / pixels, ROUND)
+    return {"overall": overall, "per_image": per_image}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    try:
+        model, card = load_weights(args.weights)
+        segmenter = Segmenter(model, card, device=args.device, precision=args.precision)
+        segmenter.geometry.check_output(args.tile_size)
+        pairs = select(
+            load_pairs(args.data), args.slices, card.training.get("validation_slices", [])
+        )
+    except (WeightsError, DataError, ValueError) as e:
+        parser.error(str(e))
+    reference = None
+    if segmenter.precision != "fp32":
+        ref_model, _ = load_weights(args.weights)
+        reference = Segmenter(ref_model, card, device=segmenter.device, precision="fp32")
+    results = evaluate(segmenter, pairs, args.tile_size, args.batch_size, reference)
+    argv_list = sys.argv[1:] if argv is None else argv
+    report: dict[str, Any] = {
+        "command": shlex.join(["unet-eval", *argv_list]),
+        "weights": args.weights.name,
+        "slices": [p.name for p in pairs],
+        "threshold": card.threshold,
+        "precision": segmenter.precision,
+        "tile_size": args.tile_size,
+        "rand_connectivity": 4,
+        **results,
+    }
+    print(f"{'image':>8} {'pixel_err':>9} {'dice':>7} {'iou':>7} {'rand_err':>8}")
+    rows = [*results["per_image"].items(), ("overall", results["overall"])]
+    for name, r in rows:
+        extra = f"  agree_fp32 {r['agreement_with_fp32']:.6f}" if reference is not None else ""
+        print(
+            f"{name:>8} {r['pixel_error']:9.4f} {r['dice']:7.4f} {r['iou']:7.4f} "
+            f"{r['rand_error']:8.4f}{extra}"
+        )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.update_card:
+        card.metrics = report
+        save_weights(model, card, args.weights)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
