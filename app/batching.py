@@ -165,8 +165,9 @@ class TileBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_tiles = max_queue_tiles
         self.metrics = metrics
-        # Tests wrap the real forward pass to inject failures; the model itself is real.
-        self._forward = forward or segmenter.forward
+        # Public so tests and profilers can wrap the real forward pass (to time it, or to
+        # inject a failure); the batcher calls whatever is here.
+        self.forward_fn: Callable[[np.ndarray], np.ndarray] = forward or segmenter.forward
         self._batch_limit = max_batch_tiles  # lowered after an out-of-memory error
         self._passes_since_oom = 0
         self._ready: deque[Job] = deque()  # jobs with tiles not yet handed to the worker
@@ -279,12 +280,13 @@ class TileBatcher:
         self,
         job: Job,
         timeout: float,
-        disconnected: Awaitable[object] | None = None,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
     ) -> SegmentResult:
-        """Wait for a job. On timeout (DeadlineExceededError), client disconnect
+        """Wait for a job; `disconnected()` makes an awaitable that returns when the client
+        goes away. On timeout (DeadlineExceededError), client disconnect
         (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the
         queue before this returns."""
-        watcher = asyncio.ensure_future(disconnected) if disconnected is not None else None
+        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             waiting: set[asyncio.Future[object]] = {job.future}
             if watcher is not None:
@@ -456,7 +458,7 @@ class TileBatcher:
     def _forward_splitting(self, batch: np.ndarray) -> np.ndarray:
         """Forward, halving the batch on out-of-memory errors down to a single tile."""
         try:
-            out = self._forward(batch)
+            out = self.forward_fn(batch)
         except torch.OutOfMemoryError:
             n = len(batch)
             if n == 1:

@@ -97,7 +97,11 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
         seg = segmenter
         if seg is None:
             seg = await asyncio.to_thread(
-                Segmenter.from_weights, settings.weights, settings.device, settings.precision
+                Segmenter.from_weights,
+                settings.weights,
+                settings.device,
+                settings.precision,
+                settings.backend,
             )
         metrics.add_device(seg.device)
         service = InferenceService(settings, seg, metrics)
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     # Load before the server starts, so a bad weights file ends in one line, not in the
     # traceback uvicorn prints for a failed lifespan.
     try:
-        segmenter = Segmenter.from_weights(settings.weights, settings.device, settings.precision)
+        segmenter = Segmenter.from_weights(
+            settings.weights, settings.device, settings.precision, settings.backend
+        )
         settings.check_tile_size(segmenter.geometry)
     except (WeightsError, ValueError) as e:
         log.error("cannot start: %s", e)

@@ -7,7 +7,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -97,9 +97,10 @@ class InferenceService:
         self.metrics.ready.set(1)
         seg = self.segmenter
         log.info(
-            "model %r ready on %s (%s) in %.1f s: depth %d, tile sizes %s, batch <= %d tiles",
+            "model %r ready on %s (%s, %s) in %.1f s: depth %d, tile sizes %s, batch <= %d tiles",
             self.model_name,
             seg.device,
+            seg.backend.name,
             seg.precision,
             time.monotonic() - started,
             seg.geometry.depth,
@@ -143,7 +144,7 @@ class InferenceService:
         *,
         probabilities: bool,
         started: float,
-        disconnected: Awaitable[object] | None = None,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
     ) -> SegmentResult:
         """Segment a decoded (H, W, C) image through the shared batcher. `started` is the
         request's arrival (time.monotonic()); the deadline counts from there."""

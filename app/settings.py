@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.backends import BACKENDS
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.geometry import Geometry
 from model.precision import PRECISIONS
@@ -27,6 +28,9 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto (first CUDA device, else CPU), cpu, cuda:N.")
     precision: str = Field("fp32", description="fp32, bf16, fp16 (CUDA only) or auto.")
+    backend: str = Field(
+        "auto", description="auto (measured fastest), torch or onnxruntime (CPU, fp32)."
+    )
     tile_size: int = Field(
         DEFAULT_TILE_SIZE,
         description="Largest output tile; must be legal for the model (4 + 2^depth * j).",
@@ -60,6 +64,13 @@ class Settings(BaseSettings):
     def _precision(cls, v: str) -> str:
         if v not in PRECISIONS:
             raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        if v not in BACKENDS:
+            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
         return v
 
     @field_validator("log_level", mode="before")

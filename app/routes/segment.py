@@ -102,7 +102,7 @@ async def segment(
         image,
         probabilities=output is Output.probabilities,
         started=arrival(request),
-        disconnected=wait_for_disconnect(request),
+        disconnected=lambda: wait_for_disconnect(request),
     )
     height, width = image.shape[:2]
     out_channels = service.segmenter.out_channels

@@ -295,7 +295,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
         image,
         probabilities="probabilities" in wanted,
         started=arrival(request),
-        disconnected=wait_for_disconnect(request),
+        disconnected=lambda: wait_for_disconnect(request),
     )
     height, width = image.shape[:2]
     content = await asyncio.to_thread(_response, service, payload, wanted, result)
