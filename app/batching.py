@@ -235,6 +235,11 @@ class TileBatcher:
     # ----- requests' side --------------------------------------------------------------------
 
     @property
+    def batch_limit(self) -> int:
+        """Tiles per forward pass now: max_batch_tiles, or less after out-of-memory errors."""
+        return self._batch_limit
+
+    @property
     def queued_tiles(self) -> int:
         return self._queued_tiles
 
@@ -456,7 +461,8 @@ class TileBatcher:
         return probs, [seg.to_mask(p) for p in probs]
 
     def _forward_splitting(self, batch: np.ndarray) -> np.ndarray:
-        """Forward, halving the batch on out-of-memory errors down to a single tile."""
+        """Forward; on an out-of-memory error halve the batch limit (down to one tile) and
+        run the batch in pieces of that size."""
         try:
             out = self.forward_fn(batch)
         except torch.OutOfMemoryError:
@@ -470,11 +476,16 @@ class TileBatcher:
             self._passes_since_oom = 0
             if self.metrics is not None:
                 self.metrics.oom_splits.inc()
-            log.warning("out of memory on a batch of %d tiles; retrying in halves", n)
-            half = n // 2
-            return np.concatenate(
-                [self._forward_splitting(batch[:half]), self._forward_splitting(batch[half:])]
+            log.warning(
+                "out of memory on a batch of %d tiles; retrying %d at a time", n, self._batch_limit
             )
+            # Read the limit on every step: an inner retry may have lowered it again.
+            parts, start = [], 0
+            while start < n:
+                stop = start + self._batch_limit
+                parts.append(self._forward_splitting(batch[start:stop]))
+                start = stop
+            return np.concatenate(parts)
         if self._batch_limit < self.max_batch_tiles:
             self._passes_since_oom += 1
             if self._passes_since_oom >= OOM_PROBE_PASSES:

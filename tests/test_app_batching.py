@@ -1,0 +1,199 @@
+"""Cross-request batching is real: concurrent requests of different images share forward
+passes, each still gets exactly its own result; a huge image does not starve small ones;
+cancelled requests leave the queue; out-of-memory halves the batch."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from app_helpers import Gate, em_crop, make_app, png_bytes, running, save_tiny, service_of
+from PIL import Image
+
+from app.batching import choose_tile_size, tile_buckets
+from model.engine import Segmenter
+from model.geometry import Geometry
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path)
+
+
+def test_tile_buckets_and_choice() -> None:
+    assert tile_buckets(Geometry(4), 388) == (100, 196, 388)
+    assert tile_buckets(Geometry(2), 60) == (16, 32, 60)
+    buckets = (100, 196, 388)
+    assert choose_tile_size(50, 80, buckets) == 100
+    assert choose_tile_size(150, 101, buckets) == 196
+    assert choose_tile_size(300, 20, buckets) == 388
+    assert choose_tile_size(4000, 3000, buckets) == 388
+    with pytest.raises(ValueError, match="nearest legal"):
+        tile_buckets(Geometry(4), 390)
+
+
+# (index, top, left, height, width): different slices, sizes and tile buckets.
+CROPS = [
+    (0, 0, 0, 100, 100),  # 2 x 2 tiles of 60
+    (1, 30, 40, 90, 120),  # 2 x 2
+    (2, 100, 7, 64, 64),  # 2 x 2
+    (3, 5, 300, 110, 70),  # 2 x 2
+    (4, 200, 200, 30, 30),  # bucket 32, 1 tile
+    (5, 9, 9, 20, 25),  # bucket 32, 1 tile
+]
+
+
+async def test_concurrent_images_share_forward_passes_and_keep_their_own_results(
+    weights: Path,
+) -> None:
+    app = make_app(weights, max_batch_tiles=16, max_wait_ms=300)
+    images = [em_crop(*crop) for crop in CROPS]
+    async with running(app) as client:
+        batcher = service_of(app).batcher
+        passes_before = batcher.forward_passes  # 0: warm-up runs outside the batcher
+        responses = await asyncio.gather(
+            *(
+                client.post(
+                    "/v1/segment",
+                    params={"output": "probabilities"},
+                    files={"file": (f"{i}.png", png_bytes(image), "image/png")},
+                )
+                for i, image in enumerate(images)
+            )
+        )
+        masks = await asyncio.gather(
+            *(
+                client.post("/v1/segment", files={"file": (f"{i}.png", png_bytes(image))})
+                for i, image in enumerate(images)
+            )
+        )
+    tiles = sum(int(r.headers["x-tiles"]) for r in responses)
+    assert tiles == 18
+    passes = batcher.forward_passes - passes_before
+    # Tiles one by one: 36 passes; one pass per request: 12. Batched across requests, the 16
+    # tiles of size 60 and the 2 of size 32 of each round fit in 2 passes ([16, 2, 16, 2]).
+    assert passes < 2 * len(CROPS), batcher.batch_sizes
+    first_round = batcher.batch_sizes[: len(batcher.batch_sizes) // 2]
+    assert max(first_round) > 4  # some pass held tiles of several requests
+
+    seg = Segmenter.from_weights(weights, device="cpu", backend="torch")
+    for image, r, m in zip(images, responses, masks, strict=True):
+        assert r.status_code == 200 and m.status_code == 200
+        alone = seg.segment(
+            image[:, :, None], int(r.headers["x-tile-size"]), batch_size=1, probabilities=True
+        )
+        probs = np.load(io.BytesIO(r.content))
+        np.testing.assert_allclose(probs, alone.probabilities[0], atol=1e-5)
+        mask = np.asarray(Image.open(io.BytesIO(m.content))) // 255
+        decided = np.abs(alone.probabilities[0] - seg.card.threshold) > 1e-5
+        np.testing.assert_array_equal(mask[decided], alone.mask[decided])
+
+
+async def test_huge_image_does_not_starve_small_ones(weights: Path) -> None:
+    app = make_app(weights, max_batch_tiles=4, max_wait_ms=0)
+    async with running(app) as client:
+        batcher = service_of(app).batcher
+        real = batcher.forward_fn
+
+        def slow(batch: np.ndarray) -> np.ndarray:
+            time.sleep(0.02)  # a big model's pass, so the big image takes a while
+            return real(batch)
+
+        batcher.forward_fn = slow
+        big = asyncio.ensure_future(
+            client.post(
+                "/v1/segment", files={"file": ("big.png", png_bytes(em_crop(0, 0, 0, 480, 480)))}
+            )
+        )
+        while batcher.forward_passes < 2:
+            await asyncio.sleep(0.005)
+        same_bucket = asyncio.ensure_future(
+            client.post(
+                "/v1/segment", files={"file": ("s.png", png_bytes(em_crop(1, 0, 0, 50, 50)))}
+            )
+        )
+        other_bucket = asyncio.ensure_future(
+            client.post(
+                "/v1/segment", files={"file": ("t.png", png_bytes(em_crop(2, 0, 0, 25, 30)))}
+            )
+        )
+        smalls = await asyncio.gather(same_bucket, other_bucket)
+        assert not big.done()  # 64 tiles at 4 per pass: the big image is still running
+        for r in smalls:
+            assert r.status_code == 200
+            assert r.headers["x-batches"] == "1"
+            assert float(r.headers["x-queue-ms"]) < 500
+        r_big = await big
+    assert r_big.status_code == 200 and r_big.headers["x-tiles"] == "64"
+    assert batcher.queued_tiles == 0
+
+
+async def test_cancelled_request_leaves_the_queue_empty(weights: Path) -> None:
+    app = make_app(weights, max_batch_tiles=2, drain_timeout_s=1)
+    async with running(app) as client:
+        batcher = service_of(app).batcher
+        gate = Gate(batcher.forward_fn)
+        batcher.forward_fn = gate
+        try:
+            request = asyncio.ensure_future(
+                client.post(
+                    "/v1/segment", files={"file": ("a.png", png_bytes(em_crop(0, 0, 0, 240, 240)))}
+                )
+            )
+            while not (gate.entered.is_set() and batcher.queued_tiles == 16):
+                await asyncio.sleep(0.005)
+            request.cancel()  # the client gives up while 14 of its tiles wait in the queue
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            assert batcher.queued_tiles == 0 and batcher.queued_images == 0
+        finally:
+            gate.release.set()
+        r = await client.post(
+            "/v1/segment", files={"file": ("b.png", png_bytes(em_crop(1, 0, 0, 50, 50)))}
+        )
+        assert r.status_code == 200
+        assert batcher.tiles_computed == 2 + 1  # the batch in flight, then the new image
+        assert "unet_queue_tiles 0.0" in (await client.get("/metrics")).text
+
+
+async def test_out_of_memory_halves_the_batch_and_retries(weights: Path) -> None:
+    app = make_app(weights, max_batch_tiles=8)
+    image = em_crop(6, 0, 0, 240, 240)  # 16 tiles
+    async with running(app) as client:
+        batcher = service_of(app).batcher
+        real = batcher.forward_fn
+        sizes: list[int] = []
+
+        def small_device(batch: np.ndarray) -> np.ndarray:
+            sizes.append(len(batch))
+            if len(batch) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(batch)
+
+        batcher.forward_fn = small_device
+        r = await client.post(
+            "/v1/segment",
+            params={"output": "probabilities"},
+            files={"file": ("a.png", png_bytes(image))},
+        )
+        assert r.status_code == 200, r.text
+        assert batcher.batch_limit == 2
+        # Halved until it fits; the rest of that batch and later ones use the lowered limit.
+        assert sizes == [8, 4, 2, 2, 2, 2] + [2] * 4
+        metrics = (await client.get("/metrics")).text
+    seg = Segmenter.from_weights(weights, device="cpu", backend="torch")
+    alone = seg.segment(image[:, :, None], 60, probabilities=True)
+    np.testing.assert_allclose(np.load(io.BytesIO(r.content)), alone.probabilities[0], atol=1e-5)
+    assert "unet_oom_splits_total" in metrics and "unet_oom_splits_total 0.0" not in metrics
