@@ -1,0 +1,99 @@
+"""`unet-eval` on a tiny real UNet and real ISBI crops: its numbers are the metrics of the
+masks the engine produces, written as JSON; bad input is a one-line error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ISBI
+from model.engine import Segmenter
+from model.evaluate import main
+from model.metrics import confusion, rand_error
+from model.weights import load_card
+
+
+@pytest.fixture
+def pairs_dir(tmp_path: Path) -> Path:
+    if not (ISBI / "train").is_dir():
+        pytest.skip(f"ISBI data not found at {ISBI}")
+    for sub in ("image", "label"):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+        for i in (4, 5):
+            src = Image.open(ISBI / "train" / sub / f"{i:02d}.png")
+            src.crop((0, 0, 96, 80)).save(tmp_path / "pairs" / sub / f"{i:02d}.png")
+    return tmp_path / "pairs"
+
+
+def test_eval_reports_the_metrics_of_the_engine_masks(
+    tiny_weights: Path, pairs_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval.json"
+    args = [str(tiny_weights), "--data", str(pairs_dir), "--tile-size", "36", "--json", str(out)]
+    assert main([*args, "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["slices"] == ["04", "05"] and report["rand_connectivity"] == 4
+    seg = Segmenter.from_weights(tiny_weights, device="cpu")
+    pooled = None
+    for name in ("04", "05"):
+        image = np.asarray(Image.open(pairs_dir / "image" / f"{name}.png"))[:, :, None]
+        label = np.asarray(Image.open(pairs_dir / "label" / f"{name}.png")) > 127
+        mask = seg.segment(image, tile_size=36).mask
+        counts = confusion(mask, label)
+        pooled = counts if pooled is None else pooled + counts
+        row = report["per_image"][name]
+        assert row["pixel_error"] == pytest.approx(counts.pixel_error, abs=1e-6)
+        assert row["dice"] == pytest.approx(counts.dice, abs=1e-6)
+        assert row["rand_error"] == pytest.approx(rand_error(mask, label).error, abs=1e-6)
+    assert report["overall"]["pixel_error"] == pytest.approx(pooled.pixel_error, abs=1e-6)
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "04" in printed
+
+
+def test_update_card_and_precision_agreement(tiny_weights: Path, pairs_dir: Path) -> None:
+    args = [str(tiny_weights), "--data", str(pairs_dir), "--slices", "1", "--device", "cpu"]
+    assert main([*args, "--update-card"]) == 0
+    metrics = load_card(tiny_weights).metrics
+    assert metrics["slices"] == ["05"] and metrics["precision"] == "fp32"
+    assert main([*args, "--precision", "bf16", "--update-card"]) == 0
+    agreement = load_card(tiny_weights).metrics["overall"]["agreement_with_fp32"]
+    assert 0.9 < agreement <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--slices", "9"], "out of range"),
+        (["--slices", "x"], "bad slice list"),
+        (["--tile-size", "37"], "not legal"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 is supported on CUDA"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(
+    tiny_weights: Path,
+    pairs_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([str(tiny_weights), "--data", str(pairs_dir), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unet-eval: error: " in err and message in err
+
+
+def test_missing_weights_and_unpaired_data(
+    tiny_weights: Path, pairs_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tiny_weights.with_name("none.safetensors")), "--data", str(pairs_dir)])
+    assert "not found" in capsys.readouterr().err
+    (pairs_dir / "label" / "05.png").unlink()
+    with pytest.raises(SystemExit):
+        main([str(tiny_weights), "--data", str(pairs_dir)])
+    assert "do not pair up: 05" in capsys.readouterr().err
