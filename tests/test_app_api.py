@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -296,3 +297,59 @@ async def test_api_key_guards_inference_but_not_health(weights: Path) -> None:
         assert "error" in r.json()
     assert right.status_code == 200
     assert open_paths == [200] * 5
+
+
+async def test_kserve_binary_tensor_extension(weights: Path) -> None:
+    """The wire format of tritonclient's default binary_data=True: JSON header, then raw
+    little-endian tensors, split by Inference-Header-Content-Length."""
+    pixels = to_uint16(em_crop(9, 0, 0, 48, 40))
+    raw = pixels.astype("<u2").tobytes()
+    header = json.dumps(
+        {
+            "id": "bin",
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [48, 40],
+                    "datatype": "UINT16",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "outputs": [
+                {"name": "mask", "parameters": {"binary_data": True}},
+                {"name": "probabilities", "parameters": {"binary_data": True}},
+            ],
+        }
+    ).encode()
+    async with running(make_app(weights)) as client:
+        assert "binary_tensor_data" in (await client.get("/v2")).json()["extensions"]
+        r = await client.post(
+            "/v2/models/tiny/infer",
+            content=header + raw,
+            headers={
+                "Inference-Header-Content-Length": str(len(header)),
+                "Content-Type": "application/octet-stream",
+            },
+        )
+        assert r.status_code == 200, r.text
+        length = int(r.headers["inference-header-content-length"])
+        meta = json.loads(r.content[:length])
+        assert meta["id"] == "bin"
+        blobs, offset = {}, length
+        for out in meta["outputs"]:
+            size = out["parameters"]["binary_data_size"]
+            blobs[out["name"]] = r.content[offset : offset + size]
+            offset += size
+        assert offset == len(r.content)
+        mask = np.frombuffer(blobs["mask"], np.uint8).reshape(48, 40)
+        probs = np.frombuffer(blobs["probabilities"], "<f4").reshape(48, 40)
+        ref, seg = reference(weights, pixels[:, :, None], int(r.headers["x-tile-size"]))
+        np.testing.assert_allclose(probs, ref.probabilities[0], atol=1e-5)
+        assert_mask_matches(mask, ref, seg)
+
+        short = await client.post(
+            "/v2/models/tiny/infer",
+            content=header + raw[:-2],
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert short.status_code == 422 and "binary_data_size" in short.json()["error"]

@@ -1,4 +1,5 @@
-"""The Open Inference Protocol (KServe v2) REST endpoints, JSON tensors.
+"""The Open Inference Protocol (KServe v2) REST endpoints: JSON tensors, and the binary
+tensor data extension that Triton's clients use by default.
 
 The single input is the image: UINT8, UINT16 or FP32 (taken as already in [0, 1]), shape
 [H, W], [H, W, C] or [1, C, H, W], data row-major as a flat or nested list. Outputs: `mask`
@@ -35,6 +36,8 @@ DATATYPES: dict[str, type[np.generic]] = {
     "FP32": np.float32,
 }
 OUTPUTS = ("mask", "probabilities")
+# The binary tensor data extension (Triton's, used by tritonclient by default).
+HEADER_LENGTH = "Inference-Header-Content-Length"
 
 try:
     SERVER_VERSION = version("unet-service")
@@ -86,9 +89,10 @@ def _model(request: Request, name: str, model_version: str | None = None) -> Inf
     return service
 
 
-def tensor_to_image(tensor: InferInput, max_pixels: int) -> np.ndarray:
-    """A v2 input tensor -> (H, W, C) image in the tensor's dtype. Raises ApiError (422 for
-    bad shape, datatype or data; 413 for too many pixels)."""
+def tensor_to_image(tensor: InferInput, max_pixels: int, raw: bytes | None = None) -> np.ndarray:
+    """A v2 input tensor -> (H, W, C) image in the tensor's dtype, from its JSON `data` or,
+    with the binary tensor extension, from `raw` little-endian bytes. Raises ApiError (422
+    for bad shape, datatype or data; 413 for too many pixels)."""
     dtype = DATATYPES.get(tensor.datatype)
     if dtype is None:
         raise ApiError(
@@ -118,12 +122,38 @@ def tensor_to_image(tensor: InferInput, max_pixels: int) -> np.ndarray:
             f"image is {width}x{height} = {height * width} pixels, more than the limit of "
             f"{max_pixels}",
         )
+    values = _from_json(tensor, dtype) if raw is None else _from_binary(tensor, raw, dtype)
+    image = values.astype(dtype, copy=False).reshape(shape)
+    if len(shape) == 2:
+        return image[:, :, None]
+    if len(shape) == 4:
+        return np.ascontiguousarray(image[0].transpose(1, 2, 0))
+    return image
+
+
+def _from_binary(tensor: InferInput, raw: bytes, dtype: type[np.generic]) -> np.ndarray:
+    item = np.dtype(dtype).newbyteorder("<")
+    expected = math.prod(tensor.shape) * item.itemsize
+    if len(raw) != expected:
+        raise ApiError(
+            422,
+            f"input {tensor.name!r}: {len(raw)} bytes of binary data, shape {tensor.shape} of "
+            f"{tensor.datatype} needs {expected}",
+        )
+    values = np.frombuffer(raw, dtype=item)
+    if dtype is np.float32 and not np.isfinite(values).all():
+        raise ApiError(422, f"input {tensor.name!r}: FP32 data must be finite")
+    return values
+
+
+def _from_json(tensor: InferInput, dtype: type[np.generic]) -> np.ndarray:
     if not isinstance(tensor.data, list):
         raise ApiError(422, f"input {tensor.name!r}: data must be a (flat or nested) list")
     try:
         values = np.asarray(tensor.data)
     except (ValueError, TypeError):
         raise ApiError(422, f"input {tensor.name!r}: data is ragged or not numeric") from None
+    shape = tensor.shape
     if values.size != math.prod(shape):
         raise ApiError(
             422,
@@ -144,12 +174,7 @@ def tensor_to_image(tensor: InferInput, max_pixels: int) -> np.ndarray:
                 f"input {tensor.name!r}: values outside the {tensor.datatype} range "
                 f"{info.min}..{info.max}",
             )
-    image = values.astype(dtype).reshape(shape)
-    if len(shape) == 2:
-        return image[:, :, None]
-    if len(shape) == 4:
-        return np.ascontiguousarray(image[0].transpose(1, 2, 0))
-    return image
+    return values
 
 
 def _json(
@@ -166,7 +191,7 @@ def _json(
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict[str, Any]:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live", summary="Liveness: the process is up")
@@ -274,62 +299,101 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     service = _model(request, name, model_version)
     service.check_available()
     body = await read_body(request, service.settings.max_upload_bytes)
+    header, binary = _split_binary(request, body)
     try:
-        payload = InferRequest.model_validate_json(body)
+        payload = InferRequest.model_validate_json(header)
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
         raise ApiError(422, f"invalid inference request: {loc}: {first.get('msg')}") from None
-    del body
+    del body, header
     if len(payload.inputs) != 1:
         raise ApiError(
             422, f"expected exactly one input tensor (the image), got {len(payload.inputs)}"
         )
-    wanted = [o.name for o in payload.outputs] if payload.outputs else list(OUTPUTS)
-    unknown = sorted(set(wanted) - set(OUTPUTS))
+    tensor = payload.inputs[0]
+    raw = _binary_input(tensor, binary)
+    requested = payload.outputs or [RequestedOutput(name=n) for n in OUTPUTS]
+    unknown = sorted({o.name for o in requested} - set(OUTPUTS))
     if unknown:
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
-    image = await asyncio.to_thread(tensor_to_image, payload.inputs[0], service.settings.max_pixels)
-    payload.inputs[0].data = None  # the parsed list can be far bigger than the image
+    binary_default = bool((payload.parameters or {}).get("binary_data_output", False))
+    as_binary = {
+        o.name: bool((o.parameters or {}).get("binary_data", binary_default)) for o in requested
+    }
+    image = await asyncio.to_thread(tensor_to_image, tensor, service.settings.max_pixels, raw)
+    tensor.data = None  # the parsed list can be far bigger than the image
+    del raw, binary
     result = await service.segment(
         image,
-        probabilities="probabilities" in wanted,
+        probabilities="probabilities" in as_binary,
         started=arrival(request),
         disconnected=lambda: wait_for_disconnect(request),
     )
     height, width = image.shape[:2]
-    content = await asyncio.to_thread(_response, service, payload, wanted, result)
-    return _json(
-        content, headers=timing_headers(request, result, height, width, service.model_name)
+    content, blobs = await asyncio.to_thread(_response, service, payload, as_binary, result)
+    headers = timing_headers(request, result, height, width, service.model_name)
+    if not blobs:
+        return _json(content, headers=headers)
+    # Binary tensor extension: the JSON header, then the raw outputs in order.
+    head = json.dumps(content, separators=(",", ":")).encode()
+    headers[HEADER_LENGTH] = str(len(head))
+    return Response(
+        b"".join([head, *blobs]), media_type="application/octet-stream", headers=headers
     )
 
 
+def _split_binary(request: Request, body: bytes) -> tuple[bytes, bytes | None]:
+    """(JSON header, binary part): with the binary tensor extension the JSON is the first
+    Inference-Header-Content-Length bytes of the body."""
+    declared = request.headers.get(HEADER_LENGTH)
+    if declared is None:
+        return body, None
+    try:
+        length = int(declared)
+    except ValueError:
+        length = -1
+    if not 0 < length <= len(body):
+        raise ApiError(422, f"invalid {HEADER_LENGTH} header: {declared!r}")
+    return body[:length], body[length:]
+
+
+def _binary_input(tensor: InferInput, binary: bytes | None) -> bytes | None:
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise ApiError(422, f"input {tensor.name!r} has neither data nor binary_data_size")
+        return None
+    if binary is None or not isinstance(size, int) or size != len(binary):
+        have = "no binary part" if binary is None else f"{len(binary)} bytes of binary data"
+        raise ApiError(
+            422, f"input {tensor.name!r}: binary_data_size is {size!r}, the request has {have}"
+        )
+    return binary
+
+
 def _response(
-    service: InferenceService, payload: InferRequest, wanted: list[str], result: SegmentResult
-) -> dict[str, Any]:
-    outputs = []
-    for out in wanted:
-        if out == "mask":
-            outputs.append(
-                {
-                    "name": "mask",
-                    "datatype": "UINT8",
-                    "shape": list(result.mask.shape),
-                    "data": result.mask.ravel().tolist(),
-                }
-            )
+    service: InferenceService,
+    payload: InferRequest,
+    as_binary: dict[str, bool],
+    result: SegmentResult,
+) -> tuple[dict[str, Any], list[bytes]]:
+    outputs, blobs = [], []
+    for name, binary in as_binary.items():
+        if name == "mask":
+            array, datatype = result.mask, "UINT8"
         else:
+            assert result.probabilities is not None
             probs = result.probabilities
-            if probs.shape[0] == 1:
-                probs = probs[0]
-            outputs.append(
-                {
-                    "name": "probabilities",
-                    "datatype": "FP32",
-                    "shape": list(probs.shape),
-                    "data": probs.ravel().tolist(),
-                }
-            )
+            array, datatype = (probs[0] if probs.shape[0] == 1 else probs), "FP32"
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.ravel().tolist()
+        outputs.append(entry)
     content: dict[str, Any] = {
         "model_name": service.model_name,
         "model_version": MODEL_VERSION,
@@ -338,4 +402,4 @@ def _response(
     }
     if payload.id is not None:
         content["id"] = payload.id
-    return content
+    return content, blobs
