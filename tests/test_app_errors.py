@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from app_helpers import (
@@ -22,6 +23,9 @@ from app_helpers import (
     save_tiny,
     service_of,
 )
+from pydantic import ValidationError
+
+from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -308,13 +312,24 @@ async def test_illegal_tile_size_stops_startup_with_a_clear_error(weights: Path)
 
 
 def test_settings_reject_bad_values(weights: Path) -> None:
-    from pydantic import ValidationError
-
-    from app.settings import Settings
-
     with pytest.raises(ValidationError, match="precision"):
         Settings(weights=weights, precision="fp64")
     with pytest.raises(ValidationError, match="max_batch_tiles"):
         Settings(weights=weights, max_batch_tiles=0)
     assert Settings(weights=weights, api_key="").api_key is None
     assert json.loads(Settings(weights=weights).model_dump_json())["api_key"] is None
+
+
+async def test_not_ready_until_the_model_is_loaded_and_warm(weights: Path) -> None:
+    app = make_app(weights)
+    transport = httpx.ASGITransport(app=app)  # no lifespan: the model was never loaded
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/v2/health/live")).status_code == 200
+        ready = await client.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        r = await client.post(
+            "/v1/segment", files={"file": ("a.png", png_bytes(em_crop(0, 0, 0, 20, 20)))}
+        )
+        assert_json_error(r, 503, "loading")
+    async with running(app) as client:
+        assert (await client.get("/v2/health/ready")).status_code == 200
