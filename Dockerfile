@@ -5,10 +5,10 @@
 #   docker build -t unet-service:cpu --target cpu .   # CPU only: slim Python base
 # Both run `unet-serve` on port 8000 with the shipped ISBI 2012 weights baked in.
 
-# The CPU target installs the same torch release that the CUDA base ships, so both images
-# compute with the same code.
+# One torch release for both images: the CPU target installs it, the CUDA base ships it, so
+# both images compute with the same code. Override CUDA_BASE for another CUDA version.
 ARG TORCH_VERSION=2.13.0
-ARG CUDA_BASE=pytorch/pytorch:2.13.0-cuda12.6-cudnn9-runtime
+ARG CUDA_BASE=pytorch/pytorch:${TORCH_VERSION}-cuda12.6-cudnn9-runtime
 ARG PYTHON_BASE=python:3.11-slim-bookworm
 
 # Only the wheel leaves this stage: setuptools, the build tree and the sources stay behind.
