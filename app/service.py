@@ -160,7 +160,7 @@ class InferenceService:
             prepared = await asyncio.to_thread(self.segmenter.prepare, image)
         except ImageError as e:
             raise ApiError(422, str(e)) from None
-        tile_size = choose_tile_size(height, width, self.buckets)
+        tile_size = choose_tile_size(height, width, self.buckets, self.segmenter.geometry)
         batcher = self.batcher
         try:
             job = batcher.submit(prepared, tile_size, probabilities)

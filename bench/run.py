@@ -262,7 +262,7 @@ def section_service(run: Run, device: torch.device) -> None:
     r.add()
     # End-to-end latency of one 512x512 request against the model time of its own tiles.
     seg = run.segmenter(run.weights)
-    size = choose_tile_size(512, 512, tile_buckets(seg.geometry, run.tile_size))
+    size = choose_tile_size(512, 512, tile_buckets(seg.geometry, run.tile_size), seg.geometry)
     n = len(seg.plan(512, 512, size))
     side = size + seg.geometry.shrink
     tiles = np.zeros((n, seg.card.in_channels, side, side), np.float32)

@@ -34,12 +34,16 @@ def weights(tmp_path: Path) -> Path:
 
 def test_tile_buckets_and_choice() -> None:
     assert tile_buckets(Geometry(4), 388) == (100, 196, 388)
+    assert tile_buckets(Geometry(4), 516) == (132, 260, 516)
     assert tile_buckets(Geometry(2), 60) == (16, 32, 60)
-    buckets = (100, 196, 388)
-    assert choose_tile_size(50, 80, buckets) == 100
-    assert choose_tile_size(150, 101, buckets) == 196
-    assert choose_tile_size(300, 20, buckets) == 388
-    assert choose_tile_size(4000, 3000, buckets) == 388
+    g = Geometry(4)
+    buckets = (132, 260, 516)
+    assert choose_tile_size(50, 80, buckets, g) == 132  # one small tile, not a padded 516
+    assert choose_tile_size(150, 101, buckets, g) == 260
+    assert choose_tile_size(512, 512, buckets, g) == 516  # an ISBI slice: exactly one tile
+    assert choose_tile_size(300, 20, buckets, g) == 132  # a thin strip: 3 small tiles
+    assert choose_tile_size(700, 1000, buckets, g) == 516
+    assert choose_tile_size(4000, 3000, buckets, g) == 516
     with pytest.raises(ValueError, match="nearest legal"):
         tile_buckets(Geometry(4), 390)
 
