@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
                 settings.device,
                 settings.precision,
                 settings.backend,
+                settings.compile,
             )
         metrics.add_device(seg.device)
         service = InferenceService(settings, seg, metrics)
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     # traceback uvicorn prints for a failed lifespan.
     try:
         segmenter = Segmenter.from_weights(
-            settings.weights, settings.device, settings.precision, settings.backend
+            settings.weights,
+            settings.device,
+            settings.precision,
+            settings.backend,
+            settings.compile,
         )
         settings.check_tile_size(segmenter.geometry)
     except (WeightsError, ValueError) as e:

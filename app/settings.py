@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     backend: str = Field(
         "auto", description="auto (measured fastest), torch or onnxruntime (CPU, fp32)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the network (CUDA graphs on GPUs); slower start-up, "
+        "faster passes. Uses the torch backend.",
+    )
     tile_size: int = Field(
         DEFAULT_TILE_SIZE,
         description="Largest output tile; must be legal for the model (4 + 2^depth * j).",

@@ -53,6 +53,7 @@ class Segmenter:
         device: str | torch.device = "auto",
         precision: str = "fp32",
         backend: str = "auto",
+        compile: bool = False,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.card = card
@@ -63,7 +64,7 @@ class Segmenter:
         if self._param_dtype != torch.float32:
             backend = "torch"  # float64 models check exactness; only torch runs them
         self.backend = make_backend(
-            backend, self.model, self.device, self.precision, card.in_channels
+            backend, self.model, self.device, self.precision, card.in_channels, compile
         )
         n = card.in_channels
         norm = card.normalization
@@ -77,9 +78,10 @@ class Segmenter:
         device: str = "auto",
         precision: str = "fp32",
         backend: str = "auto",
+        compile: bool = False,
     ) -> Segmenter:
         model, card = load_weights(path)
-        return cls(model, card, device=device, precision=precision, backend=backend)
+        return cls(model, card, device, precision, backend, compile)
 
     @property
     def out_channels(self) -> int:
