@@ -29,6 +29,7 @@ from app.metrics import Metrics
 from app.settings import Settings
 from model.engine import Segmenter
 from model.imageio import (
+    TIFF_MAGIC,
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
@@ -38,12 +39,10 @@ from model.imageio import (
 
 log = logging.getLogger("app.service")
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
 
 def _format_recognised(data: bytes) -> bool:
     """Whether the bytes start like an image we support (header only, no decoding)."""
-    if data[:4] in _TIFF_MAGIC:
+    if data[:4] in TIFF_MAGIC:
         return True
     try:
         with Image.open(io.BytesIO(data)):

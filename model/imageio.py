@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 # Our own pixel limit replaces Pillow's global one (checked before decoding, below).
 Image.MAX_IMAGE_PIXELS = None
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # ITU-R 601-2 luma, as Pillow's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -119,7 +119,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode PNG/JPEG/TIFF/BMP/WebP/GIF bytes into (H, W, C); alpha is dropped."""
     if not data:
         raise EmptyImageError("empty file")
-    if data[:4] in _TIFF_MAGIC:
+    if data[:4] in TIFF_MAGIC:
         arr = _decode_tiff(data, max_pixels)
     else:
         arr = _decode_pillow(data, max_pixels)
@@ -130,7 +130,10 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     _check_size(arr.shape[0], arr.shape[1], max_pixels)
     if arr.shape[2] in (2, 4):  # gray+alpha, RGB+alpha
         arr = arr[:, :, : arr.shape[2] - 1]
-    return _standard_dtype(arr)
+    arr = _standard_dtype(arr)
+    if arr.dtype == np.float32 and not np.isfinite(arr).all():
+        raise ImageError("image has NaN or infinite pixel values")
+    return arr
 
 
 def read_image(path: str, max_pixels: int | None = None) -> np.ndarray:

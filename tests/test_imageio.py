@@ -80,6 +80,13 @@ def test_float_tiff_stays_float() -> None:
     assert out.dtype == np.float32 and np.allclose(out[..., 0], arr)
 
 
+def test_float_image_with_nan_is_refused() -> None:
+    arr = np.zeros((4, 4), np.float32)
+    arr[1, 2] = np.nan
+    with pytest.raises(ImageError, match="NaN"):
+        decode_image(tiff(arr))
+
+
 def test_errors() -> None:
     with pytest.raises(EmptyImageError):
         decode_image(b"")
