@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ class Server:
     port: int
     ready_path: str
     proc: subprocess.Popen | None = None
+    stop_argv: list[str] | None = None  # for servers that detach (TorchServe's JVM)
 
     @property
     def url(self) -> str:
@@ -62,6 +64,8 @@ class Server:
         raise RuntimeError("server did not become ready in 300 s")
 
     def __exit__(self, *exc: object) -> None:
+        if self.stop_argv is not None:
+            subprocess.run(self.stop_argv, capture_output=True, timeout=120, check=False)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -95,6 +99,62 @@ def naive_server(weights: Path) -> Server:
     port = free_port()
     argv = [sys.executable, "-m", "bench.naive_server", str(weights), str(port)]
     return Server(argv, {}, port, "/ready")
+
+
+TORCHSERVE_CONFIG = """\
+inference_address=http://127.0.0.1:{port}
+management_address=http://127.0.0.1:{management}
+metrics_address=http://127.0.0.1:{metrics}
+disable_token_authorization=true
+install_py_dep_per_model=false
+models={{"unet": {{"1.0": {{"marName": "unet.mar", "minWorkers": 1, "maxWorkers": 1, \
+"batchSize": 8, "maxBatchDelay": 10, "responseTimeout": 600}}}}}}
+load_models=unet.mar
+model_store={store}
+"""
+
+
+def torchserve_available() -> str | None:
+    """None when TorchServe can run here, else why not."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "torchserve").exists() or not (bin_dir / "torch-model-archiver").exists():
+        return "the torchserve and torch-model-archiver packages are not installed"
+    if shutil.which("java") is None:
+        return "TorchServe needs Java 17, and there is no java on PATH"
+    return None
+
+
+def torchserve_server(weights: Path, workdir: Path) -> Server:
+    """TorchServe 0.12 with bench/torchserve_handler.py: one worker, batches of up to 8
+    requests, 10 ms batch delay (the same limits as unet-serve's defaults)."""
+    bin_dir = Path(sys.executable).parent
+    store = workdir / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    card = weights.with_suffix(".json")
+    subprocess.run(
+        [
+            str(bin_dir / "torch-model-archiver"),
+            "--model-name=unet",
+            "--version=1.0",
+            f"--handler={Path(__file__).parent / 'torchserve_handler.py'}",
+            f"--extra-files={weights},{card}",
+            f"--export-path={store}",
+            "--force",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port, management, metrics = free_port(), free_port(), free_port()
+    config = workdir / "config.properties"
+    config.write_text(
+        TORCHSERVE_CONFIG.format(port=port, management=management, metrics=metrics, store=store)
+    )
+    torchserve = str(bin_dir / "torchserve")
+    argv = [torchserve, "--start", "--foreground", "--ncs", f"--ts-config={config}"]
+    argv += [f"--model-store={store}", "--disable-token-auth"]
+    # The handler imports this project's `model` package.
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "LOG_LOCATION": str(workdir)}
+    return Server(argv, env, port, "/ping", stop_argv=[torchserve, "--stop"])
 
 
 @dataclass
