@@ -34,7 +34,7 @@ from model.engine import Segmenter, resolve_device
 from model.geometry import Geometry
 from model.losses import border_weight_map, weighted_bce
 from model.unet import UNet
-from model.weights import ModelCard, save_weights
+from model.weights import ModelCard, WeightsError, load_weights, save_weights
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="CPU threads (0 = torch's default); 1 is fastest when other processes share the cores",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from these weights (fine-tuning): their channels and normalisation are kept",
     )
     p.add_argument("--name", default="unet")
     p.add_argument("--description", default="")
@@ -125,6 +131,12 @@ def learning_rate(args: argparse.Namespace, step: int, progress: float) -> float
 
 def train(args: argparse.Namespace, command: str) -> dict:
     channels = parse_channels(args.channels)
+    init: tuple[UNet, ModelCard] | None = None
+    if args.init is not None:
+        init = load_weights(args.init)
+        channels = init[1].channels
+        if init[1].out_channels != 1:
+            raise ValueError(f"--init {args.init} has {init[1].out_channels} outputs, not 1")
     device = resolve_device(args.device)
     geometry = Geometry(len(channels) - 2)
     geometry.check_output(args.output_size)
@@ -145,6 +157,9 @@ def train(args: argparse.Namespace, command: str) -> dict:
     labels = [p.label for p in train_pairs]
     stacked = np.concatenate([im.ravel() for im in images])
     mean, std = float(stacked.mean()), float(stacked.std())
+    if init is not None:
+        # The network learned its features on the initial weights' input scale.
+        mean, std = init[1].normalization.mean[0], init[1].normalization.std[0]
     weights = None
     if args.border_weight > 0 or args.class_balance:
         weights = [
@@ -162,7 +177,8 @@ def train(args: argparse.Namespace, command: str) -> dict:
         jitter=args.jitter,
     )
 
-    model = UNet(channels, 1).to(device, memory_format=torch.channels_last)
+    model = UNet(channels, 1) if init is None else init[0].train()
+    model = model.to(device, memory_format=torch.channels_last)
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     card = ModelCard(
         name=args.name,
@@ -175,6 +191,9 @@ def train(args: argparse.Namespace, command: str) -> dict:
     )
     training = {
         "command": command,
+        "init": None
+        if init is None
+        else {"weights": args.init.name, "training": _without_history(init[1].training)},
         "seed": args.seed,
         "data": _describe_path(args.data),
         "train_slices": [p.name for p in train_pairs],
@@ -257,6 +276,10 @@ def train(args: argparse.Namespace, command: str) -> dict:
     return _save(model, card, training, best, history, time.monotonic() - start, args.out)
 
 
+def _without_history(training: dict) -> dict:
+    return {k: v for k, v in training.items() if k != "validation_history"}
+
+
 def _describe_path(path: Path) -> str:
     path = Path(path).resolve()
     try:
@@ -305,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["unet-train", *argv_list])
     try:
         summary = train(args, command)
-    except (DataError, ValueError) as e:
+    except (DataError, WeightsError, ValueError) as e:
         parser.error(str(e))
     print(
         f"best validation pixel error {summary['validation_pixel_error_at_best']} at step "

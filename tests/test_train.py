@@ -121,3 +121,21 @@ def test_missing_data_folder_is_a_clear_error(
         main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x.safetensors")])
     assert exc.value.code == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_fine_tuning_keeps_channels_and_normalisation(tiny_data: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first.safetensors"
+    run(tiny_data, first, "--seed", "4")
+    _, first_card = load_weights(first)
+    tuned = tmp_path / "tuned.safetensors"
+    # --channels is ignored in favour of the initial weights' architecture.
+    run(tiny_data, tuned, "--init", str(first), "--channels", "1,8,8", "--lr", "1e-4")
+    _, card = load_weights(tuned)
+    assert card.channels == TINY_CHANNELS
+    assert card.normalization == first_card.normalization
+    assert card.training["init"]["weights"] == "first.safetensors"
+    assert card.training["init"]["training"]["seed"] == 4
+    assert card.training["init"]["training"]["command"] == first_card.training["command"]
+    assert not np.array_equal(
+        load_file(str(first))["head.weight"].numpy(), load_file(str(tuned))["head.weight"].numpy()
+    )
