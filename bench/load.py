@@ -38,6 +38,7 @@ class Server:
     ready_path: str
     proc: subprocess.Popen | None = None
     stop_argv: list[str] | None = None  # for servers that detach (TorchServe's JVM)
+    cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -49,6 +50,7 @@ class Server:
             env={**os.environ, **self.env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            cwd=self.cwd,
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -152,9 +154,10 @@ def torchserve_server(weights: Path, workdir: Path) -> Server:
     torchserve = str(bin_dir / "torchserve")
     argv = [torchserve, "--start", "--foreground", "--ncs", f"--ts-config={config}"]
     argv += [f"--model-store={store}", "--disable-token-auth"]
-    # The handler imports this project's `model` package.
+    # The handler imports this project's `model` package; TorchServe writes logs/ in its cwd.
     env = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent), "LOG_LOCATION": str(workdir)}
-    return Server(argv, env, port, "/ping", stop_argv=[torchserve, "--stop"])
+    stop = [torchserve, "--stop"]
+    return Server(argv, env, port, "/ping", stop_argv=stop, cwd=workdir)
 
 
 @dataclass
