@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,11 @@ def test_save_refuses_a_card_for_another_model(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="do not match"):
         save_weights(tiny_unet(), ModelCard(channels=[1, 8, 16, 32]), tmp_path / "x.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_files_are_readable_by_others(tiny_weights: Path) -> None:
+    for path in (tiny_weights, card_path(tiny_weights)):
+        assert path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
 
 
 def test_save_overwrites_atomically(tiny_weights: Path) -> None:
