@@ -98,9 +98,16 @@ def test_save_refuses_a_card_for_another_model(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_saved_files_are_readable_by_others(tiny_weights: Path) -> None:
-    for path in (tiny_weights, card_path(tiny_weights)):
-        assert path.stat().st_mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044
+def test_saved_files_follow_the_umask_not_owner_only(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        path = save_weights(
+            tiny_unet(), ModelCard(channels=[1, 4, 8, 16]), tmp_path / "w.safetensors"
+        )
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert card_path(path).stat().st_mode & 0o777 == 0o644
 
 
 def test_save_overwrites_atomically(tiny_weights: Path) -> None:
