@@ -74,7 +74,7 @@ class InferenceService:
         self.buckets = tile_buckets(segmenter.geometry, settings.tile_size)
         self.batcher = TileBatcher(
             segmenter,
-            max_batch_tiles=settings.max_batch_tiles,
+            max_batch_tiles=settings.batch_tiles_for(segmenter.device),
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_tiles=settings.max_queue_tiles,
             metrics=metrics,
@@ -104,7 +104,7 @@ class InferenceService:
             time.monotonic() - started,
             seg.geometry.depth,
             "/".join(map(str, self.buckets)),
-            self.settings.max_batch_tiles,
+            self.batcher.max_batch_tiles,
         )
 
     def _warm_up(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from app_helpers import (
     Gate,
     em_crop,
@@ -315,7 +316,11 @@ def test_settings_reject_bad_values(weights: Path) -> None:
     with pytest.raises(ValidationError, match="precision"):
         Settings(weights=weights, precision="fp64")
     with pytest.raises(ValidationError, match="max_batch_tiles"):
-        Settings(weights=weights, max_batch_tiles=0)
+        Settings(weights=weights, max_batch_tiles=-1)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert Settings(weights=weights).batch_tiles_for(cpu) == 2
+    assert Settings(weights=weights).batch_tiles_for(cuda) == 8
+    assert Settings(weights=weights, max_batch_tiles=5).batch_tiles_for(cpu) == 5
     assert Settings(weights=weights, api_key="").api_key is None
     assert json.loads(Settings(weights=weights).model_dump_json())["api_key"] is None
 
