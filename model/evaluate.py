@@ -151,7 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.update_card:
-        card.metrics = report
+        # fp32 results are the card's metrics; other precisions are kept beside them, with
+        # their agreement with fp32, so one card answers "what does bf16 do to my masks".
+        others = dict(card.metrics.get("precisions", {}))
+        if segmenter.precision == "fp32":
+            card.metrics = {**report, "precisions": others} if others else report
+        else:
+            others[segmenter.precision] = {
+                "command": report["command"],
+                "slices": report["slices"],
+                "tile_size": report["tile_size"],
+                "overall": results["overall"],
+            }
+            card.metrics = {**card.metrics, "precisions": others}
         save_weights(model, card, args.weights)
     return 0
 

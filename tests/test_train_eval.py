@@ -60,8 +60,14 @@ def test_update_card_and_precision_agreement(tiny_weights: Path, pairs_dir: Path
     metrics = load_card(tiny_weights).metrics
     assert metrics["slices"] == ["05"] and metrics["precision"] == "fp32"
     assert main([*args, "--precision", "bf16", "--update-card"]) == 0
-    agreement = load_card(tiny_weights).metrics["overall"]["agreement_with_fp32"]
-    assert 0.9 < agreement <= 1.0
+    after = load_card(tiny_weights).metrics
+    # bf16 goes beside the fp32 metrics, which stay the card's own.
+    assert after["precision"] == "fp32" and after["overall"] == metrics["overall"]
+    bf16 = after["precisions"]["bf16"]["overall"]
+    assert 0.9 < bf16["agreement_with_fp32"] <= 1.0
+    # Re-measuring fp32 keeps the other precisions' entries.
+    assert main([*args, "--update-card"]) == 0
+    assert load_card(tiny_weights).metrics["precisions"]["bf16"]["overall"] == bf16
 
 
 @pytest.mark.parametrize(

@@ -61,3 +61,12 @@ def test_shipped_model_keeps_its_measured_accuracy(card: ModelCard) -> None:
     overall = card.metrics["overall"]
     assert overall["pixel_error"] <= 0.08
     assert overall["rand_error"] <= 0.2
+
+
+def test_card_records_bf16_agreement_with_fp32(card: ModelCard) -> None:
+    """What bf16 does to the masks, measured by `unet-eval --precision bf16 --update-card`
+    on the validation slices: >= 99.9% of mask pixels as in fp32, pixel error within 0.002."""
+    bf16 = card.metrics["precisions"]["bf16"]
+    assert bf16["slices"] == card.metrics["slices"]
+    assert bf16["overall"]["agreement_with_fp32"] >= 0.999
+    assert abs(bf16["overall"]["pixel_error"] - card.metrics["overall"]["pixel_error"]) <= 0.002
