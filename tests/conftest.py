@@ -56,5 +56,11 @@ def isbi_slice(index: int = 0) -> np.ndarray:
 
 
 @pytest.fixture
+def anyio_backend() -> str:
+    """The async tests (marked anyio) run on asyncio, the loop uvicorn serves on."""
+    return "asyncio"
+
+
+@pytest.fixture
 def em_slice() -> np.ndarray:
     return isbi_slice(0)

@@ -35,11 +35,6 @@ CHUNK = 16 * 1024
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def weights(tmp_path: Path) -> Path:
     return save_tiny(tmp_path)
 
