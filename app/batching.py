@@ -188,6 +188,9 @@ class TileBatcher:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.accepting = False
+        # Requests being received or decoded (kept by the service): a batch is worth
+        # waiting for only while one is on its way.
+        self.arriving = 0
         # Counters tests read to prove that batching happens.
         self.forward_passes = 0
         self.tiles_computed = 0
@@ -201,6 +204,10 @@ class TileBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-infer")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="unet-worker")
         self.accepting = True
+
+    def wake(self) -> None:
+        """Let the worker look at the queue again (e.g. nothing more is on its way)."""
+        self._wakeup.set()
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -385,7 +392,7 @@ class TileBatcher:
             size = head.tile_size
             available = sum(job.pending for job in self._ready if job.tile_size == size)
             wait = head.waiting_since + self.max_wait_s - time.monotonic()
-            if available >= self._batch_limit or wait <= 0:
+            if available >= self._batch_limit or wait <= 0 or self.arriving == 0:
                 return self._pick(size)
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

@@ -4,10 +4,11 @@ mapping of every failure onto one HTTP status code."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -16,6 +17,7 @@ from app.batching import (
     ClientGoneError,
     DeadlineExceededError,
     InferenceError,
+    Job,
     QueueFullError,
     SegmentResult,
     ShuttingDownError,
@@ -124,6 +126,19 @@ class InferenceService:
         self.begin_drain()
         await self.batcher.drain(timeout)
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (being received, decoded, queued): the worker waits
+        up to UNET_MAX_WAIT_MS for a fuller batch only while one is, so a lone request
+        starts at once."""
+        self.batcher.arriving += 1
+        try:
+            yield
+        finally:
+            self.batcher.arriving -= 1
+            if self.batcher.arriving == 0:
+                self.batcher.wake()
+
     def check_available(self) -> None:
         if self.draining:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
@@ -155,22 +170,14 @@ class InferenceService:
                 f"image is {width}x{height} = {height * width} pixels, more than the limit of "
                 f"{self.settings.max_pixels}",
             )
-        try:
-            prepared = await asyncio.to_thread(self.segmenter.prepare, image)
-        except ImageError as e:
-            raise ApiError(422, str(e)) from None
-        tile_size = choose_tile_size(height, width, self.buckets, self.segmenter.geometry)
+        with self.arriving():
+            try:
+                prepared = await asyncio.to_thread(self.segmenter.prepare, image)
+            except ImageError as e:
+                raise ApiError(422, str(e)) from None
+            tile_size = choose_tile_size(height, width, self.buckets, self.segmenter.geometry)
+            job = self._submit(prepared, tile_size, probabilities)
         batcher = self.batcher
-        try:
-            job = batcher.submit(prepared, tile_size, probabilities)
-        except QueueFullError as e:
-            raise ApiError(
-                503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
-            ) from None
-        except TooManyTilesError as e:
-            raise ApiError(413, str(e)) from None
-        except ShuttingDownError:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
         timeout = self.settings.request_timeout_s
         remaining = started + timeout - time.monotonic()
         try:
@@ -185,5 +192,17 @@ class InferenceService:
             raise ApiError(499, "the client closed the connection") from None
         except InferenceError as e:
             raise ApiError(500, f"{e}; see the server log") from None
+        except ShuttingDownError:
+            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+
+    def _submit(self, image: np.ndarray, tile_size: int, probabilities: bool) -> Job:
+        try:
+            return self.batcher.submit(image, tile_size, probabilities)
+        except QueueFullError as e:
+            raise ApiError(
+                503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
+            ) from None
+        except TooManyTilesError as e:
+            raise ApiError(413, str(e)) from None
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None

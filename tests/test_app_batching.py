@@ -100,6 +100,19 @@ async def test_concurrent_images_share_forward_passes_and_keep_their_own_results
         np.testing.assert_array_equal(mask[decided], alone.mask[decided])
 
 
+async def test_a_lone_request_does_not_wait_for_a_batch(weights: Path) -> None:
+    """The batch window is only waited out while other requests are on their way: with
+    nothing else arriving, a single request starts at once, not after max_wait_ms."""
+    app = make_app(weights, max_batch_tiles=16, max_wait_ms=5000)
+    async with running(app) as client:
+        start = time.monotonic()
+        r = await client.post(
+            "/v1/segment", files={"file": ("a.png", png_bytes(em_crop(0, 0, 0, 50, 50)))}
+        )
+        assert r.status_code == 200
+        assert time.monotonic() - start < 2.5  # far below the 5 s window
+
+
 async def test_huge_image_does_not_starve_small_ones(weights: Path) -> None:
     app = make_app(weights, max_batch_tiles=4, max_wait_ms=0)
     async with running(app) as client:

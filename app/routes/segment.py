@@ -95,9 +95,10 @@ async def segment(
 ) -> Response:
     service = get_service(request)
     service.check_available()
-    data = await read_image_upload(request, service.settings.max_upload_bytes)
-    image = await service.decode(data)
-    del data
+    with service.arriving():
+        data = await read_image_upload(request, service.settings.max_upload_bytes)
+        image = await service.decode(data)
+        del data
     result = await service.segment(
         image,
         probabilities=output is Output.probabilities,

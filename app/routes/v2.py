@@ -298,6 +298,31 @@ async def model_metadata(
 async def infer(request: Request, name: str, model_version: str | None = None) -> Response:
     service = _model(request, name, model_version)
     service.check_available()
+    with service.arriving():
+        payload, as_binary, image = await _parse_request(request, service)
+    result = await service.segment(
+        image,
+        probabilities="probabilities" in as_binary,
+        started=arrival(request),
+        disconnected=lambda: wait_for_disconnect(request),
+    )
+    height, width = image.shape[:2]
+    content, blobs = await asyncio.to_thread(_response, service, payload, as_binary, result)
+    headers = timing_headers(request, result, height, width, service.model_name)
+    if not blobs:
+        return _json(content, headers=headers)
+    # Binary tensor extension: the JSON header, then the raw outputs in order.
+    head = json.dumps(content, separators=(",", ":")).encode()
+    headers[HEADER_LENGTH] = str(len(head))
+    return Response(
+        b"".join([head, *blobs]), media_type="application/octet-stream", headers=headers
+    )
+
+
+async def _parse_request(
+    request: Request, service: InferenceService
+) -> tuple[InferRequest, dict[str, bool], np.ndarray]:
+    """Body -> (the request, which outputs go back as binary, the image); ApiError if bad."""
     body = await read_body(request, service.settings.max_upload_bytes)
     header, binary = _split_binary(request, body)
     try:
@@ -323,24 +348,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     }
     image = await asyncio.to_thread(tensor_to_image, tensor, service.settings.max_pixels, raw)
     tensor.data = None  # the parsed list can be far bigger than the image
-    del raw, binary
-    result = await service.segment(
-        image,
-        probabilities="probabilities" in as_binary,
-        started=arrival(request),
-        disconnected=lambda: wait_for_disconnect(request),
-    )
-    height, width = image.shape[:2]
-    content, blobs = await asyncio.to_thread(_response, service, payload, as_binary, result)
-    headers = timing_headers(request, result, height, width, service.model_name)
-    if not blobs:
-        return _json(content, headers=headers)
-    # Binary tensor extension: the JSON header, then the raw outputs in order.
-    head = json.dumps(content, separators=(",", ":")).encode()
-    headers[HEADER_LENGTH] = str(len(head))
-    return Response(
-        b"".join([head, *blobs]), media_type="application/octet-stream", headers=headers
-    )
+    return payload, as_binary, image
 
 
 def _split_binary(request: Request, body: bytes) -> tuple[bytes, bytes | None]:
