@@ -323,36 +323,46 @@ def section_service(run: Run, device: torch.device) -> None:
     r.add()
 
 
+def peer_levels(run: Run, server: Server, path: str = "/v1/segment") -> dict[int, LoadResult]:
+    """A peer server under the same ISBI load as ours in section 2, at 8 (and 1) clients."""
+    isbi = workload.isbi_uploads()
+    return {
+        c: load.run_load(server.url, isbi, c, max(4, c * run.per_client), path)
+        for c in ([8] if run.quick else [1, 8])
+    }
+
+
+def peer_table(run: Run, peer: str, results: dict[int, LoadResult]) -> None:
+    """Throughput and p99 of a peer beside ours (fp32) at the same concurrency."""
+    rows = []
+    for c, res in results.items():
+        ours = run.ours[("fp32", c)]
+        rows.append(
+            [
+                c,
+                res.mpix_s,
+                ours.mpix_s / res.mpix_s,
+                res.percentile(99),
+                ours.percentile(99),
+                res.errors,
+            ]
+        )
+    header = ["clients", f"{peer} MP/s", f"ours / {peer}", f"{peer} p99 s", "ours p99 s"]
+    run.report.table([*header, f"{peer} errors"], rows)
+
+
 def section_peers(run: Run) -> None:
     r = run.report
     r.add("## 3. Peers: same model, same machine")
     r.add()
-    isbi = workload.isbi_uploads()
-    rows = []
     with load.naive_server(run.weights) as server:
-        for c in [8] if run.quick else [1, 8]:
-            res = load.run_load(server.url, isbi, c, max(4, c * run.per_client))
-            run.naive[c] = res
-            ours = run.ours[("fp32", c)]
-            rows.append(
-                [
-                    c,
-                    res.mpix_s,
-                    ours.mpix_s / res.mpix_s,
-                    res.percentile(99),
-                    ours.percentile(99),
-                    res.errors,
-                ]
-            )
+        run.naive = peer_levels(run, server)
     r.add(
         "(a) The naive FastAPI server (whole padded image per request, eager PyTorch, no "
         "batching), fp32, ISBI test slices:"
     )
     r.add()
-    r.table(
-        ["clients", "naive MP/s", "ours / naive", "naive p99 s", "ours p99 s", "naive errors"],
-        rows,
-    )
+    peer_table(run, "naive", run.naive)
     seg = run.segmenter(run.weights)
     image = workload.em_image(2048, 2048)[:, :, None]
     pr = peers.monai_vs_ours(seg, image, run.tile_size, batch=4)
@@ -380,23 +390,10 @@ def section_torchserve(run: Run) -> None:
         r.add(f"(c) TorchServe: not measured: {why_not}.")
         r.add()
         return
-    isbi = workload.isbi_uploads()
-    rows = []
+    path = "/predictions/unet"
     with tempfile.TemporaryDirectory() as tmp, load.torchserve_server(run.weights, Path(tmp)) as ts:
-        load.run_load(ts.url, isbi[:1], 1, 2, path="/predictions/unet")  # model loaded, warm
-        for c in [8] if run.quick else [1, 8]:
-            res = load.run_load(ts.url, isbi, c, max(4, c * run.per_client), "/predictions/unet")
-            ours = run.ours[("fp32", c)]
-            rows.append(
-                [
-                    c,
-                    res.mpix_s,
-                    ours.mpix_s / res.mpix_s,
-                    res.percentile(99),
-                    ours.percentile(99),
-                    res.errors,
-                ]
-            )
+        load.run_load(ts.url, workload.isbi_uploads()[:1], 1, 2, path=path)  # loaded, warm
+        results = peer_levels(run, ts, path)
     r.add(
         "(c) TorchServe 0.12 (its last release; the project is archived) with "
         "`bench/torchserve_handler.py`: the same weights in eager PyTorch, one worker, its "
@@ -404,17 +401,7 @@ def section_torchserve(run: Run) -> None:
         "stacked into one forward pass over the mirror-padded images. fp32, ISBI test slices:"
     )
     r.add()
-    r.table(
-        [
-            "clients",
-            "TorchServe MP/s",
-            "ours / TorchServe",
-            "TorchServe p99 s",
-            "ours p99 s",
-            "TorchServe errors",
-        ],
-        rows,
-    )
+    peer_table(run, "TorchServe", results)
 
 
 def section_scaling(run: Run) -> None:
