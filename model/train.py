@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from model.augment import CropSampler
@@ -33,6 +34,7 @@ from model.data import (
 from model.engine import Segmenter, resolve_device
 from model.geometry import Geometry
 from model.losses import border_weight_map, weighted_bce
+from model.precision import autocast, resolve_precision
 from model.unet import UNet
 from model.weights import ModelCard, WeightsError, load_weights, save_weights
 
@@ -64,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="BatchNorm running-statistics momentum; smaller averages over more of the small "
         "batches, steadying the statistics used at inference",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        default="fp32",
+        help="forward-pass autocast; auto = bf16 where the device runs it fast (AMX / AVX-512 "
+        "BF16 CPUs, recent GPUs), else fp32. Weights, optimiser and loss stay fp32",
+    )
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights with this decay (e.g. 0.999) "
+        "and validate and save it instead of the raw weights; 0 = off",
     )
     p.add_argument("--warmup", type=int, default=50, help="linear learning-rate warm-up steps")
     p.add_argument("--border-weight", type=float, default=0.0, help="w0 of the paper; 0 = off")
@@ -190,6 +206,15 @@ def train(args: argparse.Namespace, command: str) -> dict:
         if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = args.bn_momentum
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
+    precision = resolve_precision(args.precision, device)
+    # The average's BatchNorm statistics are averaged too (use_buffers), so it is a model
+    # that can be validated and saved as is.
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema), use_buffers=True)
+        if args.ema > 0
+        else None
+    )
+    kept = model if ema is None else ema.module  # what is validated and saved
     card = ModelCard(
         name=args.name,
         description=args.description,
@@ -212,6 +237,8 @@ def train(args: argparse.Namespace, command: str) -> dict:
         "time_budget_min": args.time_budget_min,
         "batch_size": args.batch_size,
         "bn_momentum": args.bn_momentum,
+        "precision": precision,
+        "ema_decay": args.ema or None,
         "output_size": args.output_size,
         "input_size": args.output_size + geometry.shrink,
         "optimizer": f"Adam lr={args.lr} cosine to 1%, warm-up {args.warmup} steps",
@@ -256,20 +283,24 @@ def train(args: argparse.Namespace, command: str) -> dict:
         y = torch.from_numpy(np.stack([c.label for c in crops])[:, None]).to(device)
         w = torch.from_numpy(np.stack([c.weight for c in crops])[:, None]).to(device)
         model.train()
-        loss = weighted_bce(model(x), y, w if weights is not None else None)
+        with autocast(precision, device):
+            logits = model(x)  # (N, 1, h, w)
+        loss = weighted_bce(logits.float(), y, w if weights is not None else None)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         out_of_time = time.monotonic() - start >= budget_s
         if step % args.val_every == 0 or step == args.steps or out_of_time:
-            segmenter = Segmenter(model, card, device=device, precision="fp32")
+            segmenter = Segmenter(kept, card, device=device, precision="fp32")
             err, thr = validate(segmenter, val_pairs)
             history.append([step, round(err, 5), thr])
             if err < best[0]:
                 best = (err, thr, step)
-                best_state = copy.deepcopy(model.state_dict())
-                _save(model, card, training, best, history, time.monotonic() - start, args.out)
+                best_state = copy.deepcopy(kept.state_dict())
+                _save(kept, card, training, best, history, time.monotonic() - start, args.out)
             tqdm.write(
                 f"step {step}: loss {loss_avg:.4f}, val pixel error {err:.4f} at t={thr} "
                 f"(best {best[0]:.4f} @ {best[2]}), {(time.monotonic() - start) / 60:.1f} min",
@@ -281,10 +312,10 @@ def train(args: argparse.Namespace, command: str) -> dict:
             break
     bar.close()
     assert best_state is not None
-    model.load_state_dict(best_state)
+    kept.load_state_dict(best_state)
     training["stopped"] = "time budget" if step < args.steps else "steps"
     training["steps_run"] = step
-    return _save(model, card, training, best, history, time.monotonic() - start, args.out)
+    return _save(kept, card, training, best, history, time.monotonic() - start, args.out)
 
 
 def _without_history(training: dict) -> dict:
@@ -333,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.elastic_grid < 2 and args.elastic_sigma > 0:
         parser.error("--elastic-grid must be >= 2")
+    if not 0 <= args.ema < 1:
+        parser.error("--ema must be in [0, 1)")
     if not 0 < args.bn_momentum <= 1:
         parser.error("--bn-momentum must be in (0, 1]")
     if args.time_budget_min is not None and args.time_budget_min <= 0:

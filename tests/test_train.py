@@ -139,3 +139,24 @@ def test_fine_tuning_keeps_channels_and_normalisation(tiny_data: Path, tmp_path:
     assert not np.array_equal(
         load_file(str(first))["head.weight"].numpy(), load_file(str(tuned))["head.weight"].numpy()
     )
+
+
+def test_bf16_autocast_and_weight_average(tiny_data: Path, tmp_path: Path) -> None:
+    """--ema saves the running average of the weights, not the last step's weights: after two
+    steps with decay 0.5 the saved tensors are (w1 + w2) / 2, which neither run without it
+    produces; bf16 autocast is recorded and still trains (the checkpoint differs from init)."""
+    plain, averaged = tmp_path / "plain.safetensors", tmp_path / "ema.safetensors"
+    run(tiny_data, plain, "--precision", "bf16", "--val-every", "2")
+    run(tiny_data, averaged, "--precision", "bf16", "--val-every", "2", "--ema", "0.5")
+    _, card = load_weights(averaged)
+    assert card.training["ema_decay"] == 0.5
+    assert card.training["precision"] == "bf16"
+    tp, ta = load_file(str(plain)), load_file(str(averaged))
+    assert not np.array_equal(tp["head.weight"].numpy(), ta["head.weight"].numpy())
+    # A decay near 1 keeps the first step's weights w1 (the average starts as a copy of them),
+    # so decay 0.5 must give the midpoint of w1 and the last step's weights w2.
+    first = tmp_path / "first.safetensors"
+    run(tiny_data, first, "--precision", "bf16", "--val-every", "2", "--ema", "0.999999")
+    w1, w2, avg = (load_file(str(f))["head.weight"].numpy() for f in (first, plain, averaged))
+    assert not np.allclose(w1, w2)
+    np.testing.assert_allclose(avg, (w1 + w2) / 2, rtol=1e-4, atol=1e-6)
