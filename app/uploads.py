@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from app.errors import ApiError
 
@@ -26,11 +27,16 @@ def _too_large(limit: int) -> ApiError:
 
 async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise _TooLarge
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _TooLarge
+            yield chunk
+    except ClientDisconnect:
+        # Gone mid-upload: nobody reads the answer, but it must not count as a server error
+        # (an unhandled ClientDisconnect is logged with a traceback and counted as a 500).
+        raise ApiError(499, "the client closed the connection during the upload") from None
 
 
 def _check_declared_length(request: Request, allowed: int, limit: int) -> None:

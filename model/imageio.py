@@ -61,7 +61,8 @@ def _standard_dtype(arr: np.ndarray) -> np.ndarray:
             return arr.astype(np.uint16)
         info = np.iinfo(arr.dtype)
         return ((arr.astype(np.float64) - info.min) / (info.max - info.min)).astype(np.float32)
-    raise UnsupportedImageError(f"unsupported pixel type {arr.dtype}")
+    # A plain ImageError (422): the file is fine, its pixel type is what we cannot use.
+    raise ImageError(f"unsupported pixel type {arr.dtype}")
 
 
 def _decode_tiff(data: bytes, max_pixels: int | None) -> np.ndarray:

@@ -56,9 +56,16 @@ def assert_json_error(r, status: int, *words: str) -> None:
         assert word in body["error"], body["error"]
 
 
-async def drive(app, headers: dict[str, str], chunks: Iterable[bytes]) -> tuple[int, int]:
-    """POST /v1/segment straight through ASGI, feeding the body chunk by chunk. Returns the
-    status and how many chunks the app pulled."""
+async def drive(
+    app,
+    headers: dict[str, str],
+    chunks: Iterable[bytes],
+    path: str = "/v1/segment",
+    hang_up: bool = False,
+) -> tuple[int, int]:
+    """POST `path` straight through ASGI, feeding the body chunk by chunk. Returns the
+    status and how many chunks the app pulled. With `hang_up`, the client disconnects after
+    the last chunk instead of finishing the body."""
     chunk_list = list(chunks)
     pulled = 0
     status = 0
@@ -67,9 +74,10 @@ async def drive(app, headers: dict[str, str], chunks: Iterable[bytes]) -> tuple[
         nonlocal pulled
         if pulled < len(chunk_list):
             pulled += 1
-            more = pulled < len(chunk_list)
+            more = hang_up or pulled < len(chunk_list)
             return {"type": "http.request", "body": chunk_list[pulled - 1], "more_body": more}
-        await asyncio.Event().wait()  # the client stays connected
+        if not hang_up:
+            await asyncio.Event().wait()  # the client stays connected
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
@@ -83,8 +91,8 @@ async def drive(app, headers: dict[str, str], chunks: Iterable[bytes]) -> tuple[
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/segment",
-        "raw_path": b"/v1/segment",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
@@ -118,6 +126,31 @@ async def test_oversized_upload_gets_413_without_reading_the_rest(weights: Path)
         small = png_bytes(em_crop(0, 0, 0, 40, 40))
         status, _ = await drive(app, {"content-type": "image/png"}, [small])
         assert status == 200
+
+
+async def test_client_gone_mid_upload_is_499_not_a_server_error(weights: Path) -> None:
+    app = make_app(weights)
+    png = png_bytes(em_crop(0, 0, 0, 64, 64))
+    part = png[: len(png) // 2]
+    boundary = "b0undary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+    async with running(app) as client:
+        raw = {"content-type": "image/png", "content-length": str(len(png))}
+        assert (await drive(app, raw, [part], hang_up=True))[0] == 499
+        multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+        status, _ = await drive(app, multipart, [head.encode(), part], hang_up=True)
+        assert status == 499
+        v2 = {"content-type": "application/json"}
+        path = "/v2/models/tiny/infer"
+        status, _ = await drive(app, v2, [b'{"inputs": [{"name"'], path, hang_up=True)
+        assert status == 499
+        metrics = (await client.get("/metrics")).text
+        assert 'status="500"' not in metrics
+        assert 'unet_requests_total{endpoint="/v1/segment",method="POST",status="499"} 2.0' in (
+            metrics
+        )
+        r = await client.post("/v1/segment", files={"file": ("a.png", png, "image/png")})
+        assert r.status_code == 200
 
 
 async def test_too_many_pixels_is_413(weights: Path) -> None:
@@ -175,6 +208,9 @@ async def test_non_images_and_broken_images(weights: Path) -> None:
         ({"shape": [4, 4], "datatype": "UINT8", "data": [0] * 15}, ["15 values", "16"]),
         ({"shape": [4, 4], "datatype": "UINT8", "data": [300] * 16}, ["range"]),
         ({"shape": [4, 4], "datatype": "UINT8", "data": [0.5] * 16}, ["integers"]),
+        ({"shape": [2, 2], "datatype": "UINT8", "data": [10**30] * 4}, ["integers in 0..255"]),
+        # Finite as JSON (float64), infinite as FP32: NaN probabilities, NaN in the JSON reply.
+        ({"shape": [2, 2], "datatype": "FP32", "data": [1e300] * 4}, ["FP32 range"]),
         ({"shape": [2, 2], "datatype": "UINT8", "data": [[1, 2], [3]]}, ["ragged"]),
         ({"shape": [2, 2], "datatype": "FP32", "data": "abcd"}, ["list"]),
         ({"shape": [4, 4, 2], "datatype": "UINT8", "data": [0] * 32}, ["2 channels"]),
@@ -199,6 +235,17 @@ async def test_bad_infer_requests_are_422(weights: Path) -> None:
         assert_json_error(r, 422, "exactly one input")
         r = await post("/v2/models/tiny/infer", json={"inputs": [one], "outputs": [{"name": "x"}]})
         assert_json_error(r, 422, "unknown output")
+        # The string "false" is not false: refused, not taken as true.
+        r = await post(
+            "/v2/models/tiny/infer",
+            json={"inputs": [one], "parameters": {"binary_data_output": "false"}},
+        )
+        assert_json_error(r, 422, "binary_data_output", "true or false")
+        r = await post(
+            "/v2/models/tiny/infer",
+            json={"inputs": [one], "outputs": [{"name": "mask", "parameters": {"binary_data": 0}}]},
+        )
+        assert_json_error(r, 422, "binary_data")
         r = await post("/v2/models/tiny/infer", json={"inputs": [one]})
         assert r.status_code == 200
 

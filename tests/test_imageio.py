@@ -98,6 +98,10 @@ def test_errors() -> None:
     with pytest.raises(UnsupportedImageError):
         decode_image(b"II*\x00" + b"\x00" * 20)  # TIFF magic, nothing behind it
     assert issubclass(ImageTooLargeError, ImageError)
+    # A well-formed file with pixels we cannot use is not "truncated or corrupt".
+    with pytest.raises(ImageError, match="unsupported pixel type complex64") as info:
+        decode_image(tiff(np.ones((8, 8), np.complex64)))
+    assert not isinstance(info.value, UnsupportedImageError)
 
 
 def test_pixel_limit_is_checked_before_decoding() -> None:

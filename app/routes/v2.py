@@ -161,11 +161,20 @@ def _from_json(tensor: InferInput, dtype: type[np.generic]) -> np.ndarray:
             f"{math.prod(shape)}",
         )
     if values.dtype.kind not in "iuf" or (dtype is not np.float32 and values.dtype.kind == "f"):
-        kind = "numbers" if dtype is np.float32 else "integers"
+        if dtype is np.float32:
+            kind = "numbers"
+        else:
+            info = np.iinfo(dtype)
+            kind = f"integers in {info.min}..{info.max}"
         raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} data must be {kind}")
     if dtype is np.float32:
+        # Checked as float32: a finite JSON number beyond its range (1e300) becomes inf.
+        with np.errstate(over="ignore"):
+            values = values.astype(np.float32)
         if not np.isfinite(values).all():
-            raise ApiError(422, f"input {tensor.name!r}: FP32 data must be finite")
+            raise ApiError(
+                422, f"input {tensor.name!r}: FP32 data must be finite and within FP32 range"
+            )
     else:
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
@@ -342,13 +351,19 @@ async def _parse_request(
     unknown = sorted({o.name for o in requested} - set(OUTPUTS))
     if unknown:
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
-    binary_default = bool((payload.parameters or {}).get("binary_data_output", False))
-    as_binary = {
-        o.name: bool((o.parameters or {}).get("binary_data", binary_default)) for o in requested
-    }
+    binary_default = _flag(payload.parameters, "binary_data_output", False)
+    as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
     image = await asyncio.to_thread(tensor_to_image, tensor, service.settings.max_pixels, raw)
     tensor.data = None  # the parsed list can be far bigger than the image
     return payload, as_binary, image
+
+
+def _flag(parameters: dict[str, Any] | None, name: str, default: bool) -> bool:
+    """A boolean request parameter; the string "false" must not count as true."""
+    value = (parameters or {}).get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(422, f"parameter {name!r} must be true or false, got {value!r}")
+    return value
 
 
 def _split_binary(request: Request, body: bytes) -> tuple[bytes, bytes | None]:
