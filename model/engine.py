@@ -13,7 +13,7 @@ import torch
 
 from model.backends import make_backend
 from model.geometry import Geometry
-from model.imageio import match_channels
+from model.imageio import ImageError, match_channels
 from model.precision import Precision, resolve_precision
 from model.tiling import Stitcher, Tile, TilePlan
 from model.unet import UNet
@@ -25,6 +25,10 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "isbi2012
 DEFAULT_TILE_SIZE = 516
 
 _SCALE = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
+# Float pixels are meant to lie in [0, 1]. Far beyond that (float32 reaches 3.4e38) the
+# normalisation overflows and every probability becomes NaN; such images are refused with
+# a clear error instead of coming back as an all-zero mask.
+MAX_FLOAT_PIXEL = 1e30
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -89,7 +93,15 @@ class Segmenter:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Decoded (H, W, C) image -> (H, W, in_channels), still in its own dtype."""
-        return match_channels(image, self.card.in_channels)
+        prepared = match_channels(image, self.card.in_channels)
+        if prepared.dtype.kind == "f" and prepared.size:
+            lo, hi = float(prepared.min()), float(prepared.max())  # no |x| copy of the image
+            if not -MAX_FLOAT_PIXEL <= lo <= hi <= MAX_FLOAT_PIXEL:
+                raise ImageError(
+                    f"float pixel values must be finite and within +-{MAX_FLOAT_PIXEL:g} "
+                    f"(this model expects them in [0, 1]); found {lo:g} .. {hi:g}"
+                )
+        return prepared
 
     def plan(self, height: int, width: int, tile_size: int | None = None) -> TilePlan:
         return TilePlan(height, width, self.geometry, tile_size or DEFAULT_TILE_SIZE)

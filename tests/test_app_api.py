@@ -154,6 +154,8 @@ async def test_kserve_v2_endpoints(weights: Path) -> None:
         assert (await client.get("/v2/health/live")).status_code == 200
         ready = await client.get("/v2/health/ready")
         assert ready.status_code == 200 and ready.json()["ready"] is True
+        for path in ("/v2/health/live", "/v2/health/ready"):  # probes that send HEAD
+            assert (await client.head(path)).status_code == 200
         meta = (await client.get("/v2/models/tiny")).json()
         assert meta["name"] == "tiny" and meta["platform"] == "pytorch"
         assert [o["name"] for o in meta["outputs"]] == ["mask", "probabilities"]

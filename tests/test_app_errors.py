@@ -211,6 +211,8 @@ async def test_non_images_and_broken_images(weights: Path) -> None:
         ({"shape": [2, 2], "datatype": "UINT8", "data": [10**30] * 4}, ["integers in 0..255"]),
         # Finite as JSON (float64), infinite as FP32: NaN probabilities, NaN in the JSON reply.
         ({"shape": [2, 2], "datatype": "FP32", "data": [1e300] * 4}, ["FP32 range"]),
+        # Within FP32 range, but the normalisation would overflow to NaN.
+        ({"shape": [2, 2], "datatype": "FP32", "data": [3e38] * 4}, ["within", "[0, 1]"]),
         ({"shape": [2, 2], "datatype": "UINT8", "data": [[1, 2], [3]]}, ["ragged"]),
         ({"shape": [2, 2], "datatype": "FP32", "data": "abcd"}, ["list"]),
         ({"shape": [4, 4, 2], "datatype": "UINT8", "data": [0] * 32}, ["2 channels"]),
@@ -344,6 +346,7 @@ async def test_draining_server_refuses_new_work(weights: Path) -> None:
         assert_json_error(r, 503, "shutting down")
         assert "retry-after" in r.headers
         assert (await client.get("/v2/health/ready")).status_code == 503
+        assert (await client.head("/v2/health/ready")).status_code == 503
         assert (await client.get("/v2/health/live")).status_code == 200
 
 

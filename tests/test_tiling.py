@@ -9,6 +9,7 @@ import torch
 from conftest import TINY_CHANNELS, tiny_unet
 from model.engine import Segmenter
 from model.geometry import Geometry
+from model.imageio import ImageError
 from model.tiling import Stitcher, TilePlan, mirror_pad, reflect_indices
 from model.weights import ModelCard
 
@@ -145,3 +146,15 @@ def test_plan_rejects_illegal_tile_and_empty_image() -> None:
         TilePlan(10, 10, Geometry(4), 390)
     with pytest.raises(ValueError, match="at least 1x1"):
         TilePlan(0, 10, Geometry(4), 388)
+
+
+def test_float_pixels_beyond_float32_normalisation_are_refused() -> None:
+    """3e38 is a finite float32, but normalised it overflows and every probability would be
+    NaN (an all-zero mask); large values that stay finite are still segmented."""
+    seg = make_segmenter()
+    image = np.random.default_rng(0).random((40, 40, 1), dtype=np.float32)
+    assert np.isfinite(seg.segment(image * 1e20, probabilities=True).probabilities).all()
+    with pytest.raises(ImageError, match=r"within \+-1e\+30.*\[0, 1\]"):
+        seg.segment(image * np.float32(3e38))
+    with pytest.raises(ImageError, match="finite"):
+        seg.segment(np.full((5, 5, 1), np.nan, np.float32))

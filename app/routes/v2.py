@@ -203,7 +203,9 @@ async def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
 
 
+# HEAD too: some load balancers and probes check health with HEAD requests.
 @router.get("/health/live", summary="Liveness: the process is up")
+@router.head("/health/live", include_in_schema=False)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
@@ -213,6 +215,7 @@ async def live() -> dict[str, bool]:
     summary="Readiness: the model is loaded and warm and the server accepts work",
     responses={503: {"description": "Not ready (loading or shutting down)."}},
 )
+@router.head("/health/ready", include_in_schema=False)
 async def ready(request: Request) -> JSONResponse:
     service = getattr(request.app.state, "service", None)
     is_ready = service is not None and service.ready
