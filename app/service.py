@@ -42,9 +42,16 @@ from model.imageio import (
 log = logging.getLogger("app.service")
 
 
+# File signatures of the formats we read, for files whose header Pillow itself refuses
+# (a PNG declaring zero width is a broken PNG, not an unknown format).
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
 def _format_recognised(data: bytes) -> bool:
     """Whether the bytes start like an image we support (header only, no decoding)."""
-    if data[:4] in TIFF_MAGIC:
+    if data[:4] in TIFF_MAGIC or data.startswith(_SIGNATURES):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return True
     try:
         with Image.open(io.BytesIO(data)):

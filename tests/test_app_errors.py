@@ -176,6 +176,10 @@ async def test_non_images_and_broken_images(weights: Path) -> None:
 
         assert_json_error(await upload(b"hello, I am text\n"), 415, "not a supported image")
         assert_json_error(await upload(good[: len(good) // 2]), 422, "truncated or corrupt")
+        # A PNG whose header declares zero width: Pillow refuses to open it at all, but it
+        # is a broken PNG (422), not an unknown format (415).
+        zero_width = good[:16] + b"\0\0\0\0" + good[20:]
+        assert_json_error(await upload(zero_width), 422, "truncated or corrupt")
         assert_json_error(await upload(b""), 422, "empty")
         r = await client.post(
             "/v1/segment", content=b"hello", headers={"content-type": "text/plain"}
