@@ -207,6 +207,8 @@ def train(args: argparse.Namespace, command: str) -> dict:
             module.momentum = args.bn_momentum
     optimiser = torch.optim.Adam(model.parameters(), lr=args.lr)
     precision = resolve_precision(args.precision, device)
+    if precision == "fp16":  # `auto` on a GPU without bf16: fp16 would need loss scaling
+        precision = "fp32"
     # The average's BatchNorm statistics are averaged too (use_buffers), so it is a model
     # that can be validated and saved as is.
     ema = (
