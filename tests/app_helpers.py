@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
+from app.batching import TileBatcher
 from app.main import create_app
 from app.service import InferenceService
 from app.settings import Settings
@@ -126,3 +127,15 @@ class Gate:
         if not self.release.wait(timeout=30):
             raise TimeoutError("gate never released")
         return self.forward(batch)
+
+
+@contextlib.contextmanager
+def gated(batcher: TileBatcher) -> Iterator[Gate]:
+    """Route the batcher's forward passes through a Gate for the block; the gate is released
+    at its end, whatever happened, so the worker never stays stuck."""
+    gate = Gate(batcher.forward_fn)
+    batcher.forward_fn = gate
+    try:
+        yield gate
+    finally:
+        gate.release.set()

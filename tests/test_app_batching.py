@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_helpers import Gate, em_crop, make_app, png_bytes, running, save_tiny, service_of
+from app_helpers import em_crop, gated, make_app, png_bytes, running, save_tiny, service_of
 from PIL import Image
 
 from app.batching import choose_tile_size, tile_buckets
@@ -156,9 +156,7 @@ async def test_cancelled_request_leaves_the_queue_empty(weights: Path) -> None:
     app = make_app(weights, max_batch_tiles=2, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        gate = Gate(batcher.forward_fn)
-        batcher.forward_fn = gate
-        try:
+        with gated(batcher) as gate:
             request = asyncio.ensure_future(
                 client.post(
                     "/v1/segment", files={"file": ("a.png", png_bytes(em_crop(0, 0, 0, 240, 240)))}
@@ -170,8 +168,6 @@ async def test_cancelled_request_leaves_the_queue_empty(weights: Path) -> None:
             with pytest.raises(asyncio.CancelledError):
                 await request
             assert batcher.queued_tiles == 0 and batcher.queued_images == 0
-        finally:
-            gate.release.set()
         r = await client.post(
             "/v1/segment", files={"file": ("b.png", png_bytes(em_crop(1, 0, 0, 50, 50)))}
         )

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 from app_helpers import (
-    Gate,
     em_crop,
+    gated,
     make_app,
     png_bytes,
     running,
@@ -260,9 +260,7 @@ async def test_full_queue_is_503_at_once_and_oversized_images_413(weights: Path)
     app = make_app(weights, max_queue_tiles=8, max_batch_tiles=4, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        gate = Gate(batcher.forward_fn)
-        batcher.forward_fn = gate
-        try:
+        with gated(batcher) as gate:
             four = png_bytes(em_crop(0, 0, 0, 100, 100))  # 2 x 2 tiles of 60
             first = asyncio.ensure_future(
                 client.post("/v1/segment", files={"file": ("a.png", four)})
@@ -278,8 +276,6 @@ async def test_full_queue_is_503_at_once_and_oversized_images_413(weights: Path)
             r = await client.post("/v1/segment", files={"file": ("c.png", sixteen)})
             assert_json_error(r, 413, "UNET_MAX_QUEUE_TILES")
             assert batcher.queued_tiles == 4
-        finally:
-            gate.release.set()
         assert (await first).status_code == 200
         assert batcher.queued_tiles == 0
         r = await client.post("/v1/segment", files={"file": ("b.png", six)})
@@ -290,17 +286,13 @@ async def test_deadline_is_504_and_drops_the_remaining_tiles(weights: Path) -> N
     app = make_app(weights, request_timeout_s=0.5, max_batch_tiles=2, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        gate = Gate(batcher.forward_fn)
-        batcher.forward_fn = gate
-        try:
+        with gated(batcher):
             image = png_bytes(em_crop(3, 0, 0, 240, 240))  # 16 tiles
             start = time.monotonic()
             r = await client.post("/v1/segment", files={"file": ("a.png", image)})
             assert_json_error(r, 504, "UNET_REQUEST_TIMEOUT_S")
             assert 0.5 <= time.monotonic() - start < 3
             assert batcher.queued_tiles == 0 and batcher.queued_images == 0
-        finally:
-            gate.release.set()
         small = png_bytes(em_crop(3, 0, 0, 50, 50))
         assert (
             await client.post("/v1/segment", files={"file": ("b.png", small)})
