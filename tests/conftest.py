@@ -55,6 +55,19 @@ def isbi_slice(index: int = 0) -> np.ndarray:
     return np.asarray(Image.open(path))
 
 
+def isbi_pairs(folder: Path, indices: list[int], box: tuple[int, int, int, int]) -> Path:
+    """A training-style FOLDER/image + FOLDER/label of real ISBI slices cropped to BOX
+    (left, top, right, bottom), keeping their file names."""
+    if not (ISBI / "train").is_dir():
+        pytest.skip(f"ISBI data not found at {ISBI}")
+    for sub in ("image", "label"):
+        (folder / sub).mkdir(parents=True)
+        for i in indices:
+            src = Image.open(ISBI / "train" / sub / f"{i:02d}.png")
+            src.crop(box).save(folder / sub / f"{i:02d}.png")
+    return folder
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """The async tests (marked anyio) run on asyncio, the loop uvicorn serves on."""

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ISBI, TINY_CHANNELS
+from conftest import TINY_CHANNELS, isbi_pairs
 from model.engine import Segmenter
 from model.train import main
 from model.weights import load_weights
@@ -19,15 +19,7 @@ from model.weights import load_weights
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> Path:
     """Three real 64x64 ISBI crops with their labels."""
-    if not (ISBI / "train").is_dir():
-        pytest.skip(f"ISBI data not found at {ISBI}")
-    for sub in ("image", "label"):
-        (tmp_path / "data" / sub).mkdir(parents=True)
-    for i in range(3):
-        for sub in ("image", "label"):
-            src = Image.open(ISBI / "train" / sub / f"{i:02d}.png")
-            src.crop((100, 100, 164, 164)).save(tmp_path / "data" / sub / f"{i:02d}.png")
-    return tmp_path / "data"
+    return isbi_pairs(tmp_path / "data", [0, 1, 2], (100, 100, 164, 164))
 
 
 def run(data: Path, out: Path, *extra: str) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ISBI
+from conftest import isbi_pairs
 from model.engine import Segmenter
 from model.evaluate import main
 from model.metrics import confusion, rand_error
@@ -19,14 +19,7 @@ from model.weights import load_card
 
 @pytest.fixture
 def pairs_dir(tmp_path: Path) -> Path:
-    if not (ISBI / "train").is_dir():
-        pytest.skip(f"ISBI data not found at {ISBI}")
-    for sub in ("image", "label"):
-        (tmp_path / "pairs" / sub).mkdir(parents=True)
-        for i in (4, 5):
-            src = Image.open(ISBI / "train" / sub / f"{i:02d}.png")
-            src.crop((0, 0, 96, 80)).save(tmp_path / "pairs" / sub / f"{i:02d}.png")
-    return tmp_path / "pairs"
+    return isbi_pairs(tmp_path / "pairs", [4, 5], (0, 0, 96, 80))
 
 
 def test_eval_reports_the_metrics_of_the_engine_masks(
