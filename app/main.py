@@ -15,6 +15,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,11 +115,16 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
             await service.shutdown(settings.drain_timeout_s)
             log.info("inference worker stopped")
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI's and ReDoc's assets served from this process (the
+    # fastapi-offline package ships them): the pages work in air-gapped labs. No validator
+    # badge either, which Swagger UI would fetch from swagger.io.
+    app = FastAPIOffline(
         title="UNet segmentation service",
         version=v2.SERVER_VERSION,
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     app.state.metrics = metrics
