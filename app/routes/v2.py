@@ -222,6 +222,34 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
 
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # "yes" is not a boolean
+    ready: bool = False
+
+
+@router.post(
+    "/repository/index",
+    summary="Models served (Triton's model-repository index)",
+    dependencies=[Depends(require_api_key)],
+)
+async def repository_index(request: Request) -> list[dict[str, str]]:
+    """What `tritonclient`'s `get_model_repository_index()` asks: every model this server
+    serves, with its version and state. The body is empty or `{"ready": true}` (list only
+    models that are ready)."""
+    body = await read_body(request, 64 * 1024)
+    try:
+        query = RepositoryIndexRequest.model_validate_json(body or b"{}")
+    except ValidationError:
+        raise ApiError(422, 'the body must be empty or {"ready": true|false}') from None
+    service = get_service(request)
+    if query.ready and not service.ready:
+        return []
+    entry = {"name": service.model_name, "version": MODEL_VERSION}
+    if service.ready:
+        return [{**entry, "state": "READY"}]
+    return [{**entry, "state": "UNAVAILABLE", "reason": "loading or shutting down"}]
+
+
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{model_version}/ready", include_in_schema=False)
 async def model_ready(
