@@ -73,10 +73,11 @@ class InferenceError(Exception):
 def tile_buckets(geometry: Geometry, max_tile: int) -> tuple[int, ...]:
     """Legal output tile sizes offered to images smaller than `max_tile`: about a quarter, a
     half and the full tile (for depth 4 and 516: 132, 260, 516)."""
-    geometry.check_output(max_tile)
+    geometry.check_tile(max_tile)
     sizes = {max_tile}
     for fraction in (4, 2):
-        size = geometry.smallest_output_covering(math.ceil(max_tile / fraction))
+        wanted = max(math.ceil(max_tile / fraction), geometry.min_tile)
+        size = geometry.smallest_output_covering(wanted)
         if size < max_tile:
             sizes.add(size)
     return tuple(sorted(sizes))
@@ -191,10 +192,6 @@ class TileBatcher:
         # Requests being received or decoded (kept by the service): a batch is worth
         # waiting for only while one is on its way.
         self.arriving = 0
-        # Counters tests read to prove that batching happens.
-        self.forward_passes = 0
-        self.tiles_computed = 0
-        self.batch_sizes: list[int] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -351,7 +348,8 @@ class TileBatcher:
             job.future.set_exception(error)
 
     def _finish(self, job: Job) -> None:
-        self._retire(job)
+        # The result is built while the job is still active: if finalising fails, the
+        # batch's failure handler can still fail this job instead of leaving it hanging.
         now = time.monotonic()
         first = job.first_batch_at if job.first_batch_at is not None else now
         result = SegmentResult(
@@ -363,6 +361,7 @@ class TileBatcher:
             queue_s=first - job.accepted_at,
             inference_s=now - first,
         )
+        self._retire(job)
         if not job.future.done():
             job.future.set_result(result)
 
@@ -373,16 +372,36 @@ class TileBatcher:
 
     async def _run(self) -> None:
         while True:
+            batch: list[tuple[Job, Tile]] = []
             try:
-                picks = await self._next_batch()
-                await self._process(picks)
+                size = await self._next_batch()
+                self._pick(size, batch)
+                await self._process(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug in the bookkeeping must not kill the only worker
-                log.exception("inference worker error; continuing")
+            except Exception as e:
+                # Whatever failed, while the batch was formed, computed or stitched, fails
+                # exactly the requests with tiles in it, at once; the worker goes on.
+                self._fail_batch(batch, e)
 
-    async def _next_batch(self) -> list[tuple[Job, Tile]]:
-        """Wait for work, then for the batch to fill or the oldest job's wait to run out."""
+    def _fail_batch(self, batch: list[tuple[Job, Tile]], error: Exception) -> None:
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        log.error(
+            "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
+            len(batch),
+            type(error).__name__,
+            error,
+            len(jobs),
+            exc_info=error,
+        )
+        if self.metrics is not None:
+            self.metrics.worker_errors.inc()
+        for job in jobs:
+            self._fail(job, InferenceError(f"inference failed ({type(error).__name__})"))
+
+    async def _next_batch(self) -> int:
+        """Wait for work, then for the batch to fill or the oldest job's wait to run out;
+        returns the tile size of the batch to form."""
         while True:
             if not self._ready:
                 self._wakeup.clear()
@@ -393,16 +412,16 @@ class TileBatcher:
             available = sum(job.pending for job in self._ready if job.tile_size == size)
             wait = head.waiting_since + self.max_wait_s - time.monotonic()
             if available >= self._batch_limit or wait <= 0 or self.arriving == 0:
-                return self._pick(size)
+                return size
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
-    def _pick(self, size: int) -> list[tuple[Job, Tile]]:
-        """Up to the batch limit of tiles of one size, one per job per turn, oldest first.
-        Served jobs move to the back of the line; jobs with nothing left leave it."""
+    def _pick(self, size: int, picks: list[tuple[Job, Tile]]) -> None:
+        """Fill `picks` with up to the batch limit of tiles of one size, one per job per turn,
+        oldest first (filled in place, so a failure midway knows whom it touched). Served
+        jobs move to the back of the line; jobs with nothing left leave it."""
         eligible = [job for job in self._ready if job.tile_size == size]
-        picks: list[tuple[Job, Tile]] = []
         while eligible and len(picks) < self._batch_limit:
             for job in list(eligible):
                 if len(picks) == self._batch_limit:
@@ -424,31 +443,12 @@ class TileBatcher:
             [job for job in self._ready if job not in served_set]
             + [job for job in served if job.pending > 0]
         )
-        return picks
 
     async def _process(self, picks: list[tuple[Job, Tile]]) -> None:
         loop = asyncio.get_running_loop()
         start = time.monotonic()
-        try:
-            probs, masks = await loop.run_in_executor(self._executor, self._compute, picks)
-        except Exception as e:
-            jobs = list(dict.fromkeys(job for job, _ in picks))
-            log.error(
-                "forward pass of %d tile(s) failed (%s: %s); failing %d request(s)",
-                len(picks),
-                type(e).__name__,
-                e,
-                len(jobs),
-            )
-            if self.metrics is not None:
-                self.metrics.worker_errors.inc()
-            for job in jobs:
-                self._fail(job, InferenceError(f"inference failed ({type(e).__name__})"))
-            return
+        probs, masks = await loop.run_in_executor(self._executor, self._compute, picks)
         elapsed = time.monotonic() - start
-        self.forward_passes += 1
-        self.tiles_computed += len(picks)
-        self.batch_sizes.append(len(picks))
         self._seconds_per_tile = 0.8 * self._seconds_per_tile + 0.2 * elapsed / len(picks)
         if self.metrics is not None:
             self.metrics.forward_passes.inc()

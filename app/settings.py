@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     def check_tile_size(self, geometry: Geometry) -> None:
         """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""
         try:
-            geometry.check_output(self.tile_size)
+            geometry.check_tile(self.tile_size)
         except ValueError as e:
             raise ValueError(
                 f"UNET_TILE_SIZE={self.tile_size} does not fit the model: {e}"

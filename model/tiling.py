@@ -57,7 +57,7 @@ class TilePlan:
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"image must be at least 1x1, got {self.height}x{self.width}")
-        self.geometry.check_output(self.tile_size)
+        self.geometry.check_tile(self.tile_size)
 
     @property
     def stride(self) -> int:

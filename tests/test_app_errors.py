@@ -19,6 +19,7 @@ from app_helpers import (
     em_crop,
     gated,
     make_app,
+    metric,
     png_bytes,
     running,
     save_tiny,
@@ -158,10 +159,13 @@ async def test_too_many_pixels_is_413(weights: Path) -> None:
     bomb = png_bytes(np.zeros((5000, 5000), np.uint8))
     assert len(bomb) < 100_000
     async with running(make_app(weights, max_pixels=1_000_000)) as client:
-        start = time.monotonic()
         r = await client.post("/v1/segment", files={"file": ("bomb.png", bomb, "image/png")})
         assert_json_error(r, 413, "pixels", "1000000")
-        assert time.monotonic() - start < 2  # refused from the header, never decoded
+        # Refused from the header, never decoded: the same header with its pixel data cut
+        # off is still 413 (decoding it would find it truncated, a 422).
+        header_only = bomb[: bomb.index(b"IDAT") + 64]
+        r = await client.post("/v1/segment", files={"file": ("bomb.png", header_only)})
+        assert_json_error(r, 413, "pixels", "1000000")
         tensor = {"name": "image", "shape": [2000, 1000], "datatype": "UINT8", "data": [0]}
         r = await client.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
         assert_json_error(r, 413, "pixels")
@@ -267,11 +271,11 @@ async def test_full_queue_is_503_at_once_and_oversized_images_413(weights: Path)
             )
             await wait_until(lambda: batcher.queued_tiles == 4 and gate.entered.is_set())
             six = png_bytes(em_crop(1, 0, 0, 100, 150))  # 2 x 3 tiles: 4 + 6 > 8
-            start = time.monotonic()
+            # Refused at once: the worker is held, so an answer that waited for room in
+            # the queue would never come.
             r = await client.post("/v1/segment", files={"file": ("b.png", six)})
             assert_json_error(r, 503, "queue is full")
             assert int(r.headers["retry-after"]) >= 1
-            assert time.monotonic() - start < 1  # refused at once, not after the wait
             sixteen = png_bytes(em_crop(2, 0, 0, 240, 240))  # 4 x 4 tiles > the whole queue
             r = await client.post("/v1/segment", files={"file": ("c.png", sixteen)})
             assert_json_error(r, 413, "UNET_MAX_QUEUE_TILES")
@@ -291,13 +295,14 @@ async def test_deadline_is_504_and_drops_the_remaining_tiles(weights: Path) -> N
             start = time.monotonic()
             r = await client.post("/v1/segment", files={"file": ("a.png", image)})
             assert_json_error(r, 504, "UNET_REQUEST_TIMEOUT_S")
-            assert 0.5 <= time.monotonic() - start < 3
+            assert time.monotonic() - start >= 0.5  # never before the deadline
             assert batcher.queued_tiles == 0 and batcher.queued_images == 0
         small = png_bytes(em_crop(3, 0, 0, 50, 50))
         assert (
             await client.post("/v1/segment", files={"file": ("b.png", small)})
         ).status_code == 200
-        assert batcher.tiles_computed == 2 + 1  # the held batch, then the new image only
+        # The held batch, then the new image only: the dropped tiles were never computed.
+        assert await metric(client, "unet_tiles_total") == 2 + 1
 
 
 async def test_failed_forward_pass_fails_only_its_batch(weights: Path) -> None:
