@@ -96,8 +96,8 @@ class InferenceService:
         return self.segmenter.card.name
 
     async def start(self) -> None:
-        """Warm up every tile size at batch size 1 (kernel selection, allocator pools), then
-        start the worker and report ready."""
+        """Warm up every tile size (and, for compiled graphs, every batch shape), then start
+        the worker and report ready."""
         started = time.monotonic()
         await asyncio.to_thread(self._warm_up)
         self.batcher.start()
@@ -117,10 +117,7 @@ class InferenceService:
         )
 
     def _warm_up(self) -> None:
-        seg = self.segmenter
-        for size in self.buckets:
-            side = size + seg.geometry.shrink
-            seg.forward(np.zeros((1, seg.card.in_channels, side, side), np.float32))
+        self.segmenter.warm_up(self.buckets, self.batcher.max_batch_tiles)
 
     def begin_drain(self) -> None:
         """Called on SIGTERM: refuse new work at once, keep serving what was accepted."""

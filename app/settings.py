@@ -63,6 +63,19 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A request not done after this long gets 504."
     )
     max_upload_mb: float = Field(128.0, gt=0, description="Largest request body, in MiB.")
+    max_json_mb: float = Field(
+        8.0,
+        gt=0,
+        description="Largest KServe v2 JSON body (or JSON header of a binary request), MiB: "
+        "parsing JSON holds the interpreter, so this bounds how long one parse can take. "
+        "Large tensors go with the binary tensor data extension, up to max_upload_mb.",
+    )
+    max_json_reply_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Largest KServe v2 reply with JSON tensor data, MiB (estimated before "
+        "inference; larger replies must ask for binary outputs).",
+    )
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest image (height x width); beyond this, 413."
     )
@@ -109,6 +122,14 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
+
+    @property
+    def max_json_reply_bytes(self) -> int:
+        return int(self.max_json_reply_mb * 1024 * 1024)
 
     def check_tile_size(self, geometry: Geometry) -> None:
         """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""

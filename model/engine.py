@@ -117,6 +117,18 @@ class Segmenter:
             np.float32, copy=False
         )
 
+    def warm_up(self, tile_sizes: Iterable[int], max_batch: int) -> int:
+        """One pass per tile size and per batch shape the backend will see for batches of
+        up to `max_batch` tiles (kernel selection, allocator pools, compiled graphs), so
+        nothing is compiled or tuned during live traffic. Returns the passes run."""
+        passes = 0
+        for size in tile_sizes:
+            side = self.geometry.input_for_output(size)
+            for n in self.backend.batch_shapes(max_batch):
+                self.forward(np.zeros((n, self.card.in_channels, side, side), np.float32))
+                passes += 1
+        return passes
+
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) normalised float32 tiles -> (N, K, S', S') float32 probabilities."""

@@ -6,9 +6,10 @@ import asyncio
 from enum import StrEnum
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
-from app.encoding import mask_png, overlay_png, probabilities_npy
+from app.encoding import mask_png, overlay_png, probabilities_npy, slices
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.uploads import read_image_upload
 
@@ -119,4 +120,5 @@ async def segment(
         media, filename = "image/png", "overlay.png"
     headers = timing_headers(request, result, height, width, service.model_name)
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
-    return Response(body, media_type=media, headers=headers)
+    headers["Content-Length"] = str(len(body))
+    return StreamingResponse(slices(body), media_type=media, headers=headers)

@@ -9,15 +9,13 @@ The single input is the image: UINT8, UINT16 or FP32 (taken as already in [0, 1]
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.auth import require_api_key
 from app.batching import SegmentResult
@@ -25,17 +23,23 @@ from app.errors import ApiError
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.service import InferenceService
 from app.uploads import read_body
+from app.v2_tensors import (
+    DATATYPES,
+    OUTPUTS,
+    InferInput,
+    InferRequest,
+    RequestedOutput,
+    encode_reply,
+    json_reply_bytes,
+    output_array,
+    parse_request,
+    tensor_to_image,
+)
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])
 
 SERVER_NAME = "unet-service"
 MODEL_VERSION = "1"
-DATATYPES: dict[str, type[np.generic]] = {
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "FP32": np.float32,
-}
-OUTPUTS = ("mask", "probabilities")
 # The binary tensor data extension (Triton's, used by tritonclient by default).
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -43,29 +47,6 @@ try:
     SERVER_VERSION = version("unet-service")
 except PackageNotFoundError:  # running from a source tree that was never installed
     SERVER_VERSION = "0+unknown"
-
-
-class InferInput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    shape: list[int]
-    datatype: str
-    data: Any = None
-    parameters: dict[str, Any] | None = None
-
-
-class RequestedOutput(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    parameters: dict[str, Any] | None = None
-
-
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[InferInput] = Field(min_length=1)
-    outputs: list[RequestedOutput] | None = None
 
 
 INFER_EXAMPLE = {
@@ -87,115 +68,6 @@ def _model(request: Request, name: str, model_version: str | None = None) -> Inf
             f"version {MODEL_VERSION}",
         )
     return service
-
-
-def tensor_to_image(tensor: InferInput, max_pixels: int, raw: bytes | None = None) -> np.ndarray:
-    """A v2 input tensor -> (H, W, C) image in the tensor's dtype, from its JSON `data` or,
-    with the binary tensor extension, from `raw` little-endian bytes. Raises ApiError (422
-    for bad shape, datatype or data; 413 for too many pixels)."""
-    dtype = DATATYPES.get(tensor.datatype)
-    if dtype is None:
-        raise ApiError(
-            422,
-            f"input {tensor.name!r}: datatype {tensor.datatype!r} is not supported; use "
-            f"{', '.join(DATATYPES)}",
-        )
-    shape = tensor.shape
-    if any(s < 0 for s in shape) or len(shape) not in (2, 3, 4):
-        raise ApiError(
-            422,
-            f"input {tensor.name!r}: shape {shape} is not an image; use [H, W], [H, W, C] or "
-            "[1, C, H, W]",
-        )
-    if len(shape) == 4 and shape[0] != 1:
-        raise ApiError(
-            422,
-            f"input {tensor.name!r}: shape {shape} holds {shape[0]} images; send one image "
-            "per request (the server batches tiles across requests itself)",
-        )
-    height, width = (shape[2], shape[3]) if len(shape) == 4 else (shape[0], shape[1])
-    if height * width == 0 or math.prod(shape) == 0:
-        raise ApiError(422, f"input {tensor.name!r}: shape {shape} is empty")
-    if height * width > max_pixels:
-        raise ApiError(
-            413,
-            f"image is {width}x{height} = {height * width} pixels, more than the limit of "
-            f"{max_pixels}",
-        )
-    values = _from_json(tensor, dtype) if raw is None else _from_binary(tensor, raw, dtype)
-    image = values.astype(dtype, copy=False).reshape(shape)
-    if len(shape) == 2:
-        return image[:, :, None]
-    if len(shape) == 4:
-        return np.ascontiguousarray(image[0].transpose(1, 2, 0))
-    return image
-
-
-def _from_binary(tensor: InferInput, raw: bytes, dtype: type[np.generic]) -> np.ndarray:
-    item = np.dtype(dtype).newbyteorder("<")
-    expected = math.prod(tensor.shape) * item.itemsize
-    if len(raw) != expected:
-        raise ApiError(
-            422,
-            f"input {tensor.name!r}: {len(raw)} bytes of binary data, shape {tensor.shape} of "
-            f"{tensor.datatype} needs {expected}",
-        )
-    values = np.frombuffer(raw, dtype=item)
-    if dtype is np.float32 and not np.isfinite(values).all():
-        raise ApiError(422, f"input {tensor.name!r}: FP32 data must be finite")
-    return values
-
-
-def _from_json(tensor: InferInput, dtype: type[np.generic]) -> np.ndarray:
-    if not isinstance(tensor.data, list):
-        raise ApiError(422, f"input {tensor.name!r}: data must be a (flat or nested) list")
-    try:
-        values = np.asarray(tensor.data)
-    except (ValueError, TypeError):
-        raise ApiError(422, f"input {tensor.name!r}: data is ragged or not numeric") from None
-    shape = tensor.shape
-    if values.size != math.prod(shape):
-        raise ApiError(
-            422,
-            f"input {tensor.name!r}: data has {values.size} values, shape {shape} needs "
-            f"{math.prod(shape)}",
-        )
-    if values.dtype.kind not in "iuf" or (dtype is not np.float32 and values.dtype.kind == "f"):
-        if dtype is np.float32:
-            kind = "numbers"
-        else:
-            info = np.iinfo(dtype)
-            kind = f"integers in {info.min}..{info.max}"
-        raise ApiError(422, f"input {tensor.name!r}: {tensor.datatype} data must be {kind}")
-    if dtype is np.float32:
-        # Checked as float32: a finite JSON number beyond its range (1e300) becomes inf.
-        with np.errstate(over="ignore"):
-            values = values.astype(np.float32)
-        if not np.isfinite(values).all():
-            raise ApiError(
-                422, f"input {tensor.name!r}: FP32 data must be finite and within FP32 range"
-            )
-    else:
-        info = np.iinfo(dtype)
-        if values.min() < info.min or values.max() > info.max:
-            raise ApiError(
-                422,
-                f"input {tensor.name!r}: values outside the {tensor.datatype} range "
-                f"{info.min}..{info.max}",
-            )
-    return values
-
-
-def _json(
-    content: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    # json.dumps directly: FastAPI's encoder walks every element of multi-megapixel lists.
-    return Response(
-        json.dumps(content, separators=(",", ":")),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
 
 
 @router.get("", summary="Server metadata")
@@ -347,31 +219,34 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
         disconnected=lambda: wait_for_disconnect(request),
     )
     height, width = image.shape[:2]
-    content, blobs = await asyncio.to_thread(_response, service, payload, as_binary, result)
-    headers = timing_headers(request, result, height, width, service.model_name)
-    if not blobs:
-        return _json(content, headers=headers)
-    # Binary tensor extension: the JSON header, then the raw outputs in order.
-    head = json.dumps(content, separators=(",", ":")).encode()
-    headers[HEADER_LENGTH] = str(len(head))
-    return Response(
-        b"".join([head, *blobs]), media_type="application/octet-stream", headers=headers
+    pieces, length, header_length = await asyncio.to_thread(
+        _reply, service, payload, as_binary, result
     )
+    headers = timing_headers(request, result, height, width, service.model_name)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    if header_length is None:
+        return StreamingResponse(pieces, media_type="application/json", headers=headers)
+    # Binary tensor extension: the JSON header, then the raw outputs in order.
+    headers[HEADER_LENGTH] = str(header_length)
+    return StreamingResponse(pieces, media_type="application/octet-stream", headers=headers)
 
 
 async def _parse_request(
     request: Request, service: InferenceService
 ) -> tuple[InferRequest, dict[str, bool], np.ndarray]:
-    """Body -> (the request, which outputs go back as binary, the image); ApiError if bad."""
-    body = await read_body(request, service.settings.max_upload_bytes)
-    header, binary = _split_binary(request, body)
-    try:
-        payload = InferRequest.model_validate_json(header)
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
-        raise ApiError(422, f"invalid inference request: {loc}: {first.get('msg')}") from None
-    del body, header
+    """Body -> (the request, which outputs go back as binary, the image); ApiError if bad.
+    JSON is parsed and converted in a worker thread, in pieces short enough that the
+    event loop keeps answering (health probes above all) meanwhile."""
+    settings = service.settings
+    binary_extension = HEADER_LENGTH.lower() in request.headers
+    if binary_extension:
+        body = await read_body(request, settings.max_upload_bytes)
+    else:
+        body = await read_body(request, settings.max_json_bytes, too_large=_json_too_large)
+    header, binary = _split_binary(request, body, settings.max_json_bytes)
+    payload = await asyncio.to_thread(parse_request, header)
+    del header
     if len(payload.inputs) != 1:
         raise ApiError(
             422, f"expected exactly one input tensor (the image), got {len(payload.inputs)}"
@@ -384,9 +259,42 @@ async def _parse_request(
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
     binary_default = _flag(payload.parameters, "binary_data_output", False)
     as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
-    image = await asyncio.to_thread(tensor_to_image, tensor, service.settings.max_pixels, raw)
+    image = await asyncio.to_thread(tensor_to_image, tensor, settings.max_pixels, raw)
     tensor.data = None  # the parsed list can be far bigger than the image
+    _check_json_reply(service, image, as_binary)
     return payload, as_binary, image
+
+
+def _json_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the JSON body is larger than the limit of {limit / 2**20:g} MiB (UNET_MAX_JSON_MB): "
+        "send large tensors with the binary tensor data extension "
+        f"({HEADER_LENGTH} header; tritonclient's default), which needs no parsing",
+    )
+
+
+def _check_json_reply(
+    service: InferenceService, image: np.ndarray, as_binary: dict[str, bool]
+) -> None:
+    """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB."""
+    pixels = image.shape[0] * image.shape[1]
+    channels = service.segmenter.out_channels
+    values = {
+        name: pixels * (1 if name == "mask" else channels)
+        for name, binary in as_binary.items()
+        if not binary
+    }
+    size = json_reply_bytes(values)
+    limit = service.settings.max_json_reply_bytes
+    if size > limit:
+        raise ApiError(
+            413,
+            f"the JSON reply for {', '.join(values)} of a {image.shape[1]}x{image.shape[0]} "
+            f"image could reach {size / 2**20:.0f} MiB, over the limit of {limit / 2**20:g} "
+            "MiB (UNET_MAX_JSON_REPLY_MB): ask for binary outputs (parameter "
+            '"binary_data_output": true, or "binary_data": true per output)',
+        )
 
 
 def _flag(parameters: dict[str, Any] | None, name: str, default: bool) -> bool:
@@ -397,22 +305,27 @@ def _flag(parameters: dict[str, Any] | None, name: str, default: bool) -> bool:
     return value
 
 
-def _split_binary(request: Request, body: bytes) -> tuple[bytes, bytes | None]:
-    """(JSON header, binary part): with the binary tensor extension the JSON is the first
-    Inference-Header-Content-Length bytes of the body."""
+def _split_binary(
+    request: Request, body: bytes, max_header: int
+) -> tuple[memoryview, memoryview | None]:
+    """(JSON header, binary part), as views of the body (no copies): with the binary tensor
+    extension the JSON is the first Inference-Header-Content-Length bytes of the body."""
+    view = memoryview(body)
     declared = request.headers.get(HEADER_LENGTH)
     if declared is None:
-        return body, None
+        return view, None
     try:
         length = int(declared)
     except ValueError:
         length = -1
     if not 0 < length <= len(body):
         raise ApiError(422, f"invalid {HEADER_LENGTH} header: {declared!r}")
-    return body[:length], body[length:]
+    if length > max_header:
+        raise _json_too_large(max_header)
+    return view[:length], view[length:]
 
 
-def _binary_input(tensor: InferInput, binary: bytes | None) -> bytes | None:
+def _binary_input(tensor: InferInput, binary: memoryview | None) -> memoryview | None:
     size = (tensor.parameters or {}).get("binary_data_size")
     if size is None:
         if tensor.data is None:
@@ -426,34 +339,21 @@ def _binary_input(tensor: InferInput, binary: bytes | None) -> bytes | None:
     return binary
 
 
-def _response(
+def _reply(
     service: InferenceService,
     payload: InferRequest,
     as_binary: dict[str, bool],
     result: SegmentResult,
-) -> tuple[dict[str, Any], list[bytes]]:
-    outputs, blobs = [], []
+):
+    """Runs in a worker thread: (body pieces, length or None, binary header length)."""
+    outputs = []
     for name, binary in as_binary.items():
-        if name == "mask":
-            array, datatype = result.mask, "UINT8"
-        else:
-            assert result.probabilities is not None
-            probs = result.probabilities
-            array, datatype = (probs[0] if probs.shape[0] == 1 else probs), "FP32"
+        array = output_array(name, result.mask, result.probabilities)
+        datatype = "UINT8" if name == "mask" else "FP32"
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = array.ravel().tolist()
-        outputs.append(entry)
-    content: dict[str, Any] = {
-        "model_name": service.model_name,
-        "model_version": MODEL_VERSION,
-        "outputs": outputs,
-        "parameters": {"tile_size": result.tile_size, "tiles": result.tiles},
-    }
+        outputs.append((entry, array, binary))
+    content: dict[str, Any] = {"model_name": service.model_name, "model_version": MODEL_VERSION}
     if payload.id is not None:
         content["id"] = payload.id
-    return content, blobs
+    content["parameters"] = {"tile_size": result.tile_size, "tiles": result.tiles}
+    return encode_reply(content, outputs)
