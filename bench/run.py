@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.batching import choose_tile_size, tile_buckets
 from app.settings import Settings
 from bench import determinism, engine, liveness, load, peers, workload
 from bench.load import LoadResult, Server
 from model.engine import DEFAULT_WEIGHTS, Segmenter
 from model.geometry import Geometry
 from model.precision import cpu_has_fast_bf16
+from model.tiling import choose_tile_size
+from model.tiling import tile_sizes as tile_buckets
 from model.unet import UNet
 from model.weights import ModelCard, load_card, save_weights
 

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from model.options import BACKENDS
 from model.precision import Precision, autocast
-
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 class Backend(Protocol):

@@ -18,7 +18,6 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.batching import TileBatcher
 from app.main import create_app
 from app.service import InferenceService
 from app.settings import Settings
@@ -132,15 +131,31 @@ class Gate:
 
 
 @contextlib.contextmanager
-def gated(batcher: TileBatcher) -> Iterator[Gate]:
-    """Route the batcher's forward passes through a Gate for the block; the gate is released
-    at its end, whatever happened, so the worker never stays stuck."""
-    gate = Gate(batcher.forward_fn)
-    batcher.forward_fn = gate
+def wrapped_forward(service: InferenceService, wrapper: Callable) -> Iterator[None]:
+    """Route the service's forward passes through `wrapper` for the block (the engine's
+    `forward` is looked up on each pass, so an instance attribute takes its place)."""
+    segmenter = service.segmenter
+    shadowed = segmenter.__dict__.get("forward")  # another wrapper already in place
+    segmenter.forward = wrapper
     try:
-        yield gate
+        yield
     finally:
-        gate.release.set()
+        if shadowed is None:
+            del segmenter.forward
+        else:
+            segmenter.forward = shadowed
+
+
+@contextlib.contextmanager
+def gated(service: InferenceService) -> Iterator[Gate]:
+    """Route the service's forward passes through a Gate for the block; the gate is
+    released at its end, whatever happened, so the worker never stays stuck."""
+    gate = Gate(service.segmenter.forward)
+    with wrapped_forward(service, gate):
+        try:
+            yield gate
+        finally:
+            gate.release.set()
 
 
 class Stepper:
@@ -185,13 +200,13 @@ class Stepper:
 
 
 @contextlib.contextmanager
-def stepped(batcher: TileBatcher) -> Iterator[Stepper]:
-    stepper = Stepper(batcher.forward_fn)
-    batcher.forward_fn = stepper
-    try:
-        yield stepper
-    finally:
-        stepper.open()
+def stepped(service: InferenceService) -> Iterator[Stepper]:
+    stepper = Stepper(service.segmenter.forward)
+    with wrapped_forward(service, stepper):
+        try:
+            yield stepper
+        finally:
+            stepper.open()
 
 
 def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -24,9 +24,10 @@ from app_helpers import (
 )
 from PIL import Image
 
-from app.batching import choose_tile_size, tile_buckets
 from model.engine import Segmenter
 from model.geometry import Geometry
+from model.tiling import choose_tile_size
+from model.tiling import tile_sizes as tile_buckets
 
 pytestmark = pytest.mark.anyio
 
@@ -128,8 +129,7 @@ async def test_huge_image_does_not_starve_small_ones(weights: Path) -> None:
     needs."""
     app = make_app(weights, max_batch_tiles=4, max_wait_ms=0)
     async with running(app) as client:
-        batcher = service_of(app).batcher
-        with stepped(batcher) as stepper:
+        with stepped(service_of(app)) as stepper:
             big = asyncio.ensure_future(
                 client.post(
                     "/v1/segment",
@@ -165,7 +165,7 @@ async def test_cancelled_request_leaves_the_queue_empty(weights: Path) -> None:
     app = make_app(weights, max_batch_tiles=2, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        with gated(batcher) as gate:
+        with gated(service_of(app)) as gate:
             request = asyncio.ensure_future(
                 client.post(
                     "/v1/segment", files={"file": ("a.png", png_bytes(em_crop(0, 0, 0, 240, 240)))}
@@ -190,8 +190,8 @@ async def test_out_of_memory_halves_the_batch_and_retries(weights: Path) -> None
     app = make_app(weights, max_batch_tiles=8)
     image = em_crop(6, 0, 0, 240, 240)  # 16 tiles
     async with running(app) as client:
-        batcher = service_of(app).batcher
-        real = batcher.forward_fn
+        service = service_of(app)
+        real = service.segmenter.forward
         sizes: list[int] = []
 
         def small_device(batch: np.ndarray) -> np.ndarray:
@@ -200,14 +200,14 @@ async def test_out_of_memory_halves_the_batch_and_retries(weights: Path) -> None
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return real(batch)
 
-        batcher.forward_fn = small_device
+        service.segmenter.forward = small_device
         r = await client.post(
             "/v1/segment",
             params={"output": "probabilities"},
             files={"file": ("a.png", png_bytes(image))},
         )
         assert r.status_code == 200, r.text
-        assert batcher.batch_limit == 2
+        assert service.runner.limit == 2
         # Halved until it fits; the rest of that batch and later ones use the lowered limit.
         assert sizes == [8, 4, 2, 2, 2, 2] + [2] * 4
         metrics = (await client.get("/metrics")).text

@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from app_helpers import (
     em_crop,
     gated,
@@ -264,7 +263,7 @@ async def test_full_queue_is_503_at_once_and_oversized_images_413(weights: Path)
     app = make_app(weights, max_queue_tiles=8, max_batch_tiles=4, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        with gated(batcher) as gate:
+        with gated(service_of(app)) as gate:
             four = png_bytes(em_crop(0, 0, 0, 100, 100))  # 2 x 2 tiles of 60
             first = asyncio.ensure_future(
                 client.post("/v1/segment", files={"file": ("a.png", four)})
@@ -290,7 +289,7 @@ async def test_deadline_is_504_and_drops_the_remaining_tiles(weights: Path) -> N
     app = make_app(weights, request_timeout_s=0.5, max_batch_tiles=2, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        with gated(batcher):
+        with gated(service_of(app)):
             image = png_bytes(em_crop(3, 0, 0, 240, 240))  # 16 tiles
             start = time.monotonic()
             r = await client.post("/v1/segment", files={"file": ("a.png", image)})
@@ -309,7 +308,8 @@ async def test_failed_forward_pass_fails_only_its_batch(weights: Path) -> None:
     app = make_app(weights, max_wait_ms=50)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        real = batcher.forward_fn
+        segmenter = service_of(app).segmenter
+        real = segmenter.forward
         failures = []
 
         def fail_first_small_batch(batch: np.ndarray) -> np.ndarray:
@@ -318,7 +318,7 @@ async def test_failed_forward_pass_fails_only_its_batch(weights: Path) -> None:
                 raise RuntimeError("simulated device fault")
             return real(batch)
 
-        batcher.forward_fn = fail_first_small_batch
+        segmenter.forward = fail_first_small_batch
         small = png_bytes(em_crop(4, 0, 0, 30, 30))  # bucket 32
         large = png_bytes(em_crop(4, 0, 0, 100, 100))  # bucket 60
         r_small, r_large = await asyncio.gather(
@@ -363,7 +363,7 @@ def test_settings_reject_bad_values(weights: Path) -> None:
         Settings(weights=weights, precision="fp64")
     with pytest.raises(ValidationError, match="max_batch_tiles"):
         Settings(weights=weights, max_batch_tiles=-1)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda = "cpu", "cuda"
     assert Settings(weights=weights).batch_tiles_for(cpu) == 2
     assert Settings(weights=weights).batch_tiles_for(cuda) == 8
     assert Settings(weights=weights, max_batch_tiles=5).batch_tiles_for(cpu) == 5

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from app_helpers import em_crop, gated, make_app, metric, png_bytes, running, save_tiny, service_of
 
+from model.tiled_image import TiledImage
 from model.tiling import Stitcher
 
 pytestmark = pytest.mark.anyio
@@ -31,17 +32,16 @@ def inject(stage: str, app, monkeypatch: pytest.MonkeyPatch) -> None:
     segmenter = service_of(app).segmenter
     victim_rows = VICTIM.shape[0]
     if stage == "form":
-        real_input = segmenter.tile_input
+        real_input = TiledImage.tile_input
 
-        def tile_input(plan, image, tile):
-            if plan.height == victim_rows:
+        def tile_input(self, tile):
+            if self.plan.height == victim_rows:
                 raise InjectedError("cutting the tile failed")
-            return real_input(plan, image, tile)
+            return real_input(self, tile)
 
-        monkeypatch.setattr(segmenter, "tile_input", tile_input)
+        monkeypatch.setattr(TiledImage, "tile_input", tile_input)
     elif stage == "compute":
-        batcher = service_of(app).batcher
-        real_forward: Callable[[np.ndarray], np.ndarray] = batcher.forward_fn
+        real_forward: Callable[[np.ndarray], np.ndarray] = segmenter.forward
         victim_value = segmenter.normalize(VICTIM[None, :1, :1])[0, 0, 0]
 
         def forward(batch: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def inject(stage: str, app, monkeypatch: pytest.MonkeyPatch) -> None:
                 raise InjectedError("the forward pass failed")
             return real_forward(batch)
 
-        batcher.forward_fn = forward
+        monkeypatch.setattr(segmenter, "forward", forward)
     elif stage == "stitch":
         real_aggregate = Stitcher.aggregate
 
@@ -82,10 +82,8 @@ async def test_a_failing_stage_fails_exactly_its_batch_at_once(
             files = {"file": (f"{name}.png", png_bytes(pixels), "image/png")}
             return asyncio.ensure_future(client.post("/v1/segment", files=files))
 
-        batcher = service_of(app).batcher
-        real_forward = batcher.forward_fn
         inject(stage, app, monkeypatch)
-        with gated(batcher) as gate:
+        with gated(service_of(app)) as gate:
             opener = post(OPENER, "opener")
             await asyncio.to_thread(gate.entered.wait, 30)
             victim = post(VICTIM, "victim")
@@ -108,7 +106,6 @@ async def test_a_failing_stage_fails_exactly_its_batch_at_once(
         assert await metric(client, "unet_worker_errors_total") == 1
         assert await metric(client, "unet_queue_tiles") == 0
         monkeypatch.undo()
-        batcher.forward_fn = real_forward
         # The worker goes on: the victim's own image is served once the fault is gone.
         again = await client.post("/v1/segment", files={"file": ("v.png", png_bytes(VICTIM))})
         assert again.status_code == 200

@@ -100,14 +100,12 @@ async def segment(
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
-    result = await service.segment(
-        image,
-        probabilities=output is Output.probabilities,
-        started=arrival(request),
-        disconnected=lambda: wait_for_disconnect(request),
+        job = await service.submit(image, probabilities=output is Output.probabilities)
+    result = await service.result(
+        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
     height, width = image.shape[:2]
-    out_channels = service.segmenter.out_channels
+    out_channels = service.info.out_channels
     if output is Output.mask:
         body = await asyncio.to_thread(mask_png, result.mask, out_channels)
         media, filename = "image/png", "mask.png"

@@ -18,10 +18,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from app.auth import require_api_key
-from app.batching import SegmentResult
 from app.errors import ApiError
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
-from app.service import InferenceService
+from app.service import InferenceService, SegmentResult
 from app.uploads import read_body
 from app.v2_tensors import (
     DATATYPES,
@@ -143,8 +142,8 @@ async def model_metadata(
     request: Request, name: str, model_version: str | None = None
 ) -> dict[str, Any]:
     service = _model(request, name, model_version)
-    card = service.segmenter.card
-    k = card.out_channels
+    info = service.info
+    k = info.out_channels
     return {
         "name": service.model_name,
         "versions": [MODEL_VERSION],
@@ -157,7 +156,7 @@ async def model_metadata(
                 "parameters": {
                     "datatypes": list(DATATYPES),
                     "layouts": ["[H, W]", "[H, W, C]", "[1, C, H, W]"],
-                    "channels": card.in_channels,
+                    "channels": info.in_channels,
                 },
             }
         ],
@@ -170,11 +169,11 @@ async def model_metadata(
             },
         ],
         "parameters": {
-            "description": card.description,
-            "class_names": card.class_names,
-            "threshold": card.threshold,
-            "depth": card.depth,
-            "tile_sizes": list(service.buckets),
+            "description": info.description,
+            "class_names": info.class_names,
+            "threshold": info.threshold,
+            "depth": info.depth,
+            "tile_sizes": list(info.tile_sizes),
         },
     }
 
@@ -212,11 +211,9 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     service.check_available()
     with service.arriving():
         payload, as_binary, image = await _parse_request(request, service)
-    result = await service.segment(
-        image,
-        probabilities="probabilities" in as_binary,
-        started=arrival(request),
-        disconnected=lambda: wait_for_disconnect(request),
+        job = await service.submit(image, probabilities="probabilities" in as_binary)
+    result = await service.result(
+        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
     height, width = image.shape[:2]
     pieces, length, header_length = await asyncio.to_thread(
@@ -279,7 +276,7 @@ def _check_json_reply(
 ) -> None:
     """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB."""
     pixels = image.shape[0] * image.shape[1]
-    channels = service.segmenter.out_channels
+    channels = service.info.out_channels
     values = {
         name: pixels * (1 if name == "mask" else channels)
         for name, binary in as_binary.items()
