@@ -28,6 +28,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from app.jobs import (
+    InferenceError,
+    Job,
+    QueueFullError,
+    ShuttingDownError,
+    TooManyTilesError,
+    take_round_robin,
+    wait_for_job,
+)
 from app.metrics import Metrics
 from model.runner import BatchItem, TileOutput
 from model.tiled_image import Segmentation, TiledImage
@@ -36,57 +45,6 @@ from model.tiling import Tile
 log = logging.getLogger("app.batching")
 
 BatchCallable = Callable[[Sequence[BatchItem]], list[TileOutput]]
-
-
-class QueueFullError(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("the tile queue is full; retry later")
-        self.retry_after = retry_after
-
-
-class ShuttingDownError(Exception):
-    """The batcher is not running (not started, draining or stopped)."""
-
-
-class TooManyTilesError(ValueError):
-    """One image needs more tiles than the whole queue holds."""
-
-
-class DeadlineExceededError(Exception):
-    pass
-
-
-class ClientGoneError(Exception):
-    pass
-
-
-class InferenceError(Exception):
-    """A batch failed; only the requests with tiles in that batch see this."""
-
-
-class Job:
-    """One request's image in the queue: the TiledImage, its future and its timings."""
-
-    def __init__(self, image: TiledImage, loop: asyncio.AbstractEventLoop) -> None:
-        self.image = image
-        self.future: asyncio.Future[Segmentation] = loop.create_future()
-        self.accepted_at = time.monotonic()
-        self.waiting_since = self.accepted_at  # last time the worker served this job
-        self.first_batch_at: float | None = None
-        self.finished_at: float | None = None
-        self.batches = 0  # batches that held at least one of its tiles
-        self.active = True
-
-    @property
-    def queue_s(self) -> float:
-        """Accepted -> first tile in a batch."""
-        return (self.first_batch_at or self.accepted_at) - self.accepted_at
-
-    @property
-    def inference_s(self) -> float:
-        """First batch -> last tile stitched."""
-        end = self.finished_at or time.monotonic()
-        return end - (self.first_batch_at or end)
 
 
 class TileBatcher:
@@ -218,22 +176,9 @@ class TileBatcher:
         goes away. On timeout (DeadlineExceededError), client disconnect
         (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the
         queue before this returns."""
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
-            waiting: set[asyncio.Future[object]] = {job.future}
-            if watcher is not None:
-                waiting.add(watcher)
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if job.future in done:
-                return job.future.result()
-            if watcher is not None and watcher in done:
-                raise ClientGoneError("the client closed the connection")
-            raise DeadlineExceededError(f"the request took longer than {timeout:.1f} s")
+            return await wait_for_job(job, timeout, disconnected)
         finally:
-            if watcher is not None:
-                watcher.cancel()
             self.cancel(job)
 
     def cancel(self, job: Job) -> None:
@@ -325,20 +270,9 @@ class TileBatcher:
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
     def _pick(self, size: int, picks: list[tuple[Job, Tile]]) -> None:
-        """Fill `picks` with up to the batch limit of tiles of one size, one per job per turn,
-        oldest first (filled in place, so a failure midway knows whom it touched). Served
-        jobs move to the back of the line; jobs with nothing left leave it."""
-        limit = self.batch_limit()
-        eligible = [job for job in self._ready if job.image.tile_size == size]
-        while eligible and len(picks) < limit:
-            for job in list(eligible):
-                if len(picks) == limit:
-                    break
-                picks.append((job, job.image.take()))
-                if job.image.pending == 0:
-                    eligible.remove(job)
-        served = list(dict.fromkeys(job for job, _ in picks))
-        served_set = set(served)
+        """Fill `picks` round-robin (see `take_round_robin`); served jobs move to the back
+        of the line, and jobs with nothing left leave it."""
+        served = take_round_robin(self._ready, size, self.batch_limit(), picks)
         now = time.monotonic()
         for job in served:
             job.batches += 1
@@ -347,6 +281,7 @@ class TileBatcher:
                 job.first_batch_at = now
                 if self.metrics is not None:
                     self.metrics.queue_wait.observe(now - job.accepted_at)
+        served_set = set(served)
         self._ready = deque(
             [job for job in self._ready if job not in served_set]
             + [job for job in served if job.image.pending > 0]

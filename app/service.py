@@ -13,17 +13,17 @@ from enum import StrEnum
 
 import numpy as np
 
-from app.batching import (
+from app.batching import TileBatcher
+from app.errors import ApiError
+from app.jobs import (
     ClientGoneError,
     DeadlineExceededError,
     InferenceError,
     Job,
     QueueFullError,
     ShuttingDownError,
-    TileBatcher,
     TooManyTilesError,
 )
-from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from model.engine import Segmenter
