@@ -301,6 +301,8 @@ async def model_metadata(
             "description": card.description,
             "class_names": card.class_names,
             "threshold": card.threshold,
+            # Validation metrics of the card (pixel error, Dice, IoU, Rand error), if any.
+            "metrics": card.metrics.get("overall", {}),
             "depth": card.depth,
             "tile_sizes": list(service.buckets),
         },
