@@ -42,11 +42,14 @@ async function refreshModel() {
   model = await loadModel($("model"));
   const legend = $("legend");
   legend.replaceChildren();
-  for (const [name, [r, g, b]] of tintedClasses(model?.parameters?.class_names || [])) {
+  const classes = model?.parameters?.class_names || [];
+  for (const [name, [r, g, b]] of tintedClasses(classes)) {
     const swatch = el("span", { className: "swatch" });
     swatch.style.background = `rgb(${r}, ${g}, ${b})`;
     legend.append(swatch, ` ${name} `);
   }
+  const alone = { 0: "", 1: `white: ${classes[0]}` }[classes.length];
+  $("mask-legend").textContent = alone ?? "colours as in the overlay";
 }
 
 function refreshState() {
