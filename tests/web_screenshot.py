@@ -10,10 +10,10 @@ import argparse
 from pathlib import Path
 
 from browser import browser_page, live_server
-from conftest import ISBI, REPO
 
 from app.main import create_app
 from app.settings import Settings
+from conftest import ISBI, REPO
 
 SLICES = [ISBI / "train" / "image" / "05.png", ISBI / "test" / "10.png"]
 
