@@ -19,7 +19,7 @@ from app_helpers import em_crop, gated, make_app, png_bytes, save_tiny, service_
 from browser import browser_page, live_server
 from PIL import Image
 
-from app.encoding import overlay_png
+from app.encoding import PALETTE, overlay_png
 from conftest import ISBI
 
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -154,8 +154,9 @@ def test_api_key_and_refused_uploads_read_as_the_apis_errors(weights: Path) -> N
         "empty.png": b"",  # 422
         "cut.png": small[: len(small) // 2],  # truncated: 422
         "notes.txt": b"not an image\n",  # 415
+        "huge.tif": b"II*\x00" + bytes(1536 * 1024),  # over UNET_MAX_UPLOAD_MB: 413
     }
-    app = make_app(weights, api_key=KEY, max_pixels=100 * 100)
+    app = make_app(weights, api_key=KEY, max_pixels=100 * 100, max_upload_mb=1)
     with live_server(app) as base, browser_page(base) as (page, log):
         page.goto(f"{base}/")
         # Without the key: the card and an upload say what is missing.
@@ -235,6 +236,32 @@ def test_a_full_queue_is_retried_after_the_servers_retry_after(weights: Path) ->
         shown = page.evaluate("window.shown")
         countdown = [s for s in shown if "Retrying in" in s]
         assert countdown and countdown[0].endswith(f"Retrying in {wait} s."), countdown
+        assert log.external() == []
+
+
+def test_several_classes_are_shown_in_the_overlays_colours(tmp_path: Path) -> None:
+    if not SLICE.is_file():
+        pytest.skip(f"ISBI data not found at {ISBI}")
+    weights = save_tiny(tmp_path, out_channels=3)
+    crop = png_bytes(em_crop(3, 0, 0, 80, 96))
+    with live_server(make_app(weights)) as base, browser_page(base) as (page, log):
+        page.goto(f"{base}/")
+        expect(page.locator("#model")).to_contain_text("class0, class1, class2", timeout=WAIT_MS)
+        page.locator("#files").set_input_files(
+            [{"name": "crop.png", "mimeType": "image/png", "buffer": crop}]
+        )
+        expect(job(page, "crop.png").locator(".status")).to_contain_text(
+            "Done: 96 × 80", timeout=WAIT_MS
+        )
+        mask = np.asarray(Image.open(io.BytesIO(api(base, crop, "crop.png").content)))
+        assert len(np.unique(mask)) > 1
+        colours = np.concatenate([[[0, 0, 0]], PALETTE[:2]]).astype(np.uint8)
+        assert np.array_equal(pixels(page, "[data-panel=mask] canvas")[..., :3], colours[mask])
+        tint = pixels(page, "[data-panel=overlay] canvas.tint")
+        assert np.array_equal(tint[..., 3] > 0, mask > 0)
+        assert np.array_equal(tint[mask > 0][:, :3], colours[mask][mask > 0])
+        expect(page.locator("#legend")).to_have_text("class1 class2")
+        expect(page.locator("#mask-legend")).to_have_text("colours as in the overlay")
         assert log.external() == []
 
 

@@ -13,6 +13,7 @@ const NO_PREVIEW = "The browser cannot show this file; the overlay shows the mas
 
 const jobs = [];
 let model = null;
+let modelLater = false; // the card could not be had yet (server loading or unreachable)
 let busy = false;
 const viewer = new Viewer(document.querySelectorAll(".viewport"), (zoom) => {
   $("zoom-level").textContent = `Zoom ${Math.round(zoom * 100)}%`;
@@ -39,7 +40,13 @@ function saveBlob(blob, filename) {
 }
 
 async function refreshModel() {
-  model = await loadModel($("model"));
+  try {
+    model = await loadModel($("model"));
+    modelLater = false;
+  } catch (error) {
+    model = null;
+    modelLater = error.status === 0 || error.status === 503;
+  }
   const legend = $("legend");
   legend.replaceChildren();
   const classes = model?.parameters?.class_names || [];
@@ -225,7 +232,11 @@ function setUp() {
 
   refreshModel();
   refreshState();
-  setInterval(() => document.hidden || refreshState(), REFRESH_MS);
+  setInterval(async () => {
+    if (document.hidden) return;
+    const ready = await refreshState();
+    if (ready && modelLater) refreshModel();
+  }, REFRESH_MS);
 }
 
 setUp();

@@ -25,7 +25,8 @@ export function tintedClasses(classNames) {
   return classNames.slice(1).map((name, i) => [name, PALETTE[i % PALETTE.length]]);
 }
 
-/** Fills `container` with the model card; resolves to the model metadata, or null. */
+/** Fills `container` with the model card and resolves to the model metadata (null when the
+ * server serves none); on an error, shows it and throws it. */
 export async function loadModel(container) {
   try {
     const index = await requestJson("/v2/repository/index", { method: "POST", body: {} });
@@ -49,7 +50,7 @@ export async function loadModel(container) {
     return meta;
   } catch (error) {
     container.replaceChildren(el("p", { className: "error" }, describe(error)));
-    return null;
+    throw error;
   }
 }
 
@@ -58,6 +59,7 @@ function gauge(text, name) {
   return match ? Number(match[1]) : null;
 }
 
+/** Shows the server's state and queue; resolves to whether it is ready. */
 export async function refreshServer(stateEl, queueEl) {
   try {
     const { ready } = await requestJson("/v2/health/ready", { allow: [503] });
@@ -69,8 +71,10 @@ export async function refreshServer(stateEl, queueEl) {
       tiles === null
         ? "unknown"
         : `${images} image${images === 1 ? "" : "s"}, ${tiles} tile${tiles === 1 ? "" : "s"} waiting`;
+    return ready;
   } catch (error) {
     stateEl.textContent = describe(error);
     queueEl.textContent = "unknown";
+    return false;
   }
 }
