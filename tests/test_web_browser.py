@@ -236,6 +236,11 @@ def test_a_full_queue_is_retried_after_the_servers_retry_after(weights: Path) ->
         shown = page.evaluate("window.shown")
         countdown = [s for s in shown if "Retrying in" in s]
         assert countdown and countdown[0].endswith(f"Retrying in {wait} s."), countdown
+        # The progress shown: upload, computing, the countdown, and again up to the result.
+        steps = ["retry" if "Retrying in" in s else s.split(" ")[0] for s in shown]
+        steps = [a for a, b in zip(steps, [None, *steps[:-1]], strict=True) if a != b]
+        assert steps[:4] == ["Waiting", "Uploading", "Computing…", "retry"], steps
+        assert steps[-3:] == ["Uploading", "Computing…", "Done:"], steps
         assert log.external() == []
 
 
