@@ -150,7 +150,6 @@ async function process(job) {
     const seconds = (Number(headers.get("X-Total-Ms")) / 1000).toFixed(2);
     const tiles = headers.get("X-Tiles");
     say(`Done: ${width} × ${height} pixels, ${tiles} tile${tiles === "1" ? "" : "s"}, ${seconds} s`);
-    job.item.classList.add("done");
     job.show.hidden = false;
     display(job);
     announce(`${file.name} segmented`);
@@ -158,9 +157,19 @@ async function process(job) {
     progress.hidden = true;
     status.classList.add("error");
     say(describe(error));
-    job.item.classList.add("failed");
+    job.retry.hidden = false;
     announce(`${file.name}: ${describe(error)}`);
   }
+}
+
+function retry(job) {
+  job.retry.hidden = true;
+  job.progress.hidden = false;
+  job.progress.value = 0;
+  job.status.classList.remove("error");
+  job.status.textContent = "Waiting";
+  job.started = false;
+  work();
 }
 
 async function work() {
@@ -184,9 +193,13 @@ function addFiles(files) {
     const status = el("p", { className: "status" }, "Waiting");
     const show = el("button", { type: "button", hidden: true }, "Show");
     show.setAttribute("aria-label", `Show ${file.name}`);
-    const item = el("li", { className: "job" }, el("span", { className: "file" }, file.name), progress, status, show);
-    const job = { file, item, status, progress, show, outputs: {}, started: false };
+    const again = el("button", { type: "button", hidden: true }, "Try again");
+    again.setAttribute("aria-label", `Try ${file.name} again`);
+    const name = el("span", { className: "file" }, file.name);
+    const item = el("li", { className: "job" }, name, progress, status, show, again);
+    const job = { file, item, status, progress, show, retry: again, outputs: {}, started: false };
     show.addEventListener("click", () => display(job));
+    again.addEventListener("click", () => retry(job));
     jobs.push(job);
     $("jobs").append(item);
   }

@@ -19,6 +19,10 @@ function metricsText(metrics) {
   return parts.length ? parts.join(", ") : "none in the model card";
 }
 
+function threshold(value) {
+  return typeof value === "number" ? String(Number(value.toPrecision(3))) : "not in the card";
+}
+
 /** The classes the overlay tints, with their colours: [name, [r, g, b]]. */
 export function tintedClasses(classNames) {
   if (classNames.length === 1) return [[classNames[0], PALETTE[0]]];
@@ -42,7 +46,7 @@ export async function loadModel(container) {
         ["Name", meta.name],
         ["Segments", p.description || "no description in the model card"],
         ["Classes", classes.join(", ")],
-        ["Threshold", classes.length === 1 ? String(p.threshold) : "arg-max over the classes"],
+        ["Threshold", classes.length === 1 ? threshold(p.threshold) : "arg-max over the classes"],
         ["Validation", metricsText(p.metrics)],
         ["Tile sizes", (p.tile_sizes || []).join(", ")],
       ]),
