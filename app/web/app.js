@@ -157,7 +157,8 @@ async function process(job) {
     progress.hidden = true;
     status.classList.add("error");
     say(describe(error));
-    job.retry.hidden = false;
+    // Worth another try after a key is entered or the server recovers; not for the file itself.
+    job.retry.hidden = [413, 415, 422].includes(error.status);
     announce(`${file.name}: ${describe(error)}`);
   }
 }
