@@ -62,6 +62,7 @@ class ModelInfo:
     in_channels: int
     out_channels: int
     tile_sizes: tuple[int, ...]
+    metrics: dict[str, float]  # the card's validation metrics, if any
 
 
 @dataclass
@@ -112,6 +113,7 @@ class InferenceService:
             in_channels=card.in_channels,
             out_channels=card.out_channels,
             tile_sizes=tile_sizes(segmenter.geometry, settings.tile_size),
+            metrics=dict(card.metrics.get("overall", {})),
         )
         self.runner = BatchRunner(
             segmenter,

@@ -172,6 +172,8 @@ async def model_metadata(
             "description": info.description,
             "class_names": info.class_names,
             "threshold": info.threshold,
+            # Validation metrics of the card (pixel error, Dice, IoU, Rand error), if any.
+            "metrics": info.metrics,
             "depth": info.depth,
             "tile_sizes": list(info.tile_sizes),
         },
