@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.routes import health_metrics, segment, v2, web
+from app.routes import health_metrics, segment, v2, v2_infer, web
 from app.routes.common import ARRIVED
 from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
@@ -123,6 +123,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
     app.include_router(v2.router)
+    app.include_router(v2_infer.router)
     app.include_router(health_metrics.router)
     app.include_router(web.router)
     return app
