@@ -6,6 +6,7 @@ import io
 from collections.abc import Iterator
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
@@ -47,6 +48,17 @@ def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
     """One class: 0/255, so the file is viewable; several: the class index."""
     pixels = mask * np.uint8(255) if out_channels == 1 else mask
     return png_bytes(Image.fromarray(pixels, mode="L"))
+
+
+def instances_image(labels: np.ndarray) -> tuple[bytes, str, str]:
+    """(H, W) uint32 labels -> (bytes, media type, file name): a 16-bit PNG while the ids
+    fit (most viewers open it), else a 32-bit TIFF."""
+    if labels.size == 0 or int(labels.max()) <= 0xFFFF:
+        image = Image.fromarray(labels.astype(np.uint16))
+        return png_bytes(image), "image/png", "instances.png"
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, labels.astype(np.uint32), compression="zlib")
+    return buf.getvalue(), "image/tiff", "instances.tif"
 
 
 def probabilities_npy(probabilities: np.ndarray) -> bytes:

@@ -217,6 +217,12 @@ class InferenceService:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
+    async def instances(self, result: SegmentResult) -> np.ndarray:
+        """(H, W) uint32 cell labels of a result submitted with probabilities."""
+        if self.info.out_channels != 1 or result.probabilities is None:
+            raise ApiError(422, "instances need a one-class model (foreground probabilities)")
+        return await asyncio.to_thread(self.segmenter.instances, result.probabilities)
+
     async def result(
         self,
         job: Job,

@@ -12,6 +12,7 @@ import torch
 from model.backends import make_backend
 from model.geometry import Geometry
 from model.imageio import ImageError, match_channels
+from model.instances import label_instances
 from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.precision import Precision, resolve_precision
 from model.runner import BatchRunner
@@ -150,6 +151,14 @@ class Segmenter:
         if probabilities.shape[0] == 1:
             return (probabilities[0] > self.card.threshold).astype(np.uint8)
         return probabilities.argmax(axis=0).astype(np.uint8)
+
+    def instances(self, probabilities: np.ndarray) -> np.ndarray:
+        """(1, H, W) or (H, W) probabilities of a one-class model -> (H, W) uint32 cell
+        labels by the card's seeded watershed (model.instances)."""
+        if self.out_channels != 1:
+            raise ValueError("instances need a one-class model (foreground probabilities)")
+        prob = probabilities[0] if probabilities.ndim == 3 else probabilities
+        return label_instances(prob, self.card.threshold, self.card.instances)
 
     def memory_stats(self) -> dict[str, int] | None:
         """Bytes of device memory (allocated, reserved, peak) on a CUDA device; None on a

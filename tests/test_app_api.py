@@ -158,7 +158,7 @@ async def test_kserve_v2_endpoints(weights: Path) -> None:
             assert (await client.head(path)).status_code == 200
         meta = (await client.get("/v2/models/tiny")).json()
         assert meta["name"] == "tiny" and meta["platform"] == "pytorch"
-        assert [o["name"] for o in meta["outputs"]] == ["mask", "probabilities"]
+        assert [o["name"] for o in meta["outputs"]] == ["mask", "probabilities", "instances"]
         assert meta["inputs"][0]["name"] == "image"
         assert (await client.get("/v2/models/tiny/ready")).json()["ready"] is True
         assert (await client.get("/v2/models/tiny/versions/1")).status_code == 200

@@ -145,6 +145,8 @@ async def model_metadata(
                 "datatype": "FP32",
                 "shape": [-1, -1] if k == 1 else [k, -1, -1],
             },
+            # Cell labels from a seeded watershed of the probabilities (one-class models).
+            *([{"name": "instances", "datatype": "UINT32", "shape": [-1, -1]}] if k == 1 else []),
         ],
         "parameters": {
             "description": info.description,

@@ -17,6 +17,8 @@ from app.routes.v2 import MODEL_VERSION, find_model
 from app.service import InferenceService, SegmentResult
 from app.uploads import read_body
 from app.v2_tensors import (
+    DEFAULT_OUTPUTS,
+    OUTPUT_DATATYPES,
     OUTPUTS,
     InferInput,
     InferRequest,
@@ -75,13 +77,15 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     service.check_available()
     with service.arriving():
         payload, as_binary, image = await _parse_request(request, service)
-        job = await service.submit(image, probabilities="probabilities" in as_binary)
+        wants_probabilities = "probabilities" in as_binary or "instances" in as_binary
+        job = await service.submit(image, probabilities=wants_probabilities)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
+    instances = await service.instances(result) if "instances" in as_binary else None
     height, width = image.shape[:2]
     pieces, length, header_length = await asyncio.to_thread(
-        _reply, service, payload, as_binary, result
+        _reply, service, payload, as_binary, result, instances
     )
     headers = timing_headers(request, result, height, width, service.model_name)
     if length is not None:
@@ -114,7 +118,7 @@ async def _parse_request(
         )
     tensor = payload.inputs[0]
     raw = _binary_input(tensor, binary)
-    requested = payload.outputs or [RequestedOutput(name=n) for n in OUTPUTS]
+    requested = payload.outputs or [RequestedOutput(name=n) for n in DEFAULT_OUTPUTS]
     unknown = sorted({o.name for o in requested} - set(OUTPUTS))
     if unknown:
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
@@ -142,7 +146,7 @@ def _check_json_reply(
     pixels = image.shape[0] * image.shape[1]
     channels = service.info.out_channels
     values = {
-        name: pixels * (1 if name == "mask" else channels)
+        name: pixels * (channels if name == "probabilities" else 1)
         for name, binary in as_binary.items()
         if not binary
     }
@@ -205,12 +209,13 @@ def _reply(
     payload: InferRequest,
     as_binary: dict[str, bool],
     result: SegmentResult,
+    instances: np.ndarray | None,
 ):
     """Runs in a worker thread: (body pieces, length or None, binary header length)."""
     outputs = []
     for name, binary in as_binary.items():
-        array = output_array(name, result.mask, result.probabilities)
-        datatype = "UINT8" if name == "mask" else "FP32"
+        array = output_array(name, result.mask, result.probabilities, instances)
+        datatype = OUTPUT_DATATYPES[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         outputs.append((entry, array, binary))
     content: dict[str, Any] = {"model_name": service.model_name, "model_version": MODEL_VERSION}
