@@ -21,8 +21,13 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from model.augment import CropSampler
-from model.data import (
+from model.engine import Segmenter, resolve_device
+from model.geometry import Geometry
+from model.precision import autocast, resolve_precision
+from model.unet import UNet
+from model.weights import ModelCard, WeightsError, load_weights, save_weights
+from training.augment import CropSampler
+from training.data import (
     DEFAULT_DATA,
     DEFAULT_VALIDATION,
     REPO_ROOT,
@@ -31,12 +36,7 @@ from model.data import (
     load_pairs,
     parse_slices,
 )
-from model.engine import Segmenter, resolve_device
-from model.geometry import Geometry
-from model.losses import border_weight_map, weighted_bce
-from model.precision import autocast, resolve_precision
-from model.unet import UNet
-from model.weights import ModelCard, WeightsError, load_weights, save_weights
+from training.losses import border_weight_map, weighted_bce
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 
