@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.backends import make_backend
+from model.backends import Backend, make_backend
 from model.geometry import Geometry
 from model.imageio import ImageError, match_channels
 from model.precision import Precision, resolve_precision
@@ -56,7 +56,7 @@ class Segmenter:
         card: ModelCard,
         device: str | torch.device = "auto",
         precision: str = "fp32",
-        backend: str = "auto",
+        backend: str | Backend = "auto",
         compile: bool = False,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -65,11 +65,15 @@ class Segmenter:
         self.geometry = Geometry(card.depth)
         self.model = model.to(self.device).eval()  # unfused, for reference passes
         self._param_dtype = next(self.model.parameters()).dtype
-        if self._param_dtype != torch.float32:
-            backend = "torch"  # float64 models check exactness; only torch runs them
-        self.backend = make_backend(
-            backend, self.model, self.device, self.precision, card.in_channels, compile
-        )
+        if not isinstance(backend, str):
+            # A runtime built by the caller, e.g. training's, which runs the live weights.
+            self.backend = backend
+        else:
+            if self._param_dtype != torch.float32:
+                backend = "torch"  # float64 models check exactness; only torch runs them
+            self.backend = make_backend(
+                backend, self.model, self.device, self.precision, card.in_channels, compile
+            )
         n = card.in_channels
         norm = card.normalization
         self._mean = np.broadcast_to(np.asarray(norm.mean, np.float32), (n,))[:, None, None]

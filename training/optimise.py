@@ -55,7 +55,6 @@ class Learner:
         """One optimiser step on a batch at learning rate `lr`; returns the loss."""
         for group in self.optimiser.param_groups:
             group["lr"] = lr
-        self.model.train()
         with autocast(self.precision, self.device):
             logits = self.model(x)  # (N, 1, h, w)
         loss = weighted_bce(logits.float(), y, weight)

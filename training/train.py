@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.engine import Segmenter, resolve_device
+from model.engine import resolve_device
 from model.geometry import Geometry
 from model.unet import UNet
 from model.weights import ModelCard, WeightsError, load_weights
@@ -25,7 +25,7 @@ from training.checkpoint import Checkpoints, provenance
 from training.config import TrainConfig, build_parser
 from training.data import DataError
 from training.optimise import Learner, learning_rate
-from training.validate import validate
+from training.validate import Validator
 
 
 def train(config: TrainConfig, command: str) -> dict:
@@ -72,6 +72,7 @@ def train(config: TrainConfig, command: str) -> dict:
         device,
     )
     checkpoints = Checkpoints(card, record, config.out)
+    validator = Validator(learner.kept, card, device, data.val_pairs)
     norm = (torch.tensor(np.float32(mean)), torch.tensor(np.float32(std)))
 
     start = time.monotonic()
@@ -87,8 +88,7 @@ def train(config: TrainConfig, command: str) -> dict:
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         out_of_time = time.monotonic() - start >= budget_s
         if step % config.val_every == 0 or step == config.steps or out_of_time:
-            segmenter = Segmenter(learner.kept, card, device=device, precision="fp32")
-            err, thr = validate(segmenter, data.val_pairs)
+            err, thr = validator()
             checkpoints.record(learner.kept, step, err, thr, time.monotonic() - start)
             best = checkpoints.best
             tqdm.write(
