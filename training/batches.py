@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from model.geometry import Geometry
-from training.augment import CropSampler
+from model.imageio import match_channels
+from model.normalize import Normalizer, to_unit
+from training.augment import Crop, CropSampler
 from training.config import TrainConfig
 from training.data import DataError, Pair, load_pairs, parse_slices
 from training.losses import border_weight_map
@@ -26,31 +28,31 @@ class TrainingData:
     weighted: bool  # whether the loss weighs pixels (border or class-balance weights)
 
     def batch(
-        self,
-        rng: np.random.Generator,
-        size: int,
-        norm: tuple[torch.Tensor, torch.Tensor],
-        device: torch.device,
+        self, rng: np.random.Generator, size: int, normalize: Normalizer, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`size` fresh crops as (input, target, weight) tensors on `device`; the weight is
-        None when the loss does not weigh pixels."""
+        """`size` fresh crops as the tensors of one step (see `to_tensors`)."""
         crops = [self.sampler.sample(rng) for _ in range(size)]
-        x = torch.from_numpy(np.stack([c.image for c in crops])[:, None])
-        x = ((x - norm[0]) / norm[1]).to(device).contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(np.stack([c.label for c in crops])[:, None]).to(device)
-        w = torch.from_numpy(np.stack([c.weight for c in crops])[:, None]).to(device)
-        return x, y, w if self.weighted else None
+        return to_tensors(crops, normalize, device, self.weighted)
 
 
-def to_unit(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) pixels -> (H, W) float32 in [0, 1], the scale the card's normalisation uses.
-    Training reads the first channel only: the shipped models are grey-scale."""
-    x = image[:, :, 0].astype(np.float32)
-    if image.dtype == np.uint8:
-        return x / 255
-    if image.dtype == np.uint16:
-        return x / 65535
-    return x
+def to_tensors(
+    crops: list[Crop], normalize: Normalizer, device: torch.device, weighted: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Crops -> (input, target, weight) tensors on `device`, the input normalised by the
+    engine's own code; the weight is None when the loss does not weigh pixels."""
+    # The crops are float32 on the [0, 1] scale, which the normaliser takes as is.
+    x = torch.from_numpy(normalize(np.stack([c.image for c in crops])[:, None]))
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(np.stack([c.label for c in crops])[:, None]).to(device)
+    w = torch.from_numpy(np.stack([c.weight for c in crops])[:, None]).to(device)
+    return x, y, w if weighted else None
+
+
+def unit_image(image: np.ndarray) -> np.ndarray:
+    """Decoded (H, W, C) pixels -> (H, W) float32 on the [0, 1] scale that augmentation and
+    the card's mean and std work on: the channel the engine gives a one-channel model (luma
+    of RGB), scaled by the engine's own code. The shipped models are grey-scale."""
+    return to_unit(match_channels(image, 1)[:, :, 0])
 
 
 def load_training_data(config: TrainConfig, geometry: Geometry) -> TrainingData:
@@ -59,7 +61,7 @@ def load_training_data(config: TrainConfig, geometry: Geometry) -> TrainingData:
     train_pairs = [p for i, p in enumerate(pairs) if i not in val_idx]
     if not train_pairs:
         raise DataError("every slice is a validation slice: nothing left to train on")
-    images = [to_unit(p.image) for p in train_pairs]
+    images = [unit_image(p.image) for p in train_pairs]
     labels = [p.label for p in train_pairs]
     stacked = np.concatenate([im.ravel() for im in images])
     weighted = config.border_weight > 0 or config.class_balance

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from model.engine import resolve_device
 from model.geometry import Geometry
+from model.normalize import Normalizer
 from model.unet import UNet
 from model.weights import ModelCard, WeightsError, load_weights
 from training.batches import load_training_data
@@ -73,7 +74,8 @@ def train(config: TrainConfig, command: str) -> dict:
     )
     checkpoints = Checkpoints(card, record, config.out)
     validator = Validator(learner.kept, card, device, data.val_pairs)
-    norm = (torch.tensor(np.float32(mean)), torch.tensor(np.float32(std)))
+    # Training inputs are normalised as the card says, by the code that serving runs.
+    normalize = Normalizer(card.normalization, 1)
 
     start = time.monotonic()
     budget_s = config.time_budget_min * 60 if config.time_budget_min else math.inf
@@ -83,7 +85,7 @@ def train(config: TrainConfig, command: str) -> dict:
     while step < config.steps:
         step += 1
         progress = max(step / config.steps, (time.monotonic() - start) / budget_s)
-        x, y, w = data.batch(rng, config.batch_size, norm, device)
+        x, y, w = data.batch(rng, config.batch_size, normalize, device)
         loss = learner.step(x, y, w, learning_rate(config, step, progress))
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         out_of_time = time.monotonic() - start >= budget_s
