@@ -20,6 +20,26 @@ from training.config import TrainConfig
 from training.data import REPO_ROOT
 
 
+def new_card(
+    config: TrainConfig, channels: list[int], data: TrainingData, init_card: ModelCard | None
+) -> ModelCard:
+    """The card the checkpoints are written with (threshold and record filled in on save).
+    Its normalisation is the training pixels' mean and std on the [0, 1] scale, or, when
+    fine-tuning, the initial weights': their features were learned on that input scale."""
+    mean, std = data.mean, data.std
+    if init_card is not None:
+        mean, std = init_card.normalization.mean[0], init_card.normalization.std[0]
+    return ModelCard(
+        name=config.name,
+        description=config.description,
+        channels=channels,
+        out_channels=1,
+        class_names=["cell_interior"],
+        normalization={"mean": [round(mean, 6)], "std": [round(std, 6)]},
+        threshold=0.5,
+    )
+
+
 def provenance(
     config: TrainConfig,
     command: str,

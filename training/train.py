@@ -22,7 +22,7 @@ from model.normalize import Normalizer
 from model.unet import UNet
 from model.weights import ModelCard, WeightsError, load_weights
 from training.batches import load_training_data
-from training.checkpoint import Checkpoints, provenance
+from training.checkpoint import Checkpoints, new_card, provenance
 from training.config import TrainConfig, build_parser
 from training.data import DataError
 from training.optimise import Learner, learning_rate
@@ -31,13 +31,7 @@ from training.validate import Validator
 
 def train(config: TrainConfig, command: str) -> dict:
     """Run the training that `config` describes; returns the saved card's training record."""
-    channels = config.channel_list()
-    init: tuple[UNet, ModelCard] | None = None
-    if config.init is not None:
-        init = load_weights(config.init)
-        channels = init[1].channels
-        if init[1].out_channels != 1:
-            raise ValueError(f"--init {config.init} has {init[1].out_channels} outputs, not 1")
+    channels, init = _architecture(config)
     device = resolve_device(config.device)
     geometry = Geometry(len(channels) - 2)
     geometry.check_output(config.output_size)
@@ -49,29 +43,10 @@ def train(config: TrainConfig, command: str) -> dict:
     rng = np.random.default_rng(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
-    mean, std = data.mean, data.std
-    if init is not None:
-        # The network learned its features on the initial weights' input scale.
-        mean, std = init[1].normalization.mean[0], init[1].normalization.std[0]
+    init_card = None if init is None else init[1]
     learner = Learner(UNet(channels, 1) if init is None else init[0], config, device)
-    card = ModelCard(
-        name=config.name,
-        description=config.description,
-        channels=channels,
-        out_channels=1,
-        class_names=["cell_interior"],
-        normalization={"mean": [round(mean, 6)], "std": [round(std, 6)]},
-        threshold=0.5,
-    )
-    record = provenance(
-        config,
-        command,
-        None if init is None else init[1],
-        data,
-        geometry,
-        learner.precision,
-        device,
-    )
+    card = new_card(config, channels, data, init_card)
+    record = provenance(config, command, init_card, data, geometry, learner.precision, device)
     checkpoints = Checkpoints(card, record, config.out)
     validator = Validator(learner.kept, card, device, data.val_pairs)
     # Training inputs are normalised as the card says, by the code that serving runs.
@@ -105,6 +80,18 @@ def train(config: TrainConfig, command: str) -> dict:
     bar.close()
     stopped = "time budget" if step < config.steps else "steps"
     return checkpoints.finish(learner.kept, step, stopped, time.monotonic() - start)
+
+
+def _architecture(config: TrainConfig) -> tuple[list[int], tuple[UNet, ModelCard] | None]:
+    """The channel list, and the initial weights with their card when fine-tuning (whose
+    architecture then wins over --channels)."""
+    channels = config.channel_list()  # checked even when the initial weights override it
+    if config.init is None:
+        return channels, None
+    model, card = load_weights(config.init)
+    if card.out_channels != 1:
+        raise ValueError(f"--init {config.init} has {card.out_channels} outputs, not 1")
+    return card.channels, (model, card)
 
 
 def main(argv: list[str] | None = None) -> int:
