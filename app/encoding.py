@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
+import tifffile
 from PIL import Image
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
 OVERLAY_ALPHA = 0.45
 ROW_BLOCK = 1024
+SEND_PIECE = 1 << 20
 # Colours for classes 1, 2, ...; class 0 (background, or membrane for ISBI) stays untinted.
 PALETTE = np.array(
     [
@@ -27,6 +30,14 @@ PALETTE = np.array(
 )
 
 
+def slices(body: bytes | memoryview, size: int = SEND_PIECE) -> Iterator[memoryview]:
+    """A body as views of at most `size` bytes: the event loop copies what the socket does
+    not take at once into its buffer, so one huge write would stall it for that copy."""
+    view = memoryview(body).cast("B")
+    for start in range(0, len(view), size):
+        yield view[start : start + size]
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -37,6 +48,17 @@ def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
     """One class: 0/255, so the file is viewable; several: the class index."""
     pixels = mask * np.uint8(255) if out_channels == 1 else mask
     return png_bytes(Image.fromarray(pixels, mode="L"))
+
+
+def instances_image(labels: np.ndarray) -> tuple[bytes, str, str]:
+    """(H, W) uint32 labels -> (bytes, media type, file name): a 16-bit PNG while the ids
+    fit (most viewers open it), else a 32-bit TIFF."""
+    if labels.size == 0 or int(labels.max()) <= 0xFFFF:
+        image = Image.fromarray(labels.astype(np.uint16))
+        return png_bytes(image), "image/png", "instances.png"
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, labels.astype(np.uint32), compression="zlib")
+    return buf.getvalue(), "image/tiff", "instances.tif"
 
 
 def probabilities_npy(probabilities: np.ndarray) -> bytes:

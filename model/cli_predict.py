@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 from tqdm import tqdm
 
@@ -19,6 +20,17 @@ from model.weights import WeightsError
 def mask_to_png(mask: np.ndarray, out_channels: int) -> Image.Image:
     """One class: 0/255, so the file is viewable; several: the class index."""
     return Image.fromarray(mask * np.uint8(255) if out_channels == 1 else mask, mode="L")
+
+
+def write_instances(labels: np.ndarray, stem: Path) -> Path:
+    """16-bit PNG while the ids fit, else 32-bit TIFF (as the service encodes them)."""
+    if labels.size == 0 or int(labels.max()) <= 0xFFFF:
+        path = stem.with_name(stem.name + ".png")
+        Image.fromarray(labels.astype(np.uint16)).save(path)
+    else:
+        path = stem.with_name(stem.name + ".tif")
+        tifffile.imwrite(path, labels, compression="zlib")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--probabilities", action="store_true", help="also write float32 .npy")
+    p.add_argument(
+        "--instances",
+        action="store_true",
+        help="also write cell labels by seeded watershed (one-class models): "
+        "DIR/<name>.instances.png, 16-bit (a 32-bit .tif beyond 65535 cells)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     return p
@@ -50,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     try:
         seg = Segmenter.from_weights(args.weights, device=args.device, precision=args.precision)
-        seg.geometry.check_output(args.tile_size)
+        seg.geometry.check_tile(args.tile_size)
     except (WeightsError, ValueError) as e:
         parser.exit(2, f"unet-predict: error: {e}\n")
+    if args.instances and seg.out_channels != 1:
+        parser.exit(2, "unet-predict: error: --instances needs a one-class model\n")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     failures = 0
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                         image,
                         tile_size=args.tile_size,
                         batch_size=args.batch_size,
-                        probabilities=args.probabilities,
+                        probabilities=args.probabilities or args.instances,
                         on_batch=tiles_bar.update,
                     )
             except (OSError, ImageError) as e:
@@ -81,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue
             mask_to_png(result.mask, seg.out_channels).save(args.output_dir / f"{path.stem}.png")
-            if result.probabilities is not None:
-                probs = result.probabilities
+            probs = result.probabilities
+            if args.probabilities and probs is not None:
                 np.save(
                     args.output_dir / f"{path.stem}.npy", probs[0] if len(probs) == 1 else probs
                 )
+            if args.instances and probs is not None:
+                write_instances(seg.instances(probs), args.output_dir / f"{path.stem}.instances")
     return 1 if failures else 0
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.instances import InstanceParams
 from model.unet import UNet
 
 CARD_FORMAT = "unet-service/1"
@@ -52,6 +53,8 @@ class ModelCard(BaseModel):
     threshold: float = 0.5
     # Set when the weights were validated for one precision only (see model.precision).
     precision: Literal["fp32", "bf16", "fp16"] | None = None
+    # How cell instances are cut out of the probabilities (model.instances); None: defaults.
+    instances: InstanceParams | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -39,6 +39,10 @@ class LiveBackend:
         self.model = model
         self.device = device
 
+    def batch_shapes(self, max_batch: int) -> list[int]:
+        """Eager PyTorch runs any batch size without compiling: one warm-up shape."""
+        return [1]
+
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch).to(self.device)

@@ -6,9 +6,10 @@ import asyncio
 from enum import StrEnum
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
-from app.encoding import mask_png, overlay_png, probabilities_npy
+from app.encoding import instances_image, mask_png, overlay_png, probabilities_npy, slices
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.uploads import read_image_upload
 
@@ -19,6 +20,7 @@ class Output(StrEnum):
     mask = "mask"
     probabilities = "probabilities"
     overlay = "overlay"
+    instances = "instances"
 
 
 _ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
@@ -90,7 +92,9 @@ async def segment(
         Output.mask,
         description="`mask`: PNG, 0/255 for one class, the class index for several. "
         "`probabilities`: float32 .npy, (H, W) for one class, (K, H, W) for several. "
-        "`overlay`: RGB PNG of the mask tinted over the image.",
+        "`overlay`: RGB PNG of the mask tinted over the image. "
+        "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
+        "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells).",
     ),
 ) -> Response:
     service = get_service(request)
@@ -99,14 +103,13 @@ async def segment(
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
-    result = await service.segment(
-        image,
-        probabilities=output is Output.probabilities,
-        started=arrival(request),
-        disconnected=lambda: wait_for_disconnect(request),
+        wants_probabilities = output in (Output.probabilities, Output.instances)
+        job = await service.submit(image, probabilities=wants_probabilities)
+    result = await service.result(
+        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
     height, width = image.shape[:2]
-    out_channels = service.segmenter.out_channels
+    out_channels = service.info.out_channels
     if output is Output.mask:
         body = await asyncio.to_thread(mask_png, result.mask, out_channels)
         media, filename = "image/png", "mask.png"
@@ -114,9 +117,13 @@ async def segment(
         assert result.probabilities is not None
         body = await asyncio.to_thread(probabilities_npy, result.probabilities)
         media, filename = "application/octet-stream", "probabilities.npy"
+    elif output is Output.instances:
+        labels = await service.instances(result)
+        body, media, filename = await asyncio.to_thread(instances_image, labels)
     else:
         body = await asyncio.to_thread(overlay_png, image, result.mask)
         media, filename = "image/png", "overlay.png"
     headers = timing_headers(request, result, height, width, service.model_name)
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
-    return Response(body, media_type=media, headers=headers)
+    headers["Content-Length"] = str(len(body))
+    return StreamingResponse(slices(body), media_type=media, headers=headers)

@@ -1,0 +1,114 @@
+"""Cell instances: a seeded watershed separates cells that a threshold merges through a
+faint gap, and the service's two APIs and unet-predict give the same labels."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_helpers import make_app, png_bytes, running, save_tiny
+from PIL import Image
+from skimage.measure import label
+
+from conftest import isbi_slice
+from model.cli_predict import main as predict
+from model.engine import DEFAULT_WEIGHTS, Segmenter
+from model.instances import InstanceParams, label_instances
+
+
+def cells_image() -> tuple[np.ndarray, int]:
+    """A probability map of a 3 x 4 grid of square cells (0.95 inside) behind 3-px
+    membranes (0.05), where one membrane has a 1-px gap of 0.5: above the 0.35 threshold,
+    so thresholding merges the two cells it separates."""
+    prob = np.full((3 * 30 + 3, 4 * 30 + 3), 0.05, np.float32)
+    for r in range(3):
+        for c in range(4):
+            prob[3 + 30 * r : 30 * (r + 1), 3 + 30 * c : 30 * (c + 1)] = 0.95
+    prob[10, 30:33] = 0.5  # a faint spot in the membrane between cells (0, 0) and (0, 1)
+    return prob, 12
+
+
+def test_watershed_separates_cells_a_threshold_merges() -> None:
+    prob, cells = cells_image()
+    assert label(prob > 0.35, connectivity=1).max() == cells - 1  # merged through the gap
+    labels = label_instances(prob, 0.35, InstanceParams(seed_threshold=0.9, min_size=16))
+    assert labels.dtype == np.uint32
+    assert labels.max() == cells and set(np.unique(labels)) == set(range(cells + 1))
+    assert (labels[prob < 0.35] == 0).all()  # membranes stay background
+    for r in range(3):  # every cell is one label, and no two cells share one
+        for c in range(4):
+            inside = labels[3 + 30 * r : 30 * (r + 1), 3 + 30 * c : 30 * (c + 1)]
+            assert len(np.unique(inside)) == 1 and inside[0, 0] > 0
+    # Objects under min_size go; labels stay 1..N.
+    speck = prob.copy()
+    speck[1, 1] = 0.99
+    kept = label_instances(speck, 0.35, InstanceParams(seed_threshold=0.9, min_size=16))
+    assert kept.max() == cells and kept[1, 1] == 0
+
+
+def test_smoothing_merges_nothing_it_should_not() -> None:
+    prob, cells = cells_image()
+    params = InstanceParams(seed_threshold=0.9, min_size=16, smoothing=1.0)
+    assert label_instances(prob, 0.35, params).max() == cells
+
+
+@pytest.mark.anyio
+async def test_the_three_interfaces_give_the_same_labels(tmp_path: Path) -> None:
+    """The shipped model (decisive probabilities) on a real slice: /v1, /v2 and
+    unet-predict agree with the engine, label for label."""
+    pixels = isbi_slice(21)[:200, :260]
+    upload = tmp_path / "slice.png"
+    upload.write_bytes(png_bytes(pixels))
+    seg = Segmenter.from_weights(DEFAULT_WEIGHTS, device="cpu")
+    expected = seg.instances(seg.segment(pixels[:, :, None], 260, probabilities=True).probabilities)
+    assert expected.max() > 20  # a real slice has many cells
+
+    app = make_app(DEFAULT_WEIGHTS, tile_size=516, backend="auto", max_batch_tiles=2)
+    async with running(app) as client:
+        v1 = await client.post(
+            "/v1/segment",
+            params={"output": "instances"},
+            files={"file": ("s.png", png_bytes(pixels))},
+        )
+        assert v1.status_code == 200 and v1.headers["content-type"] == "image/png"
+        tensor = {"name": "image", "shape": [200, 260], "datatype": "UINT8"}
+        raw = pixels.tobytes()
+        header = json.dumps(
+            {
+                "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+                "outputs": [{"name": "instances", "parameters": {"binary_data": True}}],
+            }
+        ).encode()
+        v2 = await client.post(
+            "/v2/models/isbi2012/infer",
+            content=header + raw,
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert v2.status_code == 200, v2.text
+    from_v1 = np.asarray(Image.open(io.BytesIO(v1.content))).astype(np.uint32)
+    length = int(v2.headers["inference-header-content-length"])
+    meta = json.loads(v2.content[:length])
+    assert meta["outputs"][0]["datatype"] == "UINT32"
+    from_v2 = np.frombuffer(v2.content[length:], "<u4").reshape(200, 260)
+
+    out = tmp_path / "out"
+    argv = [str(upload), "-o", str(out), "--instances", "--device", "cpu", "--tile-size", "260"]
+    assert predict(argv) == 0
+    from_cli = np.asarray(Image.open(out / "slice.instances.png")).astype(np.uint32)
+    for labels in (from_v1, from_v2, from_cli):
+        np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.anyio
+async def test_instances_of_a_several_class_model_are_422(tmp_path: Path) -> None:
+    weights = save_tiny(tmp_path, out_channels=3)
+    async with running(make_app(weights)) as client:
+        r = await client.post(
+            "/v1/segment",
+            params={"output": "instances"},
+            files={"file": ("s.png", png_bytes(isbi_slice(0)[:40, :40]))},
+        )
+    assert r.status_code == 422 and "one-class" in r.json()["error"]
