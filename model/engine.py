@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.backends import make_backend
+from model.backends import Backend, make_backend
 from model.geometry import Geometry
 from model.imageio import ImageError, match_channels
 from model.instances import label_instances
+from model.normalize import Normalizer
 from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.precision import Precision, resolve_precision
 from model.runner import BatchRunner
@@ -23,7 +24,6 @@ from model.weights import ModelCard, load_weights
 
 __all__ = ["DEFAULT_TILE_SIZE", "DEFAULT_WEIGHTS", "Segmentation", "Segmenter", "resolve_device"]
 
-_SCALE = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
 # Float pixels are meant to lie in [0, 1]. Far beyond that (float32 reaches 3.4e38) the
 # normalisation overflows and every probability becomes NaN; such images are refused with
 # a clear error instead of coming back as an all-zero mask.
@@ -49,7 +49,7 @@ class Segmenter:
         card: ModelCard,
         device: str | torch.device = "auto",
         precision: str = "fp32",
-        backend: str = "auto",
+        backend: str | Backend = "auto",
         compile: bool = False,
     ) -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -58,15 +58,16 @@ class Segmenter:
         self.geometry = Geometry(card.depth)
         self.model = model.to(self.device).eval()  # unfused, for reference passes
         self._param_dtype = next(self.model.parameters()).dtype
-        if self._param_dtype != torch.float32:
-            backend = "torch"  # float64 models check exactness; only torch runs them
-        self.backend = make_backend(
-            backend, self.model, self.device, self.precision, card.in_channels, compile
-        )
-        n = card.in_channels
-        norm = card.normalization
-        self._mean = np.broadcast_to(np.asarray(norm.mean, np.float32), (n,))[:, None, None]
-        self._inv_std = 1 / np.broadcast_to(np.asarray(norm.std, np.float32), (n,))[:, None, None]
+        if not isinstance(backend, str):
+            # A runtime built by the caller, e.g. training's, which runs the live weights.
+            self.backend = backend
+        else:
+            if self._param_dtype != torch.float32:
+                backend = "torch"  # float64 models check exactness; only torch runs them
+            self.backend = make_backend(
+                backend, self.model, self.device, self.precision, card.in_channels, compile
+            )
+        self._normalizer = Normalizer(card.normalization, card.in_channels)
 
     @classmethod
     def from_weights(
@@ -121,10 +122,7 @@ class Segmenter:
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
         """(C, H, W) pixels in their own dtype -> normalised float32, as the card says."""
-        scale = _SCALE.get(raw.dtype, 1.0)
-        return ((raw.astype(np.float32) * np.float32(scale) - self._mean) * self._inv_std).astype(
-            np.float32, copy=False
-        )
+        return self._normalizer(raw)
 
     def warm_up(self, tile_sizes: Iterable[int], max_batch: int) -> int:
         """One pass per tile size and per batch shape the backend will see for batches of

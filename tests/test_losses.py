@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.losses import (
+from training.losses import (
     border_weight_map,
     class_balance_weights,
     nearest_two_cell_distances,

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CHANNELS, isbi_pairs
 from model.engine import Segmenter
-from model.train import main
 from model.weights import load_weights
+from training.train import main
 
 
 @pytest.fixture

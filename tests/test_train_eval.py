@@ -12,9 +12,9 @@ from PIL import Image
 
 from conftest import isbi_pairs
 from model.engine import Segmenter
-from model.evaluate import main
-from model.metrics import confusion, rand_error
 from model.weights import load_card
+from training.evaluate import main
+from training.scores import confusion, rand_error
 
 
 @pytest.fixture

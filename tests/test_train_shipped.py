@@ -10,8 +10,8 @@ import pytest
 
 from conftest import ISBI
 from model.engine import DEFAULT_WEIGHTS
-from model.evaluate import main
 from model.weights import ModelCard, load_card
+from training.evaluate import main
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 # Same connectivity as the border weights of the loss.
-from model.losses import CELL_STRUCTURE
+from training.losses import CELL_STRUCTURE
 
 
 @dataclass(frozen=True)

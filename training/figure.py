@@ -1,7 +1,7 @@
 """Draw the model card's figure: a validation slice, its label, the prediction of the
 shipped weights, and where they differ, side by side.
 
-    python -m model.figure [WEIGHTS] [--slice NAME] [--out weights/isbi2012_validation.png]
+    python -m training.figure [WEIGHTS] [--slice NAME] [--out weights/isbi2012_validation.png]
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from model.data import DEFAULT_DATA, DataError, load_pairs
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
-from model.metrics import confusion, rand_error
 from model.weights import WeightsError
+from training.data import DEFAULT_DATA, DataError, load_pairs
+from training.scores import confusion, rand_error
 
 HEADER = 22
 
@@ -58,7 +58,9 @@ def figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray, name: str) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.figure", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m training.figure", description=__doc__.split("\n")[0]
+    )
     p.add_argument("weights", nargs="?", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--slice", default=None, help="pair name; default the card's first validation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.metrics import adapted_rand, cells, confusion, rand_error
+from training.scores import adapted_rand, cells, confusion, rand_error
 
 
 def test_pixel_error_dice_iou() -> None:

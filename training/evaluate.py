@@ -1,6 +1,6 @@
 """`unet-eval`: measure a trained UNet on labelled image pairs with the real tiled inference
 path: pixel error at the card's threshold, foreground Dice / IoU, and the adapted Rand error
-of the connected cell interiors (see model.metrics), per image and overall; writes JSON.
+of the connected cell interiors (see training.scores), per image and overall; writes JSON.
 
 `--update-card` stores the numbers in the model card, which is how the shipped card's metrics
 are produced (and what tests/test_train_shipped.py reproduces)."""
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from model.data import DEFAULT_DATA, DataError, Pair, load_pairs, parse_slices
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
-from model.metrics import Counts, confusion, rand_error
 from model.precision import PRECISIONS
 from model.weights import WeightsError, load_weights, save_weights
+from training.data import DEFAULT_DATA, DataError, Pair, load_pairs, parse_slices
+from training.scores import Counts, confusion, rand_error
 
 ROUND = 6
 

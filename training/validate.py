@@ -1,0 +1,85 @@
+"""Validation during training: the best pixel error over a sweep of thresholds on the
+held-out slices, measured with the engine's own tiled inference path (normalisation, tiling,
+stitching) on the weights being trained."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from model.engine import Segmenter
+from model.weights import ModelCard
+from training.data import Pair
+
+THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode inside the block, in the mode it had (train or eval) after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+class LiveBackend:
+    """The engine's runtime protocol over the model being trained. The serving runtimes
+    freeze a copy (BatchNorm folded, or an ONNX export); this one runs the current weights,
+    so one Segmenter serves every validation of a run."""
+
+    name = "live"
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    def batch_shapes(self, max_batch: int) -> list[int]:
+        """Eager PyTorch runs any batch size without compiling: one warm-up shape."""
+        return [1]
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(batch).to(self.device)
+        return self.model(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+class Validator:
+    """Scores `model`, as it is when called, on the held-out `pairs` with the card's
+    normalisation, in fp32; the model's train/eval mode is left as it was found."""
+
+    def __init__(
+        self, model: torch.nn.Module, card: ModelCard, device: torch.device, pairs: list[Pair]
+    ) -> None:
+        self.model = model
+        self.pairs = pairs
+        with evaluating(model):  # Segmenter puts the model it is given in eval mode
+            self.segmenter = Segmenter(
+                model, card, device=device, precision="fp32", backend=LiveBackend(model, device)
+            )
+
+    def __call__(self) -> tuple[float, float]:
+        with evaluating(self.model):
+            return validate(self.segmenter, self.pairs)
+
+
+def validate(segmenter: Segmenter, pairs: list[Pair]) -> tuple[float, float]:
+    """Best pixel error over THRESHOLDS on the validation pairs, and that threshold, using
+    one tile per slice (exact, see model.tiling)."""
+    errors = np.zeros(len(THRESHOLDS))
+    total = 0
+    for pair in pairs:
+        tile = segmenter.geometry.smallest_output_covering(max(pair.label.shape))
+        probs = segmenter.segment(pair.image, tile_size=tile, probabilities=True).probabilities
+        assert probs is not None
+        truth = pair.label.astype(bool)
+        for j, t in enumerate(THRESHOLDS):
+            errors[j] += np.count_nonzero((probs[0] > t) != truth)
+        total += truth.size
+    best = int(np.argmin(errors))
+    return float(errors[best] / total), float(THRESHOLDS[best])
