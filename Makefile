@@ -44,7 +44,8 @@ $(VENV)/.installed: pyproject.toml $(DEV_LOCK)
 	$(BIN)/python -m pip install --quiet --require-hashes -r $(DEV_LOCK)
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python -m pip check \
+		|| { echo "pip check failed: if pyproject.toml changed, run make lock"; exit 1; }
 	touch $@
 
 install: $(VENV)/.installed
