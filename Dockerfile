@@ -14,7 +14,7 @@
 ARG TORCH_VERSION=2.13.0
 # Where the CPU target gets torch: PyTorch's CPU-only index, since PyPI's Linux wheel brings
 # gigabytes of CUDA libraries that the image never uses. A mirror, or a local index for an
-# offline build (deploy/image-check serves one), is --build-arg TORCH_INDEX=URL.
+# offline build (deploy/image-check makes one), is --build-arg TORCH_INDEX=URL.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG CUDA_BASE=pytorch/pytorch:${TORCH_VERSION}-cuda12.6-cudnn9-runtime
 ARG PYTHON_BASE=python:3.11-slim-bookworm
@@ -36,7 +36,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch alone (--no-deps: the lock has its dependencies), in a layer of its own that the
 # frequent lock changes leave cached. Its gtest binaries (torch/test, *Test and test_* in
-# torch/bin, about 90 MB) are deleted in the same layer: nothing imports or runs them.
+# torch/bin, about 85 MB) are deleted in the same layer: nothing imports or runs them.
 RUN pip install --no-cache-dir --no-deps torch==${TORCH_VERSION} --index-url ${TORCH_INDEX} \
     && torch=$(python -c "import importlib.util as u; print(u.find_spec('torch').origin)") \
     && rm -rf "${torch%/*}/test" "${torch%/*}"/bin/*Test "${torch%/*}"/bin/test_*
