@@ -1,200 +1,80 @@
-"""Cross-request tile batching: one inference worker owns the model and fills each forward
-pass with tiles from any number of requests.
+"""Cross-request tile batching: one worker fills each batch with tiles from any number of
+requests and hands it to the one batch callable it was given.
 
-Every image is planned into square overlap tiles (see `model.tiling`). Tiles of one size
-share a shape whatever image they come from, so a batch can mix tiles of a 4096x4096 slice
-and a 200x300 crop with no ragged batching. Each image gets one of a few tile sizes
-("buckets", see `tile_buckets`): small images are not padded up to the full tile, and the few
-sizes still batch together.
+The batcher schedules and knows nothing of the model: each request is a `TiledImage` (plan,
+tile cutting, stitching: `model.tiled_image`), and the callable (`model.runner.BatchRunner`)
+turns a list of (image, tile) into outputs and owns the device, its precision and its
+out-of-memory splitting. Tiles of one size share a shape whatever image they come from, so
+a batch can mix tiles of a 4096x4096 slice and a 200x300 crop.
 
-Flow: a request is decoded and validated first, then `submit` admits it (or refuses at once
+Flow: a request is decoded and planned first, then `submit` admits it (or refuses at once
 when the queue is full) as a `Job`. The worker picks the oldest waiting job's tile size,
-takes tiles of that size round-robin over the waiting jobs (one tile per job per turn, so a
-huge image cannot starve small ones), waits at most `max_wait_s` for a batch to fill, and
-runs the forward pass in its own thread so the event loop stays free. Tile inputs are cut and
-normalised only when their batch is formed: a 100-megapixel image never has more than one
-batch of tiles in memory. Results go back to each job, which stitches its own mask.
+takes tiles of that size round-robin over the waiting jobs (one per job per turn, so a huge
+image cannot starve small ones), waits at most `max_wait_s` for a batch to fill (only while
+other requests are still arriving), and runs the batch callable in its own thread so the
+event loop stays free. Tiles are cut only when their batch runs: a 100-megapixel image never
+has more than one batch of tiles in memory. Outputs go back to each job's image, which
+stitches them; any failure on the way fails exactly the jobs with tiles in that batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import numpy as np
-import torch
-
+from app.jobs import (
+    InferenceError,
+    Job,
+    QueueFullError,
+    ShuttingDownError,
+    TooManyTilesError,
+    take_round_robin,
+    wait_for_job,
+)
 from app.metrics import Metrics
-from model.engine import Segmenter
-from model.geometry import Geometry
-from model.tiling import Stitcher, Tile, TilePlan
+from model.runner import BatchItem, TileOutput
+from model.tiled_image import Segmentation, TiledImage
+from model.tiling import Tile
 
 log = logging.getLogger("app.batching")
 
-# After an out-of-memory split, try a larger batch again after this many good passes, so a
-# transient memory spike does not cost throughput forever.
-OOM_PROBE_PASSES = 200
-
-
-class QueueFullError(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("the tile queue is full; retry later")
-        self.retry_after = retry_after
-
-
-class ShuttingDownError(Exception):
-    """The batcher no longer accepts work (draining or stopped)."""
-
-
-class TooManyTilesError(ValueError):
-    """One image needs more tiles than the whole queue holds."""
-
-
-class DeadlineExceededError(Exception):
-    pass
-
-
-class ClientGoneError(Exception):
-    pass
-
-
-class InferenceError(Exception):
-    """A forward pass failed; only the requests with tiles in that batch see this."""
-
-
-def tile_buckets(geometry: Geometry, max_tile: int) -> tuple[int, ...]:
-    """Legal output tile sizes offered to images smaller than `max_tile`: about a quarter, a
-    half and the full tile (for depth 4 and 516: 132, 260, 516)."""
-    geometry.check_output(max_tile)
-    sizes = {max_tile}
-    for fraction in (4, 2):
-        size = geometry.smallest_output_covering(math.ceil(max_tile / fraction))
-        if size < max_tile:
-            sizes.add(size)
-    return tuple(sorted(sizes))
-
-
-def choose_tile_size(height: int, width: int, buckets: tuple[int, ...], geometry: Geometry) -> int:
-    """The bucket that computes the image with the least work: the network's cost is about
-    proportional to the input area, so minimise tiles x (tile + shrink)^2. Small images get a
-    small tile instead of being padded up; large ones get the largest, whose margins cost
-    least per output pixel. Ties go to the larger tile (fewer tiles to schedule)."""
-
-    def cost(size: int) -> int:
-        plan = TilePlan(height, width, geometry, size)
-        return len(plan) * plan.input_size**2
-
-    return min(sorted(buckets, reverse=True), key=cost)
-
-
-@dataclass
-class SegmentResult:
-    mask: np.ndarray  # (H, W) uint8
-    probabilities: np.ndarray | None  # (K, H, W) float32
-    tile_size: int
-    tiles: int
-    batches: int  # forward passes that held at least one of this image's tiles
-    queue_s: float  # accepted -> first tile in a forward pass
-    inference_s: float  # first forward pass -> last tile stitched
-
-
-class Job:
-    """One image in flight: its lazy tile iterator, its stitchers and its future."""
-
-    def __init__(
-        self,
-        job_id: int,
-        image: np.ndarray,
-        plan: TilePlan,
-        out_channels: int,
-        probabilities: bool,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.id = job_id
-        self.image = image
-        self.plan = plan
-        self.total = len(plan)
-        self._tiles = iter(plan)
-        self.taken = 0  # tiles handed to the worker
-        self.done = 0  # tiles stitched
-        self.mask = Stitcher(plan, 1, np.uint8)
-        self.probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
-        self.future: asyncio.Future[SegmentResult] = loop.create_future()
-        self.accepted_at = time.monotonic()
-        self.waiting_since = self.accepted_at  # last time the worker served this job
-        self.first_batch_at: float | None = None
-        self.batches = 0
-        self.active = True
-
-    @property
-    def tile_size(self) -> int:
-        return self.plan.tile_size
-
-    @property
-    def pending(self) -> int:
-        """Tiles not yet handed to the worker."""
-        return self.total - self.taken
-
-    @property
-    def outstanding(self) -> int:
-        """Tiles not yet stitched: what this job holds of the queue's capacity."""
-        return self.total - self.done
-
-    def take(self) -> Tile:
-        self.taken += 1
-        return next(self._tiles)
+BatchCallable = Callable[[Sequence[BatchItem]], list[TileOutput]]
 
 
 class TileBatcher:
-    """The tile queue and its single inference worker. All methods except the forward pass
-    run on the event loop, so the bookkeeping needs no locks."""
+    """The tile queue and its single worker. Everything but the batch callable runs on the
+    event loop, so the bookkeeping needs no locks."""
 
     def __init__(
         self,
-        segmenter: Segmenter,
+        run_batch: BatchCallable,
+        batch_limit: Callable[[], int],
         *,
-        max_batch_tiles: int,
         max_wait_s: float,
         max_queue_tiles: int,
         metrics: Metrics | None = None,
-        forward: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
-        self.segmenter = segmenter
-        self.max_batch_tiles = max_batch_tiles
+        self.run_batch = run_batch
+        self.batch_limit = batch_limit  # read before every batch: it may shrink and grow
         self.max_wait_s = max_wait_s
         self.max_queue_tiles = max_queue_tiles
         self.metrics = metrics
-        # Public so tests and profilers can wrap the real forward pass (to time it, or to
-        # inject a failure); the batcher calls whatever is here.
-        self.forward_fn: Callable[[np.ndarray], np.ndarray] = forward or segmenter.forward
-        self._batch_limit = max_batch_tiles  # lowered after an out-of-memory error
-        self._passes_since_oom = 0
         self._ready: deque[Job] = deque()  # jobs with tiles not yet handed to the worker
         self._active: set[Job] = set()  # jobs not finished, failed or cancelled
         self._queued_tiles = 0
-        self._ids = itertools.count(1)
+        self._arriving = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._seconds_per_tile = 0.05
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self.accepting = False
-        # Requests being received or decoded (kept by the service): a batch is worth
-        # waiting for only while one is on its way.
-        self.arriving = 0
-        # Counters tests read to prove that batching happens.
-        self.forward_passes = 0
-        self.tiles_computed = 0
-        self.batch_sizes: list[int] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -203,19 +83,10 @@ class TileBatcher:
             raise RuntimeError("the batcher is already running")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-infer")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="unet-worker")
-        self.accepting = True
-
-    def wake(self) -> None:
-        """Let the worker look at the queue again (e.g. nothing more is on its way)."""
-        self._wakeup.set()
-
-    def stop_accepting(self) -> None:
-        self.accepting = False
 
     async def drain(self, timeout: float) -> bool:
-        """Stop accepting, let accepted work finish for up to `timeout` seconds, then stop.
-        Returns False when work had to be abandoned."""
-        self.accepting = False
+        """Let accepted work finish for up to `timeout` seconds, then stop. Returns False
+        when work had to be abandoned. (The service stops admitting new work first.)"""
         finished = True
         if self._active:
             log.info(
@@ -233,7 +104,6 @@ class TileBatcher:
         return finished
 
     async def stop(self) -> None:
-        self.accepting = False
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -242,16 +112,24 @@ class TileBatcher:
         for job in list(self._active):
             self._fail(job, ShuttingDownError("the server is shutting down"))
         if self._executor is not None:
-            # A forward pass still running in the thread finishes on its own; nobody waits.
+            # A batch still running in the thread finishes on its own; nobody waits.
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
     # ----- requests' side --------------------------------------------------------------------
 
-    @property
-    def batch_limit(self) -> int:
-        """Tiles per forward pass now: max_batch_tiles, or less after out-of-memory errors."""
-        return self._batch_limit
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Held by a request while it is received, decoded and planned: the worker waits
+        up to max_wait_s for a fuller batch only while some request is, so a lone request
+        starts at once."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if self._arriving == 0:
+                self._wakeup.set()
 
     @property
     def queued_tiles(self) -> int:
@@ -265,28 +143,21 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: np.ndarray, tile_size: int, probabilities: bool = False) -> Job:
-        """Admit a prepared (H, W, C) image, or raise at once: ShuttingDownError,
-        TooManyTilesError, QueueFullError."""
-        if not self.accepting:
+    def submit(self, image: TiledImage) -> Job:
+        """Admit an image, or raise at once: ShuttingDownError, TooManyTilesError,
+        QueueFullError."""
+        if self._task is None:
             raise ShuttingDownError("the server is not accepting work")
-        plan = self.segmenter.plan(image.shape[0], image.shape[1], tile_size)
-        n = len(plan)
+        n = image.total
         if n > self.max_queue_tiles:
+            size = image.tile_size
             raise TooManyTilesError(
-                f"the image needs {n} tiles of {tile_size}x{tile_size}, more than the queue "
-                f"holds ({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
+                f"the image needs {n} tiles of {size}x{size}, more than the queue holds "
+                f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
             )
         if self._queued_tiles + n > self.max_queue_tiles:
             raise QueueFullError(self.retry_after())
-        job = Job(
-            next(self._ids),
-            image,
-            plan,
-            self.segmenter.out_channels,
-            probabilities,
-            asyncio.get_running_loop(),
-        )
+        job = Job(image, asyncio.get_running_loop())
         self._active.add(job)
         self._ready.append(job)
         self._queued_tiles += n
@@ -300,27 +171,14 @@ class TileBatcher:
         job: Job,
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
-    ) -> SegmentResult:
+    ) -> Segmentation:
         """Wait for a job; `disconnected()` makes an awaitable that returns when the client
         goes away. On timeout (DeadlineExceededError), client disconnect
         (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the
         queue before this returns."""
-        watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
-            waiting: set[asyncio.Future[object]] = {job.future}
-            if watcher is not None:
-                waiting.add(watcher)
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
-            )
-            if job.future in done:
-                return job.future.result()
-            if watcher is not None and watcher in done:
-                raise ClientGoneError("the client closed the connection")
-            raise DeadlineExceededError(f"the request took longer than {timeout:.1f} s")
+            return await wait_for_job(job, timeout, disconnected)
         finally:
-            if watcher is not None:
-                watcher.cancel()
             self.cancel(job)
 
     def cancel(self, job: Job) -> None:
@@ -335,7 +193,7 @@ class TileBatcher:
 
     def _retire(self, job: Job) -> None:
         job.active = False
-        self._queued_tiles -= job.outstanding
+        self._queued_tiles -= job.image.outstanding
         self._active.discard(job)
         with contextlib.suppress(ValueError):
             self._ready.remove(job)
@@ -351,18 +209,11 @@ class TileBatcher:
             job.future.set_exception(error)
 
     def _finish(self, job: Job) -> None:
+        # The result is built while the job is still active: if finalising fails, the
+        # batch's failure handler can still fail this job instead of leaving it hanging.
+        result = job.image.result()
+        job.finished_at = time.monotonic()
         self._retire(job)
-        now = time.monotonic()
-        first = job.first_batch_at if job.first_batch_at is not None else now
-        result = SegmentResult(
-            mask=job.mask.finalize()[0],
-            probabilities=job.probs.finalize() if job.probs is not None else None,
-            tile_size=job.tile_size,
-            tiles=job.total,
-            batches=job.batches,
-            queue_s=first - job.accepted_at,
-            inference_s=now - first,
-        )
         if not job.future.done():
             job.future.set_result(result)
 
@@ -373,45 +224,55 @@ class TileBatcher:
 
     async def _run(self) -> None:
         while True:
+            batch: list[tuple[Job, Tile]] = []
             try:
-                picks = await self._next_batch()
-                await self._process(picks)
+                size = await self._next_batch()
+                self._pick(size, batch)
+                await self._process(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug in the bookkeeping must not kill the only worker
-                log.exception("inference worker error; continuing")
+            except Exception as e:
+                # Whatever failed, while the batch was formed, computed or stitched, fails
+                # exactly the requests with tiles in it, at once; the worker goes on.
+                self._fail_batch(batch, e)
 
-    async def _next_batch(self) -> list[tuple[Job, Tile]]:
-        """Wait for work, then for the batch to fill or the oldest job's wait to run out."""
+    def _fail_batch(self, batch: list[tuple[Job, Tile]], error: Exception) -> None:
+        jobs = list(dict.fromkeys(job for job, _ in batch))
+        log.error(
+            "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
+            len(batch),
+            type(error).__name__,
+            error,
+            len(jobs),
+            exc_info=error,
+        )
+        if self.metrics is not None:
+            self.metrics.worker_errors.inc()
+        for job in jobs:
+            self._fail(job, InferenceError(f"inference failed ({type(error).__name__})"))
+
+    async def _next_batch(self) -> int:
+        """Wait for work, then for the batch to fill or the oldest job's wait to run out;
+        returns the tile size of the batch to form."""
         while True:
             if not self._ready:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             head = self._ready[0]
-            size = head.tile_size
-            available = sum(job.pending for job in self._ready if job.tile_size == size)
+            size = head.image.tile_size
+            available = sum(job.image.pending for job in self._ready if job.image.tile_size == size)
             wait = head.waiting_since + self.max_wait_s - time.monotonic()
-            if available >= self._batch_limit or wait <= 0 or self.arriving == 0:
-                return self._pick(size)
+            if available >= self.batch_limit() or wait <= 0 or self._arriving == 0:
+                return size
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
-    def _pick(self, size: int) -> list[tuple[Job, Tile]]:
-        """Up to the batch limit of tiles of one size, one per job per turn, oldest first.
-        Served jobs move to the back of the line; jobs with nothing left leave it."""
-        eligible = [job for job in self._ready if job.tile_size == size]
-        picks: list[tuple[Job, Tile]] = []
-        while eligible and len(picks) < self._batch_limit:
-            for job in list(eligible):
-                if len(picks) == self._batch_limit:
-                    break
-                picks.append((job, job.take()))
-                if job.pending == 0:
-                    eligible.remove(job)
-        served = list(dict.fromkeys(job for job, _ in picks))
-        served_set = set(served)
+    def _pick(self, size: int, picks: list[tuple[Job, Tile]]) -> None:
+        """Fill `picks` round-robin (see `take_round_robin`); served jobs move to the back
+        of the line, and jobs with nothing left leave it."""
+        served = take_round_robin(self._ready, size, self.batch_limit(), picks)
         now = time.monotonic()
         for job in served:
             job.batches += 1
@@ -420,89 +281,29 @@ class TileBatcher:
                 job.first_batch_at = now
                 if self.metrics is not None:
                     self.metrics.queue_wait.observe(now - job.accepted_at)
+        served_set = set(served)
         self._ready = deque(
             [job for job in self._ready if job not in served_set]
-            + [job for job in served if job.pending > 0]
+            + [job for job in served if job.image.pending > 0]
         )
-        return picks
 
     async def _process(self, picks: list[tuple[Job, Tile]]) -> None:
         loop = asyncio.get_running_loop()
+        items = [(job.image, tile) for job, tile in picks]
         start = time.monotonic()
-        try:
-            probs, masks = await loop.run_in_executor(self._executor, self._compute, picks)
-        except Exception as e:
-            jobs = list(dict.fromkeys(job for job, _ in picks))
-            log.error(
-                "forward pass of %d tile(s) failed (%s: %s); failing %d request(s)",
-                len(picks),
-                type(e).__name__,
-                e,
-                len(jobs),
-            )
-            if self.metrics is not None:
-                self.metrics.worker_errors.inc()
-            for job in jobs:
-                self._fail(job, InferenceError(f"inference failed ({type(e).__name__})"))
-            return
+        outputs = await loop.run_in_executor(self._executor, self.run_batch, items)
         elapsed = time.monotonic() - start
-        self.forward_passes += 1
-        self.tiles_computed += len(picks)
-        self.batch_sizes.append(len(picks))
         self._seconds_per_tile = 0.8 * self._seconds_per_tile + 0.2 * elapsed / len(picks)
         if self.metrics is not None:
             self.metrics.forward_passes.inc()
             self.metrics.tiles.inc(len(picks))
             self.metrics.batch_tiles.observe(len(picks))
             self.metrics.forward_seconds.observe(elapsed)
-        for (job, tile), values, mask in zip(picks, probs, masks, strict=True):
+        for (job, tile), (probabilities, mask) in zip(picks, outputs, strict=True):
             if not job.active:  # cancelled or timed out while its batch ran
                 continue
-            job.mask.aggregate(mask[None], tile)
-            if job.probs is not None:
-                job.probs.aggregate(values, tile)
-            job.done += 1
+            job.image.add(tile, probabilities, mask)
             self._queued_tiles -= 1
-            if job.done == job.total:
+            if job.image.complete:
                 self._finish(job)
         self._update_gauges()
-
-    def _compute(self, picks: list[tuple[Job, Tile]]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Runs in the worker thread: cut and normalise the tiles, forward, threshold."""
-        seg = self.segmenter
-        batch = np.stack([seg.tile_input(job.plan, job.image, tile) for job, tile in picks])
-        probs = self._forward_splitting(batch)
-        return probs, [seg.to_mask(p) for p in probs]
-
-    def _forward_splitting(self, batch: np.ndarray) -> np.ndarray:
-        """Forward; on an out-of-memory error halve the batch limit (down to one tile) and
-        run the batch in pieces of that size."""
-        try:
-            out = self.forward_fn(batch)
-        except torch.OutOfMemoryError:
-            n = len(batch)
-            if n == 1:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            # Plain int store from the worker thread; the event loop only reads it.
-            self._batch_limit = max(1, min(self._batch_limit, n // 2))
-            self._passes_since_oom = 0
-            if self.metrics is not None:
-                self.metrics.oom_splits.inc()
-            log.warning(
-                "out of memory on a batch of %d tiles; retrying %d at a time", n, self._batch_limit
-            )
-            # Read the limit on every step: an inner retry may have lowered it again.
-            parts, start = [], 0
-            while start < n:
-                stop = start + self._batch_limit
-                parts.append(self._forward_splitting(batch[start:stop]))
-                start = stop
-            return np.concatenate(parts)
-        if self._batch_limit < self.max_batch_tiles:
-            self._passes_since_oom += 1
-            if self._passes_since_oom >= OOM_PROBE_PASSES:
-                self._batch_limit = min(self.max_batch_tiles, self._batch_limit * 2)
-                self._passes_since_oom = 0
-        return out

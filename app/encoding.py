@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 PNG_COMPRESS_LEVEL = 1
 OVERLAY_ALPHA = 0.45
 ROW_BLOCK = 1024
+SEND_PIECE = 1 << 20
 # Colours for classes 1, 2, ...; class 0 (background, or membrane for ISBI) stays untinted.
 PALETTE = np.array(
     [
@@ -25,6 +27,14 @@ PALETTE = np.array(
     ],
     dtype=np.float32,
 )
+
+
+def slices(body: bytes | memoryview, size: int = SEND_PIECE) -> Iterator[memoryview]:
+    """A body as views of at most `size` bytes: the event loop copies what the socket does
+    not take at once into its buffer, so one huge write would stall it for that copy."""
+    view = memoryview(body).cast("B")
+    for start in range(0, len(view), size):
+        yield view[start : start + size]
 
 
 def png_bytes(image: Image.Image) -> bytes:

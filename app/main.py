@@ -21,9 +21,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.routes import health_metrics, segment, v2
+from app.routes import health_metrics, segment, v2, v2_infer, web
 from app.routes.common import ARRIVED
-from app.service import InferenceService
+from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
 from model.engine import Segmenter
 from model.weights import WeightsError
@@ -95,17 +95,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        seg = segmenter
-        if seg is None:
-            seg = await asyncio.to_thread(
-                Segmenter.from_weights,
-                settings.weights,
-                settings.device,
-                settings.precision,
-                settings.backend,
-                settings.compile,
-            )
-        metrics.add_device(seg.device)
+        seg = segmenter or await asyncio.to_thread(load_segmenter, settings)
         service = InferenceService(settings, seg, metrics)
         await service.start()
         app.state.service = service
@@ -133,7 +123,9 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
     app.include_router(v2.router)
+    app.include_router(v2_infer.router)
     app.include_router(health_metrics.router)
+    app.include_router(web.router)
     return app
 
 
@@ -172,7 +164,7 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         service: InferenceService | None = getattr(self._app.state, "service", None)
-        if service is not None and not service.draining:
+        if service is not None and service.state is State.ready:
             log.info("signal %d: draining, no new work accepted", sig)
             service.begin_drain()
         super().handle_exit(sig, frame)
@@ -189,14 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # Load before the server starts, so a bad weights file ends in one line, not in the
     # traceback uvicorn prints for a failed lifespan.
     try:
-        segmenter = Segmenter.from_weights(
-            settings.weights,
-            settings.device,
-            settings.precision,
-            settings.backend,
-            settings.compile,
-        )
-        settings.check_tile_size(segmenter.geometry)
+        segmenter = load_segmenter(settings)
     except (WeightsError, ValueError) as e:
         log.error("cannot start: %s", e)
         return 1

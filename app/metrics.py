@@ -3,7 +3,8 @@ models in one process) never collide on metric names."""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds: from a few milliseconds (one small tile on a GPU) to minutes (huge images on a CPU).
@@ -56,7 +57,7 @@ class Metrics:
             registry=r,
         )
         self.worker_errors = Counter(
-            "unet_worker_errors", "Forward passes that failed (their requests got 500).", registry=r
+            "unet_worker_errors", "Batches that failed (their requests got 500).", registry=r
         )
         self.queue_tiles = Gauge(
             "unet_queue_tiles", "Tiles accepted and not yet computed (queue depth).", registry=r
@@ -67,28 +68,17 @@ class Metrics:
         self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)
         self._device_gauges = False
 
-    def add_device(self, device: torch.device) -> None:
-        """Memory gauges for a CUDA inference device (nothing for a CPU)."""
-        if device.type != "cuda" or self._device_gauges:
+    def add_device_memory(self, stats: Callable[[], dict[str, int] | None]) -> None:
+        """Memory gauges for the inference device, read from `stats()` at each scrape (the
+        engine's `memory_stats`: allocated, reserved and peak bytes, or None on a CPU)."""
+        if self._device_gauges or stats() is None:
             return
         self._device_gauges = True
-        r = self.registry
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        allocated = Gauge(
-            "unet_cuda_memory_allocated_bytes",
-            "CUDA memory held by tensors on the inference device.",
-            registry=r,
-        )
-        allocated.set_function(lambda: torch.cuda.memory_allocated(index))
-        reserved = Gauge(
-            "unet_cuda_memory_reserved_bytes",
-            "CUDA memory reserved by PyTorch's caching allocator on the inference device.",
-            registry=r,
-        )
-        reserved.set_function(lambda: torch.cuda.memory_reserved(index))
-        peak = Gauge(
-            "unet_cuda_memory_peak_bytes",
-            "Peak CUDA memory held by tensors since the service started.",
-            registry=r,
-        )
-        peak.set_function(lambda: torch.cuda.max_memory_allocated(index))
+        helps = {
+            "allocated": "CUDA memory held by tensors on the inference device.",
+            "reserved": "CUDA memory reserved by PyTorch's caching allocator on the device.",
+            "peak": "Peak CUDA memory held by tensors since the service started.",
+        }
+        for key, text in helps.items():
+            gauge = Gauge(f"unet_cuda_memory_{key}_bytes", text, registry=self.registry)
+            gauge.set_function(lambda key=key: (stats() or {}).get(key, 0))

@@ -1,76 +1,99 @@
-"""The service behind the routes: the loaded model, its warm-up, the tile batcher, and the
-mapping of every failure onto one HTTP status code."""
+"""The service behind the routes: the loaded model and what routes may know of it, its
+lifecycle, the tile batcher, and the mapping of every failure onto one HTTP status code."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from app.batching import (
+from app.batching import TileBatcher
+from app.errors import ApiError
+from app.jobs import (
     ClientGoneError,
     DeadlineExceededError,
     InferenceError,
     Job,
     QueueFullError,
-    SegmentResult,
     ShuttingDownError,
-    TileBatcher,
     TooManyTilesError,
-    choose_tile_size,
-    tile_buckets,
 )
-from app.errors import ApiError
 from app.metrics import Metrics
 from app.settings import Settings
 from model.engine import Segmenter
 from model.imageio import (
-    TIFF_MAGIC,
+    CorruptImageError,
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
     decode_image,
 )
+from model.runner import BatchRunner
+from model.tiling import tile_sizes
 
 log = logging.getLogger("app.service")
 
 
-# File signatures of the formats we read, for files whose header Pillow itself refuses
-# (a PNG declaring zero width is a broken PNG, not an unknown format).
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+class State(StrEnum):
+    """The service's one lifecycle state: starting -> ready -> draining -> stopped."""
+
+    starting = "starting"
+    ready = "ready"
+    draining = "draining"
+    stopped = "stopped"
 
 
-def _format_recognised(data: bytes) -> bool:
-    """Whether the bytes start like an image we support (header only, no decoding)."""
-    if data[:4] in TIFF_MAGIC or data.startswith(_SIGNATURES):
-        return True
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return True
-    try:
-        with Image.open(io.BytesIO(data)):
-            return True
-    except (UnidentifiedImageError, OSError, ValueError):
-        return False
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the routes show of the model (from its card) and of how it is served."""
+
+    name: str
+    description: str
+    class_names: list[str]
+    threshold: float
+    depth: int
+    in_channels: int
+    out_channels: int
+    tile_sizes: tuple[int, ...]
+    metrics: dict[str, float]  # the card's validation metrics, if any
 
 
-def image_error(e: ImageError, data: bytes | None = None) -> ApiError:
-    """415 for bytes that are not an image we read; 422 for an image that is empty, broken
-    or truncated, or has the wrong channels; 413 for too many pixels."""
+@dataclass
+class SegmentResult:
+    mask: np.ndarray  # (H, W) uint8
+    probabilities: np.ndarray | None  # (K, H, W) float32
+    tile_size: int
+    tiles: int
+    batches: int  # forward passes that held at least one of this image's tiles
+    queue_s: float  # accepted -> first tile in a forward pass
+    inference_s: float  # first forward pass -> last tile stitched
+
+
+def load_segmenter(settings: Settings) -> Segmenter:
+    """The one way the service loads its model (at start-up, in production and in tests).
+    Raises WeightsError or ValueError with a one-line reason."""
+    segmenter = Segmenter.from_weights(
+        settings.weights, settings.device, settings.precision, settings.backend, settings.compile
+    )
+    settings.check_tile_size(segmenter.geometry)
+    return segmenter
+
+
+def image_error(e: ImageError) -> ApiError:
+    """413 for too many pixels; 415 for bytes that are not an image we read; 422 for an
+    image that is empty, broken or truncated, or has unusable pixels."""
     if isinstance(e, ImageTooLargeError):
         return ApiError(413, str(e))
-    if isinstance(e, EmptyImageError):
-        return ApiError(422, str(e))
-    if isinstance(e, UnsupportedImageError):
-        if data is not None and _format_recognised(data):
-            return ApiError(422, f"the image is truncated or corrupt: {e}")
+    if isinstance(e, UnsupportedImageError) and not isinstance(e, CorruptImageError):
         return ApiError(415, str(e))
+    assert isinstance(e, EmptyImageError | CorruptImageError | ImageError)
     return ApiError(422, str(e))
 
 
@@ -80,30 +103,49 @@ class InferenceService:
         self.settings = settings
         self.segmenter = segmenter
         self.metrics = metrics
-        self.buckets = tile_buckets(segmenter.geometry, settings.tile_size)
-        self.batcher = TileBatcher(
+        card = segmenter.card
+        self.info = ModelInfo(
+            name=card.name,
+            description=card.description,
+            class_names=list(card.class_names),
+            threshold=card.threshold,
+            depth=card.depth,
+            in_channels=card.in_channels,
+            out_channels=card.out_channels,
+            tile_sizes=tile_sizes(segmenter.geometry, settings.tile_size),
+            metrics=dict(card.metrics.get("overall", {})),
+        )
+        self.runner = BatchRunner(
             segmenter,
-            max_batch_tiles=settings.batch_tiles_for(segmenter.device),
+            settings.batch_tiles_for(segmenter.device.type),
+            on_oom_split=metrics.oom_splits.inc,
+        )
+        self.batcher = TileBatcher(
+            self.runner,
+            lambda: self.runner.limit,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_tiles=settings.max_queue_tiles,
             metrics=metrics,
         )
-        self.ready = False
-        self.draining = False
+        self.state = State.starting
+        metrics.add_device_memory(segmenter.memory_stats)
 
     @property
     def model_name(self) -> str:
-        return self.segmenter.card.name
+        return self.info.name
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.ready
 
     async def start(self) -> None:
-        """Warm up every tile size at batch size 1 (kernel selection, allocator pools), then
-        start the worker and report ready."""
+        """Warm up every tile size (and, for compiled graphs, every batch shape), then start
+        the worker and report ready."""
         started = time.monotonic()
-        await asyncio.to_thread(self._warm_up)
-        self.batcher.start()
-        self.ready = True
-        self.metrics.ready.set(1)
         seg = self.segmenter
+        await asyncio.to_thread(seg.warm_up, self.info.tile_sizes, self.runner.max_batch)
+        self.batcher.start()
+        self._set_state(State.ready)
         log.info(
             "model %r ready on %s (%s, %s) in %.1f s: depth %d, tile sizes %s, batch <= %d tiles",
             self.model_name,
@@ -112,63 +154,43 @@ class InferenceService:
             seg.precision,
             time.monotonic() - started,
             seg.geometry.depth,
-            "/".join(map(str, self.buckets)),
-            self.batcher.max_batch_tiles,
+            "/".join(map(str, self.info.tile_sizes)),
+            self.runner.max_batch,
         )
 
-    def _warm_up(self) -> None:
-        seg = self.segmenter
-        for size in self.buckets:
-            side = size + seg.geometry.shrink
-            seg.forward(np.zeros((1, seg.card.in_channels, side, side), np.float32))
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self.metrics.ready.set(1 if state is State.ready else 0)
 
     def begin_drain(self) -> None:
         """Called on SIGTERM: refuse new work at once, keep serving what was accepted."""
-        self.draining = True
-        self.ready = False
-        self.metrics.ready.set(0)
-        self.batcher.stop_accepting()
+        if self.state in (State.starting, State.ready):
+            self._set_state(State.draining)
 
     async def shutdown(self, timeout: float) -> None:
         self.begin_drain()
         await self.batcher.drain(timeout)
+        self._set_state(State.stopped)
 
-    @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Mark a request as on its way (being received, decoded, queued): the worker waits
-        up to UNET_MAX_WAIT_MS for a fuller batch only while one is, so a lone request
-        starts at once."""
-        self.batcher.arriving += 1
-        try:
-            yield
-        finally:
-            self.batcher.arriving -= 1
-            if self.batcher.arriving == 0:
-                self.batcher.wake()
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while a request is received, decoded and submitted (once per request)."""
+        return self.batcher.arriving()
 
     def check_available(self) -> None:
-        if self.draining:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
-        if not self.ready:
+        if self.state is State.starting:
             raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
+        if self.state is not State.ready:
+            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
 
     async def decode(self, data: bytes) -> np.ndarray:
         """Upload bytes -> (H, W, C) image, off the event loop; errors as ApiError."""
         try:
             return await asyncio.to_thread(decode_image, data, self.settings.max_pixels)
         except ImageError as e:
-            raise image_error(e, data) from None
+            raise image_error(e) from None
 
-    async def segment(
-        self,
-        image: np.ndarray,
-        *,
-        probabilities: bool,
-        started: float,
-        disconnected: Callable[[], Awaitable[object]] | None = None,
-    ) -> SegmentResult:
-        """Segment a decoded (H, W, C) image through the shared batcher. `started` is the
-        request's arrival (time.monotonic()); the deadline counts from there."""
+    async def submit(self, image: np.ndarray, *, probabilities: bool) -> Job:
+        """Prepare and plan a decoded (H, W, C) image and queue it, or refuse at once."""
         self.check_available()
         height, width = image.shape[:2]
         if height * width > self.settings.max_pixels:
@@ -177,18 +199,37 @@ class InferenceService:
                 f"image is {width}x{height} = {height * width} pixels, more than the limit of "
                 f"{self.settings.max_pixels}",
             )
-        with self.arriving():
-            try:
-                prepared = await asyncio.to_thread(self.segmenter.prepare, image)
-            except ImageError as e:
-                raise ApiError(422, str(e)) from None
-            tile_size = choose_tile_size(height, width, self.buckets, self.segmenter.geometry)
-            job = self._submit(prepared, tile_size, probabilities)
-        batcher = self.batcher
+        try:
+            tiled = await asyncio.to_thread(
+                self.segmenter.tiled, image, self.info.tile_sizes, probabilities
+            )
+        except ImageError as e:
+            raise ApiError(422, str(e)) from None
+        self.check_available()  # the state may have changed while the image was prepared
+        try:
+            return self.batcher.submit(tiled)
+        except QueueFullError as e:
+            raise ApiError(
+                503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
+            ) from None
+        except TooManyTilesError as e:
+            raise ApiError(413, str(e)) from None
+        except ShuttingDownError:
+            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+
+    async def result(
+        self,
+        job: Job,
+        *,
+        started: float,
+        disconnected: Callable[[], Awaitable[object]] | None = None,
+    ) -> SegmentResult:
+        """Wait for a submitted job. `started` is the request's arrival (time.monotonic());
+        the deadline counts from there."""
         timeout = self.settings.request_timeout_s
         remaining = started + timeout - time.monotonic()
         try:
-            return await batcher.result(job, remaining, disconnected)
+            segmentation = await self.batcher.result(job, remaining, disconnected)
         except DeadlineExceededError:
             raise ApiError(
                 504, f"the request did not finish within {timeout:g} s (UNET_REQUEST_TIMEOUT_S)"
@@ -201,15 +242,12 @@ class InferenceService:
             raise ApiError(500, f"{e}; see the server log") from None
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-
-    def _submit(self, image: np.ndarray, tile_size: int, probabilities: bool) -> Job:
-        try:
-            return self.batcher.submit(image, tile_size, probabilities)
-        except QueueFullError as e:
-            raise ApiError(
-                503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
-            ) from None
-        except TooManyTilesError as e:
-            raise ApiError(413, str(e)) from None
-        except ShuttingDownError:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+        return SegmentResult(
+            mask=segmentation.mask,
+            probabilities=segmentation.probabilities,
+            tile_size=job.image.tile_size,
+            tiles=job.image.total,
+            batches=job.batches,
+            queue_s=job.queue_s,
+            inference_s=job.inference_s,
+        )

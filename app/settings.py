@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.backends import BACKENDS
-from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.geometry import Geometry
-from model.precision import PRECISIONS
+from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
 
 # Per-tile cost on a 2-core AMX CPU rose with the batch (bf16: 5.5 output MP/s at 1 tile,
 # 5.2 at 2, 3.1 at 8; fp32 on ONNX Runtime: 2.09 at 1, 1.97 at 8): a CPU gains nothing from
@@ -33,9 +30,13 @@ class Settings(BaseSettings):
         DEFAULT_WEIGHTS,
         description="Path to NAME.safetensors; its model card NAME.json must sit beside it.",
     )
-    device: str = Field("auto", description="auto (first CUDA device, else CPU), cpu, cuda:N.")
-    precision: str = Field("fp32", description="fp32, bf16, fp16 (CUDA only) or auto.")
-    backend: str = Field(
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (first CUDA device, else CPU), cpu, cuda or cuda:N.",
+    )
+    precision: PrecisionChoice = Field("fp32", description="fp32, bf16, fp16 (CUDA only) or auto.")
+    backend: BackendChoice = Field(
         "auto", description="auto (measured fastest), torch or onnxruntime (CPU, fp32)."
     )
     compile: bool = Field(
@@ -63,6 +64,19 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A request not done after this long gets 504."
     )
     max_upload_mb: float = Field(128.0, gt=0, description="Largest request body, in MiB.")
+    max_json_mb: float = Field(
+        8.0,
+        gt=0,
+        description="Largest KServe v2 JSON body (or JSON header of a binary request), MiB: "
+        "parsing JSON holds the interpreter, so this bounds how long one parse can take. "
+        "Large tensors go with the binary tensor data extension, up to max_upload_mb.",
+    )
+    max_json_reply_mb: float = Field(
+        64.0,
+        gt=0,
+        description="Largest KServe v2 reply with JSON tensor data, MiB (estimated before "
+        "inference; larger replies must ask for binary outputs).",
+    )
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest image (height x width); beyond this, 413."
     )
@@ -76,21 +90,7 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long accepted work may still take."
     )
 
-    @field_validator("precision")
-    @classmethod
-    def _precision(cls, v: str) -> str:
-        if v not in PRECISIONS:
-            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
-        return v
-
-    @field_validator("backend")
-    @classmethod
-    def _backend(cls, v: str) -> str:
-        if v not in BACKENDS:
-            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
-        return v
-
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "precision", "backend", "device", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
@@ -101,19 +101,28 @@ class Settings(BaseSettings):
         # `UNET_API_KEY=` in a compose file means "no key", not "the empty key".
         return v if v is not None and v.get_secret_value() else None
 
-    def batch_tiles_for(self, device: torch.device) -> int:
+    def batch_tiles_for(self, device_type: str) -> int:
+        """Tiles per batch on a device of this type ("cuda", "cpu")."""
         if self.max_batch_tiles:
             return self.max_batch_tiles
-        return CUDA_BATCH_TILES if device.type == "cuda" else CPU_BATCH_TILES
+        return CUDA_BATCH_TILES if device_type == "cuda" else CPU_BATCH_TILES
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
 
+    @property
+    def max_json_bytes(self) -> int:
+        return int(self.max_json_mb * 1024 * 1024)
+
+    @property
+    def max_json_reply_bytes(self) -> int:
+        return int(self.max_json_reply_mb * 1024 * 1024)
+
     def check_tile_size(self, geometry: Geometry) -> None:
         """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""
         try:
-            geometry.check_output(self.tile_size)
+            geometry.check_tile(self.tile_size)
         except ValueError as e:
             raise ValueError(
                 f"UNET_TILE_SIZE={self.tile_size} does not fit the model: {e}"

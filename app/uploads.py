@@ -4,7 +4,8 @@ chunked gets 413 after at most the limit, never after the whole upload."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Callable
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -15,6 +16,8 @@ from app.errors import ApiError
 
 # Room for the multipart boundaries and part headers around a file of the maximum size.
 MULTIPART_SLACK = 64 * 1024
+# Bodies above this are joined in a worker thread.
+JOIN_IN_THREAD = 1 << 20
 
 
 class _TooLarge(Exception):
@@ -51,16 +54,25 @@ def _check_declared_length(request: Request, allowed: int, limit: int) -> None:
         raise _too_large(limit)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, at most `limit` bytes."""
-    _check_declared_length(request, limit, limit)
+async def read_body(
+    request: Request, limit: int, too_large: Callable[[int], ApiError] = _too_large
+) -> bytes:
+    """The whole body, at most `limit` bytes (else the error `too_large(limit)` makes)."""
+    declared = request.headers.get("content-length")
+    try:
+        _check_declared_length(request, limit, limit)
+    except ApiError as e:
+        raise (too_large(limit) if e.status == 413 else e) from None
     chunks = []
     try:
         async for chunk in _limited(request, limit):
             chunks.append(chunk)
     except _TooLarge:
-        raise _too_large(limit) from None
-    return b"".join(chunks)
+        raise too_large(limit) from None
+    if declared is None or int(declared) < JOIN_IN_THREAD:
+        return b"".join(chunks)
+    # bytes.join copies without the GIL: in a thread, a big body does not stall the loop.
+    return await asyncio.to_thread(b"".join, chunks)
 
 
 async def read_image_upload(request: Request, limit: int) -> bytes:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.workload import Upload
 
@@ -226,10 +227,12 @@ def run_load(
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Prometheus text -> {series: value} (labels kept in the key)."""
+    """The server's metrics: {series: value}, labels kept in the key as Prometheus writes
+    them (`unet_batch_tiles_bucket{le="4.0"}`)."""
     out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out

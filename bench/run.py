@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.batching import choose_tile_size, tile_buckets
 from app.settings import Settings
-from bench import determinism, engine, load, peers, workload
+from bench import determinism, engine, liveness, load, peers, workload
 from bench.load import LoadResult, Server
 from model.engine import DEFAULT_WEIGHTS, Segmenter
 from model.geometry import Geometry
 from model.precision import cpu_has_fast_bf16
+from model.tiling import choose_tile_size
+from model.tiling import tile_sizes as tile_buckets
 from model.unet import UNet
 from model.weights import ModelCard, load_card, save_weights
 
@@ -446,6 +447,16 @@ def section_scaling(run: Run) -> None:
     )
 
 
+def section_liveness(run: Run) -> None:
+    run.report.add("## Liveness under the largest requests")
+    run.report.add()
+    run.report.add(liveness.__doc__.split("\n\n")[0].replace("\n", " "))
+    run.report.add()
+    for line in liveness.markdown(liveness.measure(run.quick)):
+        run.report.add(line)
+    run.report.add()
+
+
 def write_plots(run: Run, out_dir: Path) -> None:
     import matplotlib
 
@@ -534,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     section_peers(run)
     section_scaling(run)
     section_determinism(run, device)
+    section_liveness(run)
     out_dir = args.out.parent / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(run, out_dir)

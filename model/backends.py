@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from model.options import BACKENDS
 from model.precision import Precision, autocast
-
-BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 class Backend(Protocol):
     name: str
+
+    def batch_shapes(self, max_batch: int) -> list[int]: ...
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor: ...
 
@@ -91,6 +92,13 @@ class TorchBackend:
             mode = "reduce-overhead" if device.type == "cuda" else None
             self.model = torch.compile(self.model, dynamic=False, mode=mode)
 
+    def batch_shapes(self, max_batch: int) -> list[int]:
+        """Batch sizes whose graphs serve batches of 1..max_batch tiles: every padded power
+        of two when compiled, so none compiles during live traffic; one otherwise."""
+        if not self.compiled:
+            return [1]
+        return [1 << k for k in range((max_batch - 1).bit_length() + 1)]
+
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(batch)
@@ -137,6 +145,9 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(
             buf.getvalue(), options, providers=["CPUExecutionProvider"]
         )
+
+    def batch_shapes(self, max_batch: int) -> list[int]:
+        return [1]  # any batch size runs the same session
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
         (logits,) = self.session.run(None, {"tiles": np.ascontiguousarray(batch, np.float32)})

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be >= 1")
     try:
         seg = Segmenter.from_weights(args.weights, device=args.device, precision=args.precision)
-        seg.geometry.check_output(args.tile_size)
+        seg.geometry.check_tile(args.tile_size)
     except (WeightsError, ValueError) as e:
         parser.exit(2, f"unet-predict: error: {e}\n")
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,7 @@ preparation (normalisation) and batched forward passes returning probabilities."
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +12,15 @@ import torch
 from model.backends import make_backend
 from model.geometry import Geometry
 from model.imageio import ImageError, match_channels
+from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.precision import Precision, resolve_precision
-from model.tiling import Stitcher, Tile, TilePlan
+from model.runner import BatchRunner
+from model.tiled_image import Segmentation, TiledImage
+from model.tiling import TilePlan, plan_image
 from model.unet import UNet
 from model.weights import ModelCard, load_weights
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "isbi2012.safetensors"
-# 516 = 4 + 16 * 32: one tile holds a 512x512 slice, and its margins cost less per output
-# pixel than 388's (measured ~17% more output megapixels/s on the shipped model).
-DEFAULT_TILE_SIZE = 516
+__all__ = ["DEFAULT_TILE_SIZE", "DEFAULT_WEIGHTS", "Segmentation", "Segmenter", "resolve_device"]
 
 _SCALE = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
 # Float pixels are meant to lie in [0, 1]. Far beyond that (float32 reaches 3.4e38) the
@@ -38,12 +36,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-@dataclass
-class Segmentation:
-    mask: np.ndarray  # (H, W) uint8: 0/1 for one class, class index for several
-    probabilities: np.ndarray | None  # (K, H, W) float32, when asked for
 
 
 class Segmenter:
@@ -106,8 +98,24 @@ class Segmenter:
     def plan(self, height: int, width: int, tile_size: int | None = None) -> TilePlan:
         return TilePlan(height, width, self.geometry, tile_size or DEFAULT_TILE_SIZE)
 
-    def tile_input(self, plan: TilePlan, image: np.ndarray, tile: Tile) -> np.ndarray:
-        """The normalised float32 (C, S, S) input of one tile."""
+    def tiled(
+        self,
+        image: np.ndarray,
+        tile_sizes: int | tuple[int, ...] | None = None,
+        probabilities: bool = False,
+    ) -> TiledImage:
+        """A decoded (H, W, C) image, prepared and planned: with one tile size, that size;
+        with several, the one that computes this image with the least work."""
+        prepared = self.prepare(image)
+        height, width = prepared.shape[:2]
+        if isinstance(tile_sizes, tuple):
+            plan = plan_image(height, width, self.geometry, tile_sizes)
+        else:
+            plan = self.plan(height, width, tile_sizes)
+        return TiledImage(prepared, plan, self.out_channels, probabilities)
+
+    def tile_input(self, plan: TilePlan, image: np.ndarray, tile) -> np.ndarray:
+        """The normalised float32 (C, S, S) input of one tile of a prepared image."""
         return self.normalize(plan.extract(image, tile))
 
     def normalize(self, raw: np.ndarray) -> np.ndarray:
@@ -116,6 +124,18 @@ class Segmenter:
         return ((raw.astype(np.float32) * np.float32(scale) - self._mean) * self._inv_std).astype(
             np.float32, copy=False
         )
+
+    def warm_up(self, tile_sizes: Iterable[int], max_batch: int) -> int:
+        """One pass per tile size and per batch shape the backend will see for batches of
+        up to `max_batch` tiles (kernel selection, allocator pools, compiled graphs), so
+        nothing is compiled or tuned during live traffic. Returns the passes run."""
+        passes = 0
+        for size in tile_sizes:
+            side = self.geometry.input_for_output(size)
+            for n in self.backend.batch_shapes(max_batch):
+                self.forward(np.zeros((n, self.card.in_channels, side, side), np.float32))
+                passes += 1
+        return passes
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
@@ -131,6 +151,18 @@ class Segmenter:
             return (probabilities[0] > self.card.threshold).astype(np.uint8)
         return probabilities.argmax(axis=0).astype(np.uint8)
 
+    def memory_stats(self) -> dict[str, int] | None:
+        """Bytes of device memory (allocated, reserved, peak) on a CUDA device; None on a
+        CPU, where the process's own memory is what counts."""
+        if self.device.type != "cuda":
+            return None
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return {
+            "allocated": torch.cuda.memory_allocated(index),
+            "reserved": torch.cuda.memory_reserved(index),
+            "peak": torch.cuda.max_memory_allocated(index),
+        }
+
     def segment(
         self,
         image: np.ndarray,
@@ -141,25 +173,12 @@ class Segmenter:
     ) -> Segmentation:
         """Segment one decoded (H, W, C) image by overlap tiles, `batch_size` tiles per pass.
         Tiles are cut and consumed lazily, so memory stays bounded for huge images."""
-        image = self.prepare(image)
-        plan = self.plan(image.shape[0], image.shape[1], tile_size)
-        mask = Stitcher(plan, 1, np.uint8)
-        probs = Stitcher(plan, self.out_channels, np.float32) if probabilities else None
-        for tiles in batched(plan, batch_size):
-            batch = np.stack([self.tile_input(plan, image, t) for t in tiles])
-            out = self.forward(batch)
-            for tile, values in zip(tiles, out, strict=True):
-                mask.aggregate(self.to_mask(values)[None], tile)
-                if probs is not None:
-                    probs.aggregate(values, tile)
+        tiled = self.tiled(image, tile_size, probabilities)
+        run = BatchRunner(self, batch_size)
+        while tiled.pending:
+            items = [(tiled, tiled.take()) for _ in range(min(run.limit, tiled.pending))]
+            for (_, tile), (probs, mask) in zip(items, run(items), strict=True):
+                tiled.add(tile, probs, mask)
             if on_batch is not None:
-                on_batch(len(tiles))
-        return Segmentation(mask.finalize()[0], probs.finalize() if probs is not None else None)
-
-
-def batched(items: Iterable[Tile], n: int) -> Iterator[tuple[Tile, ...]]:
-    if n < 1:
-        raise ValueError("batch size must be >= 1")
-    it = iter(items)
-    while chunk := tuple(itertools.islice(it, n)):
-        yield chunk
+                on_batch(len(items))
+        return tiled.result()

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, card = load_weights(args.weights)
         segmenter = Segmenter(model, card, device=args.device, precision=args.precision)
-        segmenter.geometry.check_output(args.tile_size)
+        segmenter.geometry.check_tile(args.tile_size)
         pairs = select(
             load_pairs(args.data), args.slices, card.training.get("validation_slices", [])
         )

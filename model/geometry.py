@@ -57,6 +57,24 @@ class Geometry:
             )
         return size
 
+    @property
+    def min_tile(self) -> int:
+        """Smallest output tile for overlap tiling: tile origins are multiples of 2^d, so a
+        tile narrower than 2^d would leave gaps between neighbours (4 for d <= 2, else
+        4 + 2^d)."""
+        return self.smallest_output_covering(self.step)
+
+    def check_tile(self, size: int) -> int:
+        """A legal output size that can also tile an image (see `min_tile`)."""
+        self.check_output(size)
+        if size < self.min_tile:
+            raise ValueError(
+                f"tile size {size} is narrower than the tile stride of a depth-{self.depth} "
+                f"UNet ({self.step}), so tiles would leave gaps; smallest legal tile: "
+                f"{self.min_tile}"
+            )
+        return size
+
     def input_for_output(self, size: int) -> int:
         return self.check_output(size) + self.shrink
 
@@ -76,8 +94,8 @@ class Geometry:
     def tile_stride(self, output_tile: int) -> int:
         """Largest multiple of 2^d not above the output tile: neighbouring tiles overlap by
         output_tile - stride pixels and each output pixel is taken from exactly one tile."""
-        self.check_output(output_tile)
-        return max(self.step, output_tile // self.step * self.step)
+        self.check_tile(output_tile)
+        return output_tile // self.step * self.step
 
     def smallest_output_covering(self, size: int) -> int:
         """Smallest legal output size >= size."""

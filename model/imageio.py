@@ -15,6 +15,9 @@ from PIL import Image, UnidentifiedImageError
 Image.MAX_IMAGE_PIXELS = None
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Signatures of formats whose header Pillow itself may refuse (a PNG declaring zero width is
+# a broken PNG, not an unknown format).
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
 # ITU-R 601-2 luma, as Pillow's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -29,6 +32,10 @@ class EmptyImageError(ImageError):
 
 class UnsupportedImageError(ImageError):
     """Not an image in a supported format, or truncated/corrupt."""
+
+
+class CorruptImageError(UnsupportedImageError):
+    """A supported format (recognised by its signature) whose data cannot be decoded."""
 
 
 class ImageTooLargeError(ImageError):
@@ -116,8 +123,34 @@ def _decode_pillow(data: bytes, max_pixels: int | None) -> np.ndarray:
     return arr
 
 
+def format_recognised(data: bytes) -> bool:
+    """Whether the bytes start like an image we support (header only, no decoding)."""
+    if data[:4] in TIFF_MAGIC or data.startswith(_SIGNATURES):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
-    """Decode PNG/JPEG/TIFF/BMP/WebP/GIF bytes into (H, W, C); alpha is dropped."""
+    """Decode PNG/JPEG/TIFF/BMP/WebP/GIF bytes into (H, W, C); alpha is dropped. Raises
+    EmptyImageError, ImageTooLargeError, CorruptImageError (a supported format that cannot
+    be decoded), UnsupportedImageError (anything else) or ImageError (unusable pixels)."""
+    try:
+        return _decode(data, max_pixels)
+    except CorruptImageError:
+        raise
+    except UnsupportedImageError as e:
+        if format_recognised(data):
+            raise CorruptImageError(f"the image is truncated or corrupt: {e}") from None
+        raise
+
+
+def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
     if not data:
         raise EmptyImageError("empty file")
     if data[:4] in TIFF_MAGIC:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "auto")
+from model.options import PRECISIONS, Precision
+
+__all__ = ["PRECISIONS", "Precision", "autocast", "cpu_has_fast_bf16", "resolve_precision"]
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

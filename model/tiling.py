@@ -10,6 +10,7 @@ float copy of the whole image is ever made.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class TilePlan:
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
             raise ValueError(f"image must be at least 1x1, got {self.height}x{self.width}")
-        self.geometry.check_output(self.tile_size)
+        self.geometry.check_tile(self.tile_size)
 
     @property
     def stride(self) -> int:
@@ -130,6 +131,39 @@ class TilePlan:
             return length - origin if is_last else self.stride
 
         return slice(0, extent(tile.row, self.height)), slice(0, extent(tile.col, self.width))
+
+
+def tile_sizes(geometry: Geometry, max_tile: int) -> tuple[int, ...]:
+    """Legal output tile sizes to plan images with: about a quarter, a half and all of
+    `max_tile` (for depth 4 and 516: 132, 260, 516). A few sizes keep batches full (tiles of
+    one size share a shape whatever image they come from) while small images are not padded
+    up to the full tile."""
+    geometry.check_tile(max_tile)
+    sizes = {max_tile}
+    for fraction in (4, 2):
+        wanted = max(math.ceil(max_tile / fraction), geometry.min_tile)
+        size = geometry.smallest_output_covering(wanted)
+        if size < max_tile:
+            sizes.add(size)
+    return tuple(sorted(sizes))
+
+
+def choose_tile_size(height: int, width: int, sizes: tuple[int, ...], geometry: Geometry) -> int:
+    """The tile size that computes the image with the least work: the network's cost is
+    about proportional to the input area, so minimise tiles x (tile + shrink)^2. Small images
+    get a small tile instead of being padded up; large ones the largest, whose margins cost
+    least per output pixel. Ties go to the larger tile (fewer tiles to schedule)."""
+
+    def cost(size: int) -> int:
+        plan = TilePlan(height, width, geometry, size)
+        return len(plan) * plan.input_size**2
+
+    return min(sorted(sizes, reverse=True), key=cost)
+
+
+def plan_image(height: int, width: int, geometry: Geometry, sizes: tuple[int, ...]) -> TilePlan:
+    """The plan of an image with the cheapest of the offered tile sizes."""
+    return TilePlan(height, width, geometry, choose_tile_size(height, width, sizes, geometry))
 
 
 class Stitcher:

@@ -3,6 +3,7 @@ upload bytes, and an in-process app with its lifespan running."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import threading
@@ -15,8 +16,8 @@ import tifffile
 import torch
 from fastapi import FastAPI
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
-from app.batching import TileBatcher
 from app.main import create_app
 from app.service import InferenceService
 from app.settings import Settings
@@ -130,12 +131,94 @@ class Gate:
 
 
 @contextlib.contextmanager
-def gated(batcher: TileBatcher) -> Iterator[Gate]:
-    """Route the batcher's forward passes through a Gate for the block; the gate is released
-    at its end, whatever happened, so the worker never stays stuck."""
-    gate = Gate(batcher.forward_fn)
-    batcher.forward_fn = gate
+def wrapped_forward(service: InferenceService, wrapper: Callable) -> Iterator[None]:
+    """Route the service's forward passes through `wrapper` for the block (the engine's
+    `forward` is looked up on each pass, so an instance attribute takes its place)."""
+    segmenter = service.segmenter
+    shadowed = segmenter.__dict__.get("forward")  # another wrapper already in place
+    segmenter.forward = wrapper
     try:
-        yield gate
+        yield
     finally:
-        gate.release.set()
+        if shadowed is None:
+            del segmenter.forward
+        else:
+            segmenter.forward = shadowed
+
+
+@contextlib.contextmanager
+def gated(service: InferenceService) -> Iterator[Gate]:
+    """Route the service's forward passes through a Gate for the block; the gate is
+    released at its end, whatever happened, so the worker never stays stuck."""
+    gate = Gate(service.segmenter.forward)
+    with wrapped_forward(service, gate):
+        try:
+            yield gate
+        finally:
+            gate.release.set()
+
+
+class Stepper:
+    """Wraps the real forward pass so each pass waits for a permit: a test decides exactly
+    how many passes run, and so orders events without timing them."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.forward = forward
+        self.entered = threading.Event()
+        self._permits = threading.Semaphore(0)
+        self._done = threading.Condition()
+        self.completed = 0
+        self.opened = False
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        if not self.opened and not self._permits.acquire(timeout=30):
+            raise TimeoutError("no permit for a forward pass")
+        try:
+            return self.forward(batch)
+        finally:
+            with self._done:
+                self.completed += 1
+                self._done.notify_all()
+
+    async def allow(self, passes: int) -> None:
+        """Let `passes` more forward passes run, and return once they have."""
+        target = self.completed + passes
+        self._permits.release(passes)
+
+        def wait() -> None:
+            with self._done:
+                if not self._done.wait_for(lambda: self.completed >= target, timeout=30):
+                    raise TimeoutError(f"{passes} forward pass(es) never ran")
+
+        await asyncio.to_thread(wait)
+
+    def open(self) -> None:
+        """Let every pass run from now on."""
+        self.opened = True
+        self._permits.release(1000)
+
+
+@contextlib.contextmanager
+def stepped(service: InferenceService) -> Iterator[Stepper]:
+    stepper = Stepper(service.segmenter.forward)
+    with wrapped_forward(service, stepper):
+        try:
+            yield stepper
+        finally:
+            stepper.open()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus exposition text -> {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """One sample from the app's /metrics, 0 when absent."""
+    samples = metric_samples((await client.get("/metrics")).text)
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

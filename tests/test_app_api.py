@@ -79,7 +79,7 @@ async def test_segment_16bit_multipage_tiff_probabilities(weights: Path) -> None
     probs = np.load(io.BytesIO(r.content), allow_pickle=False)
     assert probs.dtype == np.float32 and probs.shape == (70, 90)
     ref, _ = reference(weights, first[:, :, None], int(r.headers["x-tile-size"]))
-    np.testing.assert_allclose(probs, ref.probabilities[0], atol=1e-6)
+    np.testing.assert_allclose(probs, ref.probabilities[0], atol=1e-5)
     other, _ = reference(weights, second[:, :, None], int(r.headers["x-tile-size"]))
     assert not np.allclose(probs, other.probabilities[0], atol=1e-3)  # page 1 was used
 
@@ -268,7 +268,6 @@ async def test_docs_render_and_their_examples_work(weights: Path) -> None:
         r = await client.post("/v2/models/tiny/infer", json=example)
         assert r.status_code == 200, r.text
         assert r.json()["id"] == example["id"]
-        assert (await client.get("/")).status_code in (302, 307)
 
 
 async def test_api_key_guards_inference_but_not_health(weights: Path) -> None:
@@ -286,14 +285,22 @@ async def test_api_key_guards_inference_but_not_health(weights: Path) -> None:
         meta_none = await client.get("/v2/models/tiny")
         open_paths = [
             (await client.get(p)).status_code
-            for p in ("/v2/health/live", "/v2/health/ready", "/metrics", "/docs", "/openapi.json")
+            for p in (
+                "/v2/health/live",
+                "/v2/health/ready",
+                "/metrics",
+                "/docs",
+                "/openapi.json",
+                "/",  # the web page; it sends the key it is given
+                "/web/app.js",
+            )
         ]
     for r in (none, wrong, infer_none, meta_none):
         assert r.status_code == 401
         assert r.headers["www-authenticate"].startswith("Bearer")
         assert "error" in r.json()
     assert right.status_code == 200
-    assert open_paths == [200] * 5
+    assert open_paths == [200] * 7
 
 
 async def test_kserve_binary_tensor_extension(weights: Path) -> None:

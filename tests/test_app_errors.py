@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from app_helpers import (
     em_crop,
     gated,
     make_app,
+    metric,
     png_bytes,
     running,
     save_tiny,
@@ -158,10 +158,13 @@ async def test_too_many_pixels_is_413(weights: Path) -> None:
     bomb = png_bytes(np.zeros((5000, 5000), np.uint8))
     assert len(bomb) < 100_000
     async with running(make_app(weights, max_pixels=1_000_000)) as client:
-        start = time.monotonic()
         r = await client.post("/v1/segment", files={"file": ("bomb.png", bomb, "image/png")})
         assert_json_error(r, 413, "pixels", "1000000")
-        assert time.monotonic() - start < 2  # refused from the header, never decoded
+        # Refused from the header, never decoded: the same header with its pixel data cut
+        # off is still 413 (decoding it would find it truncated, a 422).
+        header_only = bomb[: bomb.index(b"IDAT") + 64]
+        r = await client.post("/v1/segment", files={"file": ("bomb.png", header_only)})
+        assert_json_error(r, 413, "pixels", "1000000")
         tensor = {"name": "image", "shape": [2000, 1000], "datatype": "UINT8", "data": [0]}
         r = await client.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
         assert_json_error(r, 413, "pixels")
@@ -260,18 +263,18 @@ async def test_full_queue_is_503_at_once_and_oversized_images_413(weights: Path)
     app = make_app(weights, max_queue_tiles=8, max_batch_tiles=4, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        with gated(batcher) as gate:
+        with gated(service_of(app)) as gate:
             four = png_bytes(em_crop(0, 0, 0, 100, 100))  # 2 x 2 tiles of 60
             first = asyncio.ensure_future(
                 client.post("/v1/segment", files={"file": ("a.png", four)})
             )
             await wait_until(lambda: batcher.queued_tiles == 4 and gate.entered.is_set())
             six = png_bytes(em_crop(1, 0, 0, 100, 150))  # 2 x 3 tiles: 4 + 6 > 8
-            start = time.monotonic()
+            # Refused at once: the worker is held, so an answer that waited for room in
+            # the queue would never come.
             r = await client.post("/v1/segment", files={"file": ("b.png", six)})
             assert_json_error(r, 503, "queue is full")
             assert int(r.headers["retry-after"]) >= 1
-            assert time.monotonic() - start < 1  # refused at once, not after the wait
             sixteen = png_bytes(em_crop(2, 0, 0, 240, 240))  # 4 x 4 tiles > the whole queue
             r = await client.post("/v1/segment", files={"file": ("c.png", sixteen)})
             assert_json_error(r, 413, "UNET_MAX_QUEUE_TILES")
@@ -286,25 +289,27 @@ async def test_deadline_is_504_and_drops_the_remaining_tiles(weights: Path) -> N
     app = make_app(weights, request_timeout_s=0.5, max_batch_tiles=2, drain_timeout_s=1)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        with gated(batcher):
+        with gated(service_of(app)):
             image = png_bytes(em_crop(3, 0, 0, 240, 240))  # 16 tiles
             start = time.monotonic()
             r = await client.post("/v1/segment", files={"file": ("a.png", image)})
             assert_json_error(r, 504, "UNET_REQUEST_TIMEOUT_S")
-            assert 0.5 <= time.monotonic() - start < 3
+            assert time.monotonic() - start >= 0.5  # never before the deadline
             assert batcher.queued_tiles == 0 and batcher.queued_images == 0
         small = png_bytes(em_crop(3, 0, 0, 50, 50))
         assert (
             await client.post("/v1/segment", files={"file": ("b.png", small)})
         ).status_code == 200
-        assert batcher.tiles_computed == 2 + 1  # the held batch, then the new image only
+        # The held batch, then the new image only: the dropped tiles were never computed.
+        assert await metric(client, "unet_tiles_total") == 2 + 1
 
 
 async def test_failed_forward_pass_fails_only_its_batch(weights: Path) -> None:
     app = make_app(weights, max_wait_ms=50)
     async with running(app) as client:
         batcher = service_of(app).batcher
-        real = batcher.forward_fn
+        segmenter = service_of(app).segmenter
+        real = segmenter.forward
         failures = []
 
         def fail_first_small_batch(batch: np.ndarray) -> np.ndarray:
@@ -313,7 +318,7 @@ async def test_failed_forward_pass_fails_only_its_batch(weights: Path) -> None:
                 raise RuntimeError("simulated device fault")
             return real(batch)
 
-        batcher.forward_fn = fail_first_small_batch
+        segmenter.forward = fail_first_small_batch
         small = png_bytes(em_crop(4, 0, 0, 30, 30))  # bucket 32
         large = png_bytes(em_crop(4, 0, 0, 100, 100))  # bucket 60
         r_small, r_large = await asyncio.gather(
@@ -358,7 +363,7 @@ def test_settings_reject_bad_values(weights: Path) -> None:
         Settings(weights=weights, precision="fp64")
     with pytest.raises(ValidationError, match="max_batch_tiles"):
         Settings(weights=weights, max_batch_tiles=-1)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu, cuda = "cpu", "cuda"
     assert Settings(weights=weights).batch_tiles_for(cpu) == 2
     assert Settings(weights=weights).batch_tiles_for(cuda) == 8
     assert Settings(weights=weights, max_batch_tiles=5).batch_tiles_for(cpu) == 5

@@ -158,3 +158,16 @@ def test_bad_weights_stop_startup_with_one_line(tmp_path: Path) -> None:
     done = subprocess.run(command(), env=env, cwd=tmp_path, capture_output=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.decode().startswith("unet-serve: error: invalid settings: UNET_TILE_SIZE")
+
+
+def test_a_tile_narrower_than_the_stride_stops_startup_naming_the_smallest(
+    tmp_path: Path,
+) -> None:
+    """Tile 4 is a legal output of the shipped depth-4 model, but its tiles would sit 16
+    apart with gaps between them: refused at start-up, naming the smallest legal tile."""
+    env = {**os.environ, "UNET_PORT": str(free_port()), "UNET_TILE_SIZE": "4"}
+    done = subprocess.run(command(), env=env, cwd=tmp_path, capture_output=True, timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "cannot start" in lines[0], lines
+    assert "UNET_TILE_SIZE=4" in lines[0] and "smallest legal tile: 20" in lines[0], lines

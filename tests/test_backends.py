@@ -100,3 +100,18 @@ def test_cuda_graphs_via_compile() -> None:
     # A replay with other data must not overwrite the first result (outputs are cloned).
     seg.forward(tiles(3, 60, seed=1))
     assert np.abs(first - reference(batch)).max() <= 5e-2
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_batch_shape_before_traffic() -> None:
+    """Batches of any size up to the limit are padded to a power of two; the warm-up
+    compiles each of those graphs, so no batch compiles during live traffic."""
+    compiled = Segmenter(tiny_unet(), CARD, device="cpu", compile=True)
+    assert compiled.backend.batch_shapes(3) == [1, 2, 4]
+    assert compiled.warm_up([20], max_batch=3) == 3
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for n in (1, 2, 3):
+            assert compiled.forward(tiles(n, 60)).shape == (n, 1, 20, 20)
+    eager = Segmenter(tiny_unet(), CARD, device="cpu")
+    assert eager.backend.batch_shapes(8) == [1]
+    assert eager.warm_up([20, 60], max_batch=8) == 2

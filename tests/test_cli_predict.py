@@ -40,10 +40,13 @@ def test_writes_masks_and_probabilities(tiny_weights: Path, images: list[Path], 
         assert probs.dtype == np.float32
         assert set(np.unique(mask)) <= {0, 255}
         expected = seg.segment(image[..., None], tile_size=96, probabilities=True)
-        assert np.array_equal(mask, expected.mask * 255)
-        assert np.abs(probs - expected.probabilities[0]).max() <= 1e-6
+        # Masks are equal wherever float noise (<= 1e-5, the README's bound) cannot flip them.
+        decided = np.abs(expected.probabilities[0] - seg.card.threshold) > 1e-5
+        assert np.array_equal(mask[decided], expected.mask[decided] * 255)
+        assert np.abs(probs - expected.probabilities[0]).max() <= 1e-5
         # The tile size changes the work, not the result.
-        assert np.abs(seg.segment(image[..., None], tile_size=36).mask - expected.mask).max() == 0
+        other_tiles = seg.segment(image[..., None], tile_size=36).mask
+        assert np.array_equal(other_tiles[decided], expected.mask[decided])
 
 
 def test_bad_image_is_reported_and_the_rest_still_done(

@@ -126,3 +126,12 @@ def test_match_channels() -> None:
     assert match_channels(g, 3).shape == (4, 5, 3)
     with pytest.raises(ImageError, match="3 channels, the model expects 2"):
         match_channels(rgb, 2)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "packbits", "zlib", "zstd"])
+def test_compressed_tiffs_as_microscopes_write_them(em_slice, compression: str) -> None:
+    deep = em_slice.astype(np.uint16) * 257
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, deep, compression=compression)
+    out = decode_image(buf.getvalue())
+    assert out.dtype == np.uint16 and np.array_equal(out[..., 0], deep)

@@ -1,4 +1,11 @@
-"""Overlap-tile inference is exact: tiled output == one pass over the mirror-padded image."""
+"""Overlap-tile inference is exact: tiled output == one pass over the mirror-padded image.
+
+Exact in arithmetic, that is: every tile computes the same sums as the single pass, but a
+CPU's GEMM kernels may add them in another order for another matrix width (seen: one
+float64 ulp on an AMD EPYC). So the tests hold what the README promises on any machine:
+float64 within 1e-12, float32 within 1e-5, masks identical wherever the probability is not
+within 1e-5 of the threshold. The stitcher itself, fed by a predictor without arithmetic,
+is held to exact equality."""
 
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ from model.weights import ModelCard
 
 SIZES = [(1, 1), (7, 300), (300, 7), (389, 389), (700, 300), (1000, 1000)]
 TILE_SIZES = [36, 100]  # legal for depth 2 (4 + 4j)
+# What the README guarantees on every CPU and GPU (measured: 0 to 1.1e-16 and <= 6e-8).
+FLOAT64_TOLERANCE = 1e-12
+FLOAT32_TOLERANCE = 1e-5
 
 
 def make_segmenter(dtype: torch.dtype = torch.float32, channels=TINY_CHANNELS) -> Segmenter:
@@ -60,19 +70,20 @@ def test_tiled_equals_single_pass_float32(h: int, w: int) -> None:
         reference = single_pass(seg, plan, image)
         assert result.probabilities.shape == (1, h, w)
         assert result.mask.shape == (h, w)
-        assert np.abs(result.probabilities - reference).max() <= 1e-5
-        assert np.array_equal(result.mask, (reference[0] > 0.5).astype(np.uint8))
+        assert np.abs(result.probabilities - reference).max() <= FLOAT32_TOLERANCE
+        decided = np.abs(reference[0] - 0.5) > FLOAT32_TOLERANCE
+        assert np.array_equal(result.mask[decided], (reference[0] > 0.5)[decided])
 
 
 @pytest.mark.parametrize(("h", "w"), SIZES)
-def test_tiled_equals_single_pass_float64_bitwise(h: int, w: int) -> None:
+def test_tiled_equals_single_pass_float64(h: int, w: int) -> None:
     seg = make_segmenter(torch.float64)
     image = random_image(h, w, seed=1)
     for tile_size in TILE_SIZES:
         plan = seg.plan(h, w, tile_size)
         out = tiled(seg, plan, image)
         assert out.shape == (1, h, w)
-        assert np.array_equal(out, single_pass(seg, plan, image))
+        assert np.abs(out - single_pass(seg, plan, image)).max() <= FLOAT64_TOLERANCE
 
 
 def test_exact_for_a_depth_3_network_with_rgb_input() -> None:
@@ -80,7 +91,9 @@ def test_exact_for_a_depth_3_network_with_rgb_input() -> None:
     image = np.random.default_rng(2).integers(0, 65536, (150, 97, 3), dtype=np.uint16)
     plan = seg.plan(150, 97, 44)  # 4 + 8 * 5
     assert len(plan) > 4
-    assert np.array_equal(tiled(seg, plan, image), single_pass(seg, plan, image))
+    assert (
+        np.abs(tiled(seg, plan, image) - single_pass(seg, plan, image)).max() <= FLOAT64_TOLERANCE
+    )
 
 
 def test_tile_grid_origins_are_multiples_of_the_step() -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from model.geometry import Geometry
+from model.tiling import Stitcher, TilePlan
 from model.unet import UNet
 
 TUTORIAL_CHANNELS = [3, 64, 128, 256, 512, 1024]
@@ -95,3 +97,24 @@ def test_smallest_output_covering_and_stride() -> None:
     assert g.smallest_output_covering(388) == 388
     assert g.tile_stride(20) == 16
     assert g.tile_stride(516) == 512
+
+
+@pytest.mark.parametrize(("depth", "smallest"), [(1, 4), (2, 4), (3, 12), (4, 20), (5, 36)])
+def test_tiles_narrower_than_the_stride_are_refused(depth: int, smallest: int) -> None:
+    """Tile origins are multiples of 2^d: a narrower tile would leave unwritten gaps."""
+    g = Geometry(depth)
+    assert g.min_tile == smallest
+    assert g.tile_stride(smallest) <= smallest
+    for legal in range(4, 300, g.step):
+        if legal < smallest:
+            with pytest.raises(ValueError, match=f"smallest legal tile: {smallest}"):
+                g.tile_stride(legal)
+            with pytest.raises(ValueError, match="gaps"):
+                TilePlan(40, 40, g, legal)
+        else:
+            assert g.step <= g.tile_stride(legal) <= legal
+            plan = TilePlan(70, 90, g, legal)
+            stitcher = Stitcher(plan, 1, np.uint8, track_coverage=True)
+            for tile in plan:
+                stitcher.aggregate(np.zeros((1, legal, legal), np.uint8), tile)
+            assert (stitcher.coverage == 1).all()

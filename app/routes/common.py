@@ -7,9 +7,8 @@ import time
 
 from fastapi import Request
 
-from app.batching import SegmentResult
 from app.errors import ApiError
-from app.service import InferenceService
+from app.service import InferenceService, SegmentResult
 
 ARRIVED = "unet.arrived"  # scope key
 

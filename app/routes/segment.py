@@ -6,9 +6,10 @@ import asyncio
 from enum import StrEnum
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
-from app.encoding import mask_png, overlay_png, probabilities_npy
+from app.encoding import mask_png, overlay_png, probabilities_npy, slices
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.uploads import read_image_upload
 
@@ -99,14 +100,12 @@ async def segment(
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
-    result = await service.segment(
-        image,
-        probabilities=output is Output.probabilities,
-        started=arrival(request),
-        disconnected=lambda: wait_for_disconnect(request),
+        job = await service.submit(image, probabilities=output is Output.probabilities)
+    result = await service.result(
+        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
     height, width = image.shape[:2]
-    out_channels = service.segmenter.out_channels
+    out_channels = service.info.out_channels
     if output is Output.mask:
         body = await asyncio.to_thread(mask_png, result.mask, out_channels)
         media, filename = "image/png", "mask.png"
@@ -119,4 +118,5 @@ async def segment(
         media, filename = "image/png", "overlay.png"
     headers = timing_headers(request, result, height, width, service.model_name)
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
-    return Response(body, media_type=media, headers=headers)
+    headers["Content-Length"] = str(len(body))
+    return StreamingResponse(slices(body), media_type=media, headers=headers)

@@ -1,0 +1,101 @@
+"""A request's image in the tile queue, and the ways its wait can end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from model.tiled_image import Segmentation, TiledImage
+from model.tiling import Tile
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the tile queue is full; retry later")
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(Exception):
+    """The batcher is not running (not started, draining or stopped)."""
+
+
+class TooManyTilesError(ValueError):
+    """One image needs more tiles than the whole queue holds."""
+
+
+class DeadlineExceededError(Exception):
+    pass
+
+
+class ClientGoneError(Exception):
+    pass
+
+
+class InferenceError(Exception):
+    """A batch failed; only the requests with tiles in that batch see this."""
+
+
+class Job:
+    """One request's image in the queue: the TiledImage, its future and its timings."""
+
+    def __init__(self, image: TiledImage, loop: asyncio.AbstractEventLoop) -> None:
+        self.image = image
+        self.future: asyncio.Future[Segmentation] = loop.create_future()
+        self.accepted_at = time.monotonic()
+        self.waiting_since = self.accepted_at  # last time the worker served this job
+        self.first_batch_at: float | None = None
+        self.finished_at: float | None = None
+        self.batches = 0  # batches that held at least one of its tiles
+        self.active = True
+
+    @property
+    def queue_s(self) -> float:
+        """Accepted -> first tile in a batch."""
+        return (self.first_batch_at or self.accepted_at) - self.accepted_at
+
+    @property
+    def inference_s(self) -> float:
+        """First batch -> last tile stitched."""
+        end = self.finished_at or time.monotonic()
+        return end - (self.first_batch_at or end)
+
+
+def take_round_robin(
+    line: Iterable[Job], size: int, limit: int, picks: list[tuple[Job, Tile]]
+) -> list[Job]:
+    """Append to `picks` up to `limit` tiles of one size from the jobs in `line`, one per
+    job per turn, oldest first, so a huge image cannot starve small ones. `picks` is filled
+    in place, so a failure midway still knows whom it touched. Returns the jobs served."""
+    eligible = [job for job in line if job.image.tile_size == size]
+    while eligible and len(picks) < limit:
+        for job in list(eligible):
+            if len(picks) == limit:
+                break
+            picks.append((job, job.image.take()))
+            if job.image.pending == 0:
+                eligible.remove(job)
+    return list(dict.fromkeys(job for job, _ in picks))
+
+
+async def wait_for_job(
+    job: Job, timeout: float, disconnected: Callable[[], Awaitable[object]] | None
+) -> Segmentation:
+    """The job's result, or DeadlineExceededError after `timeout` seconds, or
+    ClientGoneError as soon as the awaitable `disconnected()` makes returns."""
+    watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+    try:
+        waiting: set[asyncio.Future[object]] = {job.future}
+        if watcher is not None:
+            waiting.add(watcher)
+        done, _ = await asyncio.wait(
+            waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
+        )
+        if job.future in done:
+            return job.future.result()
+        if watcher is not None and watcher in done:
+            raise ClientGoneError("the client closed the connection")
+        raise DeadlineExceededError(f"the request took longer than {timeout:.1f} s")
+    finally:
+        if watcher is not None:
+            watcher.cancel()

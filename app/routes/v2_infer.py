@@ -1,0 +1,220 @@
+"""KServe v2 inference: `POST /v2/models/{name}/infer` with JSON tensors or Triton's binary
+tensor data extension (see `app.v2_tensors` for the tensors themselves)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.auth import require_api_key
+from app.errors import ApiError
+from app.routes.common import arrival, timing_headers, wait_for_disconnect
+from app.routes.v2 import MODEL_VERSION, find_model
+from app.service import InferenceService, SegmentResult
+from app.uploads import read_body
+from app.v2_tensors import (
+    OUTPUTS,
+    InferInput,
+    InferRequest,
+    RequestedOutput,
+    encode_reply,
+    json_reply_bytes,
+    output_array,
+    parse_request,
+    tensor_to_image,
+)
+
+router = APIRouter(prefix="/v2", tags=["KServe v2"])
+
+# The binary tensor data extension (Triton's, used by tritonclient by default).
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+INFER_EXAMPLE = {
+    "id": "42",
+    "inputs": [
+        {"name": "image", "shape": [2, 3], "datatype": "UINT8", "data": [0, 64, 128, 192, 255, 32]}
+    ],
+    "outputs": [{"name": "mask"}],
+}
+
+
+@router.post(
+    "/models/{name}/infer",
+    summary="Inference (JSON tensors)",
+    dependencies=[Depends(require_api_key)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": InferRequest.model_json_schema(),
+                    "example": INFER_EXAMPLE,
+                }
+            },
+        }
+    },
+    responses={
+        404: {"description": "Unknown model."},
+        413: {"description": "Body or image too large."},
+        422: {"description": "Bad tensor shape, datatype or data."},
+        503: {"description": "Queue full or not ready."},
+        504: {"description": "Deadline exceeded."},
+    },
+)
+@router.post(
+    "/models/{name}/versions/{model_version}/infer",
+    include_in_schema=False,
+    dependencies=[Depends(require_api_key)],
+)
+async def infer(request: Request, name: str, model_version: str | None = None) -> Response:
+    service = find_model(request, name, model_version)
+    service.check_available()
+    with service.arriving():
+        payload, as_binary, image = await _parse_request(request, service)
+        job = await service.submit(image, probabilities="probabilities" in as_binary)
+    result = await service.result(
+        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
+    )
+    height, width = image.shape[:2]
+    pieces, length, header_length = await asyncio.to_thread(
+        _reply, service, payload, as_binary, result
+    )
+    headers = timing_headers(request, result, height, width, service.model_name)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    if header_length is None:
+        return StreamingResponse(pieces, media_type="application/json", headers=headers)
+    # Binary tensor extension: the JSON header, then the raw outputs in order.
+    headers[HEADER_LENGTH] = str(header_length)
+    return StreamingResponse(pieces, media_type="application/octet-stream", headers=headers)
+
+
+async def _parse_request(
+    request: Request, service: InferenceService
+) -> tuple[InferRequest, dict[str, bool], np.ndarray]:
+    """Body -> (the request, which outputs go back as binary, the image); ApiError if bad.
+    JSON is parsed and converted in a worker thread, in pieces short enough that the
+    event loop keeps answering (health probes above all) meanwhile."""
+    settings = service.settings
+    binary_extension = HEADER_LENGTH.lower() in request.headers
+    if binary_extension:
+        body = await read_body(request, settings.max_upload_bytes)
+    else:
+        body = await read_body(request, settings.max_json_bytes, too_large=_json_too_large)
+    header, binary = _split_binary(request, body, settings.max_json_bytes)
+    payload = await asyncio.to_thread(parse_request, header)
+    del header
+    if len(payload.inputs) != 1:
+        raise ApiError(
+            422, f"expected exactly one input tensor (the image), got {len(payload.inputs)}"
+        )
+    tensor = payload.inputs[0]
+    raw = _binary_input(tensor, binary)
+    requested = payload.outputs or [RequestedOutput(name=n) for n in OUTPUTS]
+    unknown = sorted({o.name for o in requested} - set(OUTPUTS))
+    if unknown:
+        raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+    binary_default = _flag(payload.parameters, "binary_data_output", False)
+    as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
+    image = await asyncio.to_thread(tensor_to_image, tensor, settings.max_pixels, raw)
+    tensor.data = None  # the parsed list can be far bigger than the image
+    _check_json_reply(service, image, as_binary)
+    return payload, as_binary, image
+
+
+def _json_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"the JSON body is larger than the limit of {limit / 2**20:g} MiB (UNET_MAX_JSON_MB): "
+        "send large tensors with the binary tensor data extension "
+        f"({HEADER_LENGTH} header; tritonclient's default), which needs no parsing",
+    )
+
+
+def _check_json_reply(
+    service: InferenceService, image: np.ndarray, as_binary: dict[str, bool]
+) -> None:
+    """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB."""
+    pixels = image.shape[0] * image.shape[1]
+    channels = service.info.out_channels
+    values = {
+        name: pixels * (1 if name == "mask" else channels)
+        for name, binary in as_binary.items()
+        if not binary
+    }
+    size = json_reply_bytes(values)
+    limit = service.settings.max_json_reply_bytes
+    if size > limit:
+        raise ApiError(
+            413,
+            f"the JSON reply for {', '.join(values)} of a {image.shape[1]}x{image.shape[0]} "
+            f"image could reach {size / 2**20:.0f} MiB, over the limit of {limit / 2**20:g} "
+            "MiB (UNET_MAX_JSON_REPLY_MB): ask for binary outputs (parameter "
+            '"binary_data_output": true, or "binary_data": true per output)',
+        )
+
+
+def _flag(parameters: dict[str, Any] | None, name: str, default: bool) -> bool:
+    """A boolean request parameter; the string "false" must not count as true."""
+    value = (parameters or {}).get(name, default)
+    if not isinstance(value, bool):
+        raise ApiError(422, f"parameter {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def _split_binary(
+    request: Request, body: bytes, max_header: int
+) -> tuple[memoryview, memoryview | None]:
+    """(JSON header, binary part), as views of the body (no copies): with the binary tensor
+    extension the JSON is the first Inference-Header-Content-Length bytes of the body."""
+    view = memoryview(body)
+    declared = request.headers.get(HEADER_LENGTH)
+    if declared is None:
+        return view, None
+    try:
+        length = int(declared)
+    except ValueError:
+        length = -1
+    if not 0 < length <= len(body):
+        raise ApiError(422, f"invalid {HEADER_LENGTH} header: {declared!r}")
+    if length > max_header:
+        raise _json_too_large(max_header)
+    return view[:length], view[length:]
+
+
+def _binary_input(tensor: InferInput, binary: memoryview | None) -> memoryview | None:
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is None:
+        if tensor.data is None:
+            raise ApiError(422, f"input {tensor.name!r} has neither data nor binary_data_size")
+        return None
+    if binary is None or not isinstance(size, int) or size != len(binary):
+        have = "no binary part" if binary is None else f"{len(binary)} bytes of binary data"
+        raise ApiError(
+            422, f"input {tensor.name!r}: binary_data_size is {size!r}, the request has {have}"
+        )
+    return binary
+
+
+def _reply(
+    service: InferenceService,
+    payload: InferRequest,
+    as_binary: dict[str, bool],
+    result: SegmentResult,
+):
+    """Runs in a worker thread: (body pieces, length or None, binary header length)."""
+    outputs = []
+    for name, binary in as_binary.items():
+        array = output_array(name, result.mask, result.probabilities)
+        datatype = "UINT8" if name == "mask" else "FP32"
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        outputs.append((entry, array, binary))
+    content: dict[str, Any] = {"model_name": service.model_name, "model_version": MODEL_VERSION}
+    if payload.id is not None:
+        content["id"] = payload.id
+    content["parameters"] = {"tile_size": result.tile_size, "tiles": result.tiles}
+    return encode_reply(content, outputs)

@@ -1,0 +1,84 @@
+// The model card (POST /v2/repository/index, then GET /v2/models/NAME) and the server's
+// state (GET /v2/health/ready, queue depth from GET /metrics).
+
+import { describe, requestJson, requestText } from "./api.js";
+import { el, facts } from "./dom.js";
+import { PALETTE } from "./render.js";
+
+const METRICS = [
+  ["pixel_error", "pixel error"],
+  ["dice", "Dice"],
+  ["iou", "IoU"],
+  ["rand_error", "Rand error"],
+];
+
+function metricsText(metrics) {
+  const parts = METRICS.filter(([key]) => typeof metrics?.[key] === "number").map(
+    ([key, label]) => `${label} ${metrics[key].toFixed(3)}`,
+  );
+  return parts.length ? parts.join(", ") : "none in the model card";
+}
+
+function threshold(value) {
+  return typeof value === "number" ? String(Number(value.toPrecision(3))) : "not in the card";
+}
+
+/** The classes the overlay tints, with their colours: [name, [r, g, b]]. */
+export function tintedClasses(classNames) {
+  if (classNames.length === 1) return [[classNames[0], PALETTE[0]]];
+  return classNames.slice(1).map((name, i) => [name, PALETTE[i % PALETTE.length]]);
+}
+
+/** Fills `container` with the model card and resolves to the model metadata (null when the
+ * server serves none); on an error, shows it and throws it. */
+export async function loadModel(container) {
+  try {
+    const index = await requestJson("/v2/repository/index", { method: "POST", body: {} });
+    if (!index.length) {
+      container.replaceChildren(el("p", {}, "The server serves no model."));
+      return null;
+    }
+    const meta = await requestJson(`/v2/models/${encodeURIComponent(index[0].name)}`);
+    const p = meta.parameters || {};
+    const classes = p.class_names || [];
+    container.replaceChildren(
+      facts([
+        ["Name", meta.name],
+        ["Segments", p.description || "no description in the model card"],
+        ["Classes", classes.join(", ")],
+        ["Threshold", classes.length === 1 ? threshold(p.threshold) : "arg-max over the classes"],
+        ["Validation", metricsText(p.metrics)],
+        ["Tile sizes", (p.tile_sizes || []).join(", ")],
+      ]),
+    );
+    return meta;
+  } catch (error) {
+    container.replaceChildren(el("p", { className: "error" }, describe(error)));
+    throw error;
+  }
+}
+
+function gauge(text, name) {
+  const match = text.match(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, "m"));
+  return match ? Number(match[1]) : null;
+}
+
+/** Shows the server's state and queue; resolves to whether it is ready. */
+export async function refreshServer(stateEl, queueEl) {
+  try {
+    const { ready } = await requestJson("/v2/health/ready", { allow: [503] });
+    stateEl.textContent = ready ? "Ready" : "Not ready (loading or shutting down)";
+    const text = await requestText("/metrics");
+    const tiles = gauge(text, "unet_queue_tiles");
+    const images = gauge(text, "unet_queue_images");
+    queueEl.textContent =
+      tiles === null
+        ? "unknown"
+        : `${images} image${images === 1 ? "" : "s"}, ${tiles} tile${tiles === 1 ? "" : "s"} waiting`;
+    return ready;
+  } catch (error) {
+    stateEl.textContent = describe(error);
+    queueEl.textContent = "unknown";
+    return false;
+  }
+}

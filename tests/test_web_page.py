@@ -1,0 +1,75 @@
+"""The web page at `/` as files: served from the package with a policy that lets it reach
+only this server, every file it loads exists, no file names an external URL, and the
+package ships them all. (tests/test_web_browser.py drives the page in a real browser.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from app_helpers import make_app, running, save_tiny
+
+from app.routes.web import WEB_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+LOADS = re.compile(r"""(?:src|href)="(/[^"]*)"|from\s+"\./([^"]+)"|import\("\./([^"]+)"\)""")
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path)
+
+
+async def test_page_and_everything_it_loads_come_from_the_service(weights: Path) -> None:
+    async with running(make_app(weights)) as client:
+        page = await client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+        pending, seen = [page.text], set()
+        while pending:
+            text = pending.pop()
+            assert not re.search(r"https?://", text), "a page file names an external URL"
+            for match in LOADS.finditer(text):
+                ref = match.group(1) or f"/web/{match.group(2) or match.group(3)}"
+                if ref in seen or ref.startswith("/docs"):
+                    continue
+                seen.add(ref)
+                asset = await client.get(ref)
+                assert asset.status_code == 200, ref
+                assert asset.headers["content-security-policy"] == policy
+                pending.append(asset.text)
+        assert {"/web/app.js", "/web/style.css", "/web/tiff.js", "/web/viewer.js"} <= seen
+        # Every shipped file is loaded by the page (none is dead weight).
+        assert {f"/web/{p.name}" for p in WEB_DIR.iterdir() if p.name != "index.html"} == seen
+        missing = await client.get("/web/nothing.js")
+        assert missing.status_code == 404 and "error" in missing.json()
+        assert (await client.get("/web/..%2Fmain.py")).status_code == 404
+
+
+def test_the_package_ships_every_page_file() -> None:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["app"]
+    for path in WEB_DIR.iterdir():
+        name = f"web/{path.name}"
+        assert any(fnmatch(name, p) for p in patterns), f"{name} is not in package-data"
+
+
+async def test_model_metadata_carries_the_cards_validation_metrics(
+    weights: Path,
+) -> None:
+    card_path = weights.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    overall = {"pixel_error": 0.08, "dice": 0.95, "iou": 0.9, "rand_error": 0.18}
+    card["metrics"] = {"slices": ["20"], "overall": overall}
+    card_path.write_text(json.dumps(card))
+    async with running(make_app(weights)) as client:
+        meta = (await client.get("/v2/models/tiny")).json()
+        assert meta["parameters"]["metrics"] == overall
