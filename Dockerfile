@@ -35,11 +35,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch alone (--no-deps: the lock has its dependencies), in a layer of its own that the
-# frequent lock changes leave cached. Its gtest binaries (torch/test, *Test and test_* in
-# torch/bin, about 85 MB) are deleted in the same layer: nothing imports or runs them.
+# frequent lock changes leave cached. Deleted in the same layer, about 160 MB that nothing in
+# this image can use: torch's C++ test programs (torch/test; *Test and test_* in torch/bin),
+# and what only building C++ against torch needs (torch/include, torch/share/cmake and
+# torch/bin/protoc*), since the image has no C++ compiler. (Without one, torch.compile has no
+# CPU backend either, with or without the headers: UNET_COMPILE is not for this image.)
 RUN pip install --no-cache-dir --no-deps torch==${TORCH_VERSION} --index-url ${TORCH_INDEX} \
     && torch=$(python -c "import importlib.util as u; print(u.find_spec('torch').origin)") \
-    && rm -rf "${torch%/*}/test" "${torch%/*}"/bin/*Test "${torch%/*}"/bin/test_*
+    && torch=${torch%/*} \
+    && rm -rf "$torch"/test "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc* \
+        "$torch"/include "$torch"/share/cmake
 # COPY rather than a bind mount, though the files (under 100 kB) stay in a layer: podman and
 # buildah key their layer cache on what a COPY brings but not on a mount's contents, so a new
 # lock or a new wheel would otherwise be built over a stale layer.
