@@ -1,13 +1,21 @@
-# syntax=docker/dockerfile:1
-#
 # Two images from one file; the last stage is the default:
 #   docker build -t unet-service:cuda .               # GPU: CUDA PyTorch runtime base
 #   docker build -t unet-service:cpu --target cpu .   # CPU only: slim Python base
-# Both run `unet-serve` on port 8000 with the shipped ISBI 2012 weights baked in.
+# Both run `unet-serve` on port 8000 with the shipped ISBI 2012 weights baked in. Every
+# dependency but torch comes from requirements/serve.txt, the lock, with its hashes checked,
+# so two builds of one commit install the same versions. (No `# syntax=` line: nothing here
+# needs more than the frontend built into Docker and podman, and an offline build could not
+# fetch another one.)
 
 # One torch release for both images: the CPU target installs it, the CUDA base ships it, so
-# both images compute with the same code. Override CUDA_BASE for another CUDA version.
+# both images compute with the same code. It matches the Makefile's TORCH_VERSION, the release
+# the lock's copies of torch's own dependencies were resolved for. Override CUDA_BASE for
+# another CUDA version.
 ARG TORCH_VERSION=2.13.0
+# Where the CPU target gets torch: PyTorch's CPU-only index, since PyPI's Linux wheel brings
+# gigabytes of CUDA libraries that the image never uses. A mirror, or a local index for an
+# offline build (deploy/image-check makes one), is --build-arg TORCH_INDEX=URL.
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG CUDA_BASE=pytorch/pytorch:${TORCH_VERSION}-cuda12.6-cudnn9-runtime
 ARG PYTHON_BASE=python:3.11-slim-bookworm
 
@@ -22,16 +30,35 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_BASE} AS cpu
 ARG TORCH_VERSION
+ARG TORCH_INDEX
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, from the CPU-only index: the default PyPI wheel would pull in gigabytes of CUDA
-# libraries that this image never uses.
-RUN pip install --no-cache-dir torch==${TORCH_VERSION} --index-url https://download.pytorch.org/whl/cpu
-# A bind mount rather than COPY, so the wheel file is not left in a layer.
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install --no-cache-dir /wheels/*.whl
-RUN useradd --system --uid 10001 --user-group --create-home unet
+# torch alone (--no-deps: the lock has its dependencies), in a layer of its own that the
+# frequent lock changes leave cached. Deleted in the same layer, about 160 MB that nothing in
+# this image can use: torch's C++ test programs (torch/test; *Test and test_* in torch/bin),
+# and what only building C++ against torch needs (torch/include, torch/share/cmake and
+# torch/bin/protoc*), since the image has no C++ compiler. (Without one, torch.compile has no
+# CPU backend either, with or without the headers: UNET_COMPILE is not for this image.)
+RUN pip install --no-cache-dir --no-deps torch==${TORCH_VERSION} --index-url ${TORCH_INDEX} \
+    && torch=$(python -c "import importlib.util as u; print(u.find_spec('torch').origin)") \
+    && torch=${torch%/*} \
+    && rm -rf "$torch"/test "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc* \
+        "$torch"/include "$torch"/share/cmake
+# COPY rather than a bind mount, though the files (under 100 kB) stay in a layer: podman and
+# buildah key their layer cache on what a COPY brings but not on a mount's contents, so a new
+# lock or a new wheel would otherwise be built over a stale layer.
+WORKDIR /src
+COPY requirements/serve.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
+COPY --from=wheel /wheels /src/wheels
+RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
+    && pip check
+# The group first, with the same id as the user: `USER 10001:10001` and the Kubernetes
+# runAsUser/runAsGroup/fsGroup then name an existing user and group, which own the home folder.
+# --no-log-init: no lastlog/faillog records, sparse files that a high uid makes large.
+RUN groupadd --gid 10001 unet \
+    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet
 COPY weights/isbi2012.safetensors weights/isbi2012.json /opt/unet/weights/
 ENV UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
     UNET_DEVICE=cpu \
@@ -51,11 +78,16 @@ FROM ${CUDA_BASE} AS cuda
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# The base already has CUDA torch, which satisfies the project's torch requirement, so pip
-# installs only the remaining dependencies.
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install --no-cache-dir /wheels/*.whl
-RUN useradd --system --uid 10001 --user-group --create-home unet
+# The base ships CUDA torch, which the project's torch requirement accepts; the lock brings
+# everything else, torch's own dependencies at the versions the lock was resolved with.
+WORKDIR /src
+COPY requirements/serve.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
+COPY --from=wheel /wheels /src/wheels
+RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
+    && pip check
+RUN groupadd --gid 10001 unet \
+    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet
 COPY weights/isbi2012.safetensors weights/isbi2012.json /opt/unet/weights/
 ENV UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
     UNET_DEVICE=auto \

@@ -77,12 +77,26 @@ def parse_dockerfile(text: str) -> list[Stage]:
     return stages
 
 
+def shell_commands(line: str) -> list[list[str]]:
+    """The simple commands of a shell command line, split on `&&`, `||`, `;` and `|` outside
+    quotes, each as its words."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
 def pip_installs(command: str) -> set[tuple[str, str | None]]:
     """(what, index URL) for each target of each `pip install` in a shell command line. The
-    project itself, as `.` or as its wheel, becomes PROJECT plus its extras."""
+    project itself, as `.` or as its wheel, becomes PROJECT plus its extras; a requirements
+    file becomes `-r PATH`."""
     installs: set[tuple[str, str | None]] = set()
-    for part in re.split(r"&&|;", command):
-        words = shlex.split(part, comments=True)
+    for words in shell_commands(command):
         if words[:2] != ["pip", "install"]:
             continue
         targets, index = [], None
@@ -90,6 +104,8 @@ def pip_installs(command: str) -> set[tuple[str, str | None]]:
         for word in it:
             if word == "--index-url":
                 index = next(it)
+            elif word == "-r":
+                targets.append(f"-r {next(it)}")
             elif not word.startswith("-"):
                 targets.append(word)
         for target in targets:
@@ -130,14 +146,26 @@ def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> N
     cpu = set().union(*(pip_installs(c) for c in run_commands(stages["cpu"])))
     cuda = set().union(*(pip_installs(c) for c in run_commands(stages["cuda"])))
     assert (PROJECT, None) in readme
+    # Every dependency but torch from the serving lock (tests/test_lock.py checks it).
+    assert ("-r requirements/serve.txt", None) in readme
     assert cpu == readme
     torch = {(what, index) for what, index in readme if what.startswith("torch")}
     assert len(torch) == 1
     # The CUDA base ships torch itself: the same release as the CPU image pins.
     assert cuda == readme - torch
-    ((pin, _),) = torch
+    ((pin, index),) = torch
     version = pin.removeprefix("torch==")
     assert stages["cuda"].base.startswith(f"pytorch/pytorch:{version}-cuda")
+    # The index is a build argument (a mirror, an offline build) whose default is the CPU one.
+    assert index == "https://download.pytorch.org/whl/cpu"
+    # (a global ARG is empty in a stage that does not declare it again)
+    assert "--index-url ${TORCH_INDEX}" in (REPO / "Dockerfile").read_text()
+    assert {"TORCH_VERSION", "TORCH_INDEX"} <= set(stages["cpu"].all("ARG"))
+    # Each lock install checks hashes; torch and the project add no unlocked dependencies.
+    for command in run_commands(stages["cpu"]) + run_commands(stages["cuda"]):
+        for words in shell_commands(command):
+            if words[:2] == ["pip", "install"]:
+                assert ("-r" in words) == ("--require-hashes" in words) != ("--no-deps" in words)
     # The wheel the images install is built from the project itself.
     assert any(re.search(r"\bpip wheel\b.*\s\.$", c) for c in run_commands(stages["wheel"]))
 
@@ -173,6 +201,51 @@ def test_final_stages(stages: dict[str, Stage], name: str) -> None:
         if "pip install" in command:
             assert "--no-cache-dir" in command
     assert "/v2/health/ready" in stage.one("HEALTHCHECK")
+
+
+def account_options(words: list[str]) -> tuple[dict[str, str], str]:
+    """The options of a `groupadd`/`useradd` command, long names, and the account's name."""
+    short = {"-u": "--uid", "-g": "--gid", "-d": "--home-dir", "-s": "--shell", "-G": "--groups"}
+    with_value = {"--uid", "--gid", "--home-dir", "--shell", "--groups", "--comment"}
+    options: dict[str, str] = {}
+    names: list[str] = []
+    it = iter(words[1:])
+    for word in it:
+        key, eq, value = word.partition("=")
+        key = short.get(key, key)
+        if key in with_value:
+            options[key] = value if eq else next(it)
+        elif word.startswith("-"):
+            options[key] = ""
+        else:
+            names.append(word)
+    (name,) = names
+    return options, name
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
+def test_image_user_and_group_are_the_manifests(stages: dict[str, Stage], name: str) -> None:
+    groups: dict[str, int] = {}
+    users: dict[str, tuple[int, str]] = {}
+    for command in run_commands(stages[name]):
+        for words in shell_commands(command):
+            if words[0] == "groupadd":
+                options, group = account_options(words)
+                groups[group] = int(options["--gid"])
+            elif words[0] == "useradd":
+                options, user = account_options(words)
+                # Without --gid, useradd would make a group of its own choosing (or use 100).
+                users[user] = (int(options["--uid"]), options["--gid"])
+    uid, gid = (int(n) for n in stages[name].one("USER").split(":"))
+    # USER names the user by number (runAsNonRoot can verify it), and that user exists with
+    # that group as its primary one, so its files and home folder belong to the running ids.
+    (user,) = [u for u, (number, _) in users.items() if number == uid]
+    primary = users[user][1]
+    assert (int(primary) if primary.isdigit() else groups[primary]) == gid
+    assert gid in groups.values(), f"no group with gid {gid}"
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"], pod["fsGroup"]) == (uid, gid, gid)
+    assert uid != 0
 
 
 def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
@@ -215,6 +288,7 @@ def test_dockerignore_keeps_the_context_to_what_the_image_needs(stages: dict[str
         if not line.startswith("--from")
         for src in line.split()[:-1]
     ]
+    assert "requirements/serve.txt" in sources
     assert sources
     for src in sources:
         assert (REPO / src).exists(), f"the Dockerfile copies {src}, which is not in the repo"
@@ -277,7 +351,7 @@ def test_compose_gpu_service() -> None:
     assert unet["build"]["target"] == "cuda"
     (device,) = unet["deploy"]["resources"]["reservations"]["devices"]
     assert device["capabilities"] == ["gpu"]
-    assert unet["ports"] == ["${UNET_PUBLISH_PORT:-8000}:8000"]
+    assert unet["ports"] == ["${UNET_BIND:-127.0.0.1}:${UNET_PUBLISH_PORT:-8000}:8000"]
     assert unet["restart"] in ("always", "unless-stopped", "on-failure")
     (models,) = unet["volumes"]
     assert models["read_only"] is True
@@ -301,6 +375,63 @@ def test_compose_cpu_profile_and_prometheus() -> None:
     assert [(s["metrics_path"], s["static_configs"][0]["targets"]) for s in scrape] == [
         ("/metrics", ["unet:8000"])
     ]
+
+
+def test_compose_publishes_on_loopback_unless_opened() -> None:
+    services = load_compose()["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            # HOST_IP:HOST_PORT:CONTAINER_PORT, with the host address a loopback default.
+            match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(\$\{[^}]*\}|\d+):\d+", port)
+            assert match and interpolation_default(match[1]) == "127.0.0.1", (name, port)
+    # One variable opens the service, and the README says which.
+    (port,) = services["unet"]["ports"]
+    assert port.startswith("${UNET_BIND:-127.0.0.1}:")
+    section = readme_section("Run with Docker")
+    assert "UNET_BIND=0.0.0.0" in section and "UNET_API_KEY" in section
+
+
+def compose_up_services(command: str) -> set[str]:
+    """The services `docker compose [--profile P]... up [SERVICE]...` starts: those named
+    (whatever their profiles) with what they depend on, else every service whose profiles are
+    all inactive or that has an active one."""
+    words = shlex.split(command, comments=True)
+    assert words[:2] == ["docker", "compose"] and "up" in words, command
+    up = words.index("up")
+    profiles = {words[i + 1] for i in range(2, up) if words[i] == "--profile"}
+    named = [w for w in words[up + 1 :] if not w.startswith("-")]
+    services = load_compose()["services"]
+    if not named:
+        return {
+            name
+            for name, service in services.items()
+            if not service.get("profiles") or profiles & set(service["profiles"])
+        }
+    started: set[str] = set()
+    while named:
+        name = named.pop()
+        started.add(name)
+        named += [d for d in services[name].get("depends_on", []) if d not in started]
+    return started
+
+
+def test_readme_compose_commands_start_what_they_say() -> None:
+    commands = [
+        line.split("#")[0].strip()
+        for line in code_lines(readme_section("Run with Docker"))
+        if line.startswith("docker compose")
+    ]
+    started = {command: compose_up_services(command) for command in commands}
+    assert started == {
+        "docker compose up": {"unet"},
+        "docker compose up unet-cpu": {"unet-cpu"},
+        "docker compose --profile monitoring up": {"unet", "prometheus"},
+        "docker compose up unet-cpu prometheus": {"unet-cpu", "prometheus"},
+    }
+    # The CPU commands start nothing that reserves a GPU.
+    services = load_compose()["services"]
+    for command in ("docker compose up unet-cpu", "docker compose up unet-cpu prometheus"):
+        assert not any("deploy" in services[name] for name in started[command]), command
 
 
 def test_compose_settings_are_the_service_defaults(stages: dict[str, Stage]) -> None:
