@@ -1,6 +1,10 @@
 """`unet-eval`: measure a trained UNet on labelled image pairs with the real tiled inference
-path: pixel error at the card's threshold, foreground Dice / IoU, and the adapted Rand error
-of the connected cell interiors (see training.scores), per image and overall; writes JSON.
+path. Per image and overall: the plain mismatch at the card's threshold (`pixel_error`, named
+`mismatch` too), foreground Dice / IoU, and the adapted Rand error of the connected cell
+interiors (see training.scores). Overall, on the ISBI 2012 challenge's own scale (see
+training.challenge): `challenge` (pixel and Rand error as 1 - the best F-score over
+thresholds) and `instances` (the served cell instances: Rand error, V_Rand, V_Info). Writes
+JSON. `--tune-instances` picks the instance parameters that minimise their Rand error.
 
 `--update-card` stores the numbers in the model card, which is how the shipped card's metrics
 are produced (and what tests/test_train_shipped.py reproduces)."""
@@ -17,10 +21,13 @@ from typing import Any
 import numpy as np
 
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
+from model.instances import InstanceParams
 from model.precision import PRECISIONS
 from model.weights import WeightsError, load_weights, save_weights
+from training.challenge import challenge_scores, segmentation_scores
 from training.data import DEFAULT_DATA, DataError, Pair, load_pairs, parse_slices
 from training.scores import Counts, confusion, rand_error
+from training.tune import tune_instances
 
 ROUND = 6
 
@@ -47,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--update-card", action="store_true", help="store the results in the card's metrics"
     )
+    p.add_argument(
+        "--tune-instances",
+        action="store_true",
+        help="choose the instance parameters (seed threshold, smoothing, minimum size) with "
+        "the lowest Rand error on these slices; --update-card stores them in the card",
+    )
     return p
 
 
@@ -65,6 +78,7 @@ def evaluate(
     tile_size: int = DEFAULT_TILE_SIZE,
     batch_size: int = 4,
     reference: Segmenter | None = None,
+    tune: bool = False,
 ) -> dict[str, Any]:
     """Metrics per image and overall. Pixel error, Dice and IoU pool the pixels of all images;
     the overall Rand error is the mean of the per-image ones (slices are separate 2-D
@@ -75,14 +89,19 @@ def evaluate(
     rands = []
     agree = 0
     pixels = 0
+    maps = []
     for pair in pairs:
-        mask = segmenter.segment(pair.image, tile_size, batch_size).mask
+        result = segmenter.segment(pair.image, tile_size, batch_size, probabilities=True)
+        mask = result.mask
+        assert result.probabilities is not None
+        maps.append(result.probabilities[0] if segmenter.out_channels == 1 else None)
         counts = confusion(mask, pair.label)
         rand = rand_error(mask, pair.label)
         total = total + counts
         rands.append(rand)
         row = {
             "pixel_error": round(counts.pixel_error, ROUND),
+            "mismatch": round(counts.pixel_error, ROUND),
             "dice": round(counts.dice, ROUND),
             "iou": round(counts.iou, ROUND),
             "rand_error": round(rand.error, ROUND),
@@ -98,6 +117,7 @@ def evaluate(
         per_image[pair.name] = row
     overall: dict[str, float] = {
         "pixel_error": round(total.pixel_error, ROUND),
+        "mismatch": round(total.pixel_error, ROUND),
         "dice": round(total.dice, ROUND),
         "iou": round(total.iou, ROUND),
         "rand_error": round(float(np.mean([r.error for r in rands])), ROUND),
@@ -106,7 +126,25 @@ def evaluate(
     }
     if reference is not None:
         overall["agreement_with_fp32"] = round(agree / pixels, ROUND)
-    return {"overall": overall, "per_image": per_image}
+    report: dict[str, Any] = {"overall": overall, "per_image": per_image}
+    if segmenter.out_channels == 1:
+        truths = [pair.label for pair in pairs]
+        report["challenge"] = rounded(challenge_scores(maps, truths))
+        if tune:
+            best, trials = tune_instances(maps, truths, segmenter.card.threshold)
+            segmenter.card.instances = best
+            report["instance_tuning"] = [
+                {"params": t["params"], **rounded({k: v for k, v in t.items() if k != "params"})}
+                for t in trials
+            ]
+        instances = [segmenter.instances(m) for m in maps]
+        report["instances"] = rounded(segmentation_scores(instances, truths))
+        report["instances"]["params"] = (segmenter.card.instances or InstanceParams()).model_dump()
+    return report
+
+
+def rounded(scores: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, ROUND) for k, v in scores.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     if segmenter.precision != "fp32":
         ref_model, _ = load_weights(args.weights)
         reference = Segmenter(ref_model, card, device=segmenter.device, precision="fp32")
-    results = evaluate(segmenter, pairs, args.tile_size, args.batch_size, reference)
+    results = evaluate(
+        segmenter, pairs, args.tile_size, args.batch_size, reference, args.tune_instances
+    )
     argv_list = sys.argv[1:] if argv is None else argv
     report: dict[str, Any] = {
         "command": shlex.join(["unet-eval", *argv_list]),
@@ -147,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:>8} {r['pixel_error']:9.4f} {r['dice']:7.4f} {r['iou']:7.4f} "
             f"{r['rand_error']:8.4f}{extra}"
         )
+    if "challenge" in results:
+        c, i = results["challenge"], results["instances"]
+        print(
+            f"challenge scale: pixel error {c['pixel_error']:.4f} (threshold "
+            f"{c['pixel_error_threshold']}), Rand error {c['rand_error']:.4f} (threshold "
+            f"{c['rand_error_threshold']}); instances: Rand error {i['rand_error']:.4f}, "
+            f"V_Rand {i['v_rand']:.4f}, V_Info {i['v_info']:.4f}, {i['params']}"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
@@ -155,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         # their agreement with fp32, so one card answers "what does bf16 do to my masks".
         others = dict(card.metrics.get("precisions", {}))
         if segmenter.precision == "fp32":
-            card.metrics = {**report, "precisions": others} if others else report
+            stored = dict(report)
+            if "instance_tuning" in stored:  # the card keeps the five best candidates
+                stored["instance_tuning"] = stored["instance_tuning"][:5]
+            card.metrics = {**stored, "precisions": others} if others else stored
         else:
             others[segmenter.precision] = {
                 "command": report["command"],
