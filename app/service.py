@@ -189,8 +189,11 @@ class InferenceService:
         except ImageError as e:
             raise image_error(e) from None
 
-    async def submit(self, image: np.ndarray, *, probabilities: bool) -> Job:
-        """Prepare and plan a decoded (H, W, C) image and queue it, or refuse at once."""
+    async def submit(
+        self, image: np.ndarray, *, probabilities: bool, tta: int | None = None
+    ) -> Job:
+        """Prepare and plan a decoded (H, W, C) image and queue it, or refuse at once.
+        `tta`: 1 or 8 views averaged (None: the server's UNET_TTA)."""
         self.check_available()
         height, width = image.shape[:2]
         if height * width > self.settings.max_pixels:
@@ -201,7 +204,11 @@ class InferenceService:
             )
         try:
             tiled = await asyncio.to_thread(
-                self.segmenter.tiled, image, self.info.tile_sizes, probabilities
+                self.segmenter.tiled,
+                image,
+                self.info.tile_sizes,
+                probabilities,
+                self.settings.tta if tta is None else tta,
             )
         except ImageError as e:
             raise ApiError(422, str(e)) from None

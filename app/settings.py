@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         DEFAULT_TILE_SIZE,
         description="Largest output tile; must be legal for the model (4 + 2^depth * j).",
     )
+    tta: int = Field(
+        1,
+        description="Test-time augmentation for requests that do not choose: 8 averages the "
+        "image's 8 rotations and mirrorings (8 times the computation), 1 is off.",
+    )
     max_batch_tiles: int = Field(
         0,
         ge=0,
@@ -89,6 +94,13 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long accepted work may still take."
     )
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, v: int) -> int:
+        if v not in (1, 8):
+            raise ValueError("must be 1 (off) or 8 (the image's 8 rotations and mirrorings)")
+        return v
 
     @field_validator("log_level", "precision", "backend", "device", mode="before")
     @classmethod

@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--probabilities", action="store_true", help="also write float32 .npy")
     p.add_argument(
+        "--tta",
+        action="store_const",
+        const=8,
+        default=1,
+        help="test-time augmentation: average the 8 rotations and mirrorings (8x the time)",
+    )
+    p.add_argument(
         "--instances",
         action="store_true",
         help="also write cell labels by seeded watershed (one-class models): "
@@ -81,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(path.name)
             try:
                 image = read_image(str(path))
-                plan_tiles = len(seg.plan(image.shape[0], image.shape[1], args.tile_size))
+                plan_tiles = args.tta * len(
+                    seg.plan(image.shape[0], image.shape[1], args.tile_size)
+                )
                 with tqdm(
                     total=plan_tiles,
                     unit="tile",
@@ -94,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         tile_size=args.tile_size,
                         batch_size=args.batch_size,
                         probabilities=args.probabilities or args.instances,
+                        tta=args.tta,
                         on_batch=tiles_bar.update,
                     )
             except (OSError, ImageError) as e:

@@ -105,16 +105,18 @@ class Segmenter:
         image: np.ndarray,
         tile_sizes: int | tuple[int, ...] | None = None,
         probabilities: bool = False,
+        tta: int = 1,
     ) -> TiledImage:
         """A decoded (H, W, C) image, prepared and planned: with one tile size, that size;
-        with several, the one that computes this image with the least work."""
+        with several, the one that computes this image with the least work. `tta=8` averages
+        the 8 rotations and mirrorings of the image (see model.tiled_image)."""
         prepared = self.prepare(image)
         height, width = prepared.shape[:2]
         if isinstance(tile_sizes, tuple):
             plan = plan_image(height, width, self.geometry, tile_sizes)
         else:
             plan = self.plan(height, width, tile_sizes)
-        return TiledImage(prepared, plan, self.out_channels, probabilities)
+        return TiledImage(prepared, plan, self.out_channels, probabilities, tta, self.to_mask)
 
     def tile_input(self, plan: TilePlan, image: np.ndarray, tile) -> np.ndarray:
         """The normalised float32 (C, S, S) input of one tile of a prepared image."""
@@ -177,10 +179,11 @@ class Segmenter:
         batch_size: int = 4,
         probabilities: bool = False,
         on_batch: Callable[[int], None] | None = None,
+        tta: int = 1,
     ) -> Segmentation:
         """Segment one decoded (H, W, C) image by overlap tiles, `batch_size` tiles per pass.
         Tiles are cut and consumed lazily, so memory stays bounded for huge images."""
-        tiled = self.tiled(image, tile_size, probabilities)
+        tiled = self.tiled(image, tile_size, probabilities, tta)
         run = BatchRunner(self, batch_size)
         while tiled.pending:
             items = [(tiled, tiled.take()) for _ in range(min(run.limit, tiled.pending))]

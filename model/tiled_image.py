@@ -5,16 +5,27 @@ This is the per-image half of the recipe (plan -> cut -> ... -> stitch); the oth
 normalise -> forward -> threshold, is `model.runner.BatchRunner`, which computes tiles of
 any number of TiledImages in one batch. `Segmenter.segment` loops over one TiledImage; the
 service's queue holds many and interleaves their tiles.
+
+Test-time augmentation (`variants=8`): the image is also seen rotated by 90, 180 and 270
+degrees and mirrored (8 views, the dihedral group), each view tiled exactly like the image
+itself, and the views' probabilities are averaged back in the image's frame. Each view's
+tiles are written into a rotated/mirrored *view* of one float64 sum, so no inverse transform
+is ever copied; float32 values sum exactly in float64, so the average does not depend on the
+order in which batches return.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from model.tiling import Stitcher, Tile, TilePlan
+
+VARIANTS = (1, 8)
+# View k: rotated k % 4 times by 90 degrees, then mirrored left-right when k >= 4.
+TileRef = tuple[int, Tile]  # (view, tile): what `take` hands out
 
 
 @dataclass
@@ -23,23 +34,64 @@ class Segmentation:
     probabilities: np.ndarray | None  # (K, H, W) float32, when asked for
 
 
+def view(array: np.ndarray, k: int, axes: tuple[int, int]) -> np.ndarray:
+    """The k-th dihedral view of `array` over two axes, as a numpy view (no copy)."""
+    rotated = np.rot90(array, k % 4, axes=axes)
+    if k < 4:
+        return rotated
+    index = [slice(None)] * array.ndim
+    index[axes[1]] = slice(None, None, -1)
+    return rotated[tuple(index)]
+
+
 class TiledImage:
     """A prepared (H, W, C) image, its tile plan and its stitched outputs. Tiles are handed
     out by `take` in plan order and may come back through `add` in any order."""
 
     def __init__(
-        self, image: np.ndarray, plan: TilePlan, out_channels: int, probabilities: bool
+        self,
+        image: np.ndarray,
+        plan: TilePlan,
+        out_channels: int,
+        probabilities: bool,
+        variants: int = 1,
+        to_mask: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         if image.shape[:2] != (plan.height, plan.width):
             raise ValueError(f"image {image.shape[:2]} does not match its plan")
+        if variants not in VARIANTS:
+            raise ValueError(
+                f"test-time augmentation takes {' or '.join(map(str, VARIANTS))} views"
+            )
+        if variants > 1 and to_mask is None:
+            raise ValueError("averaged views need to_mask to make their mask")
         self.image = image
         self.plan = plan
-        self.total = len(plan)
+        self.variants = variants
+        self._to_mask = to_mask
+        if variants == 1:
+            self._views = [(image, plan)]
+            self._mask: Stitcher | None = Stitcher(plan, 1, np.uint8)
+            self._probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
+            self._stitchers = [self._probs]
+        else:
+            self._sum = np.zeros((out_channels, plan.height, plan.width), np.float64)
+            self._views, self._stitchers = [], []
+            for k in range(variants):
+                pixels = view(image, k, (0, 1))
+                height, width = pixels.shape[:2]
+                view_plan = TilePlan(height, width, plan.geometry, plan.tile_size)
+                self._views.append((pixels, view_plan))
+                into = view(self._sum, k, (1, 2))
+                self._stitchers.append(Stitcher(view_plan, out_channels, add_into=into))
+            self._mask = None
+            self._probs = None
+        self.total = sum(len(p) for _, p in self._views)
         self.taken = 0  # tiles handed out
         self.done = 0  # tiles stitched
-        self._tiles: Iterator[Tile] = iter(plan)
-        self._mask = Stitcher(plan, 1, np.uint8)
-        self._probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
+        self._tiles: Iterator[TileRef] = (
+            (k, tile) for k, (_, view_plan) in enumerate(self._views) for tile in view_plan
+        )
 
     @property
     def tile_size(self) -> int:
@@ -59,22 +111,34 @@ class TiledImage:
     def complete(self) -> bool:
         return self.done == self.total
 
-    def take(self) -> Tile:
-        tile = next(self._tiles)
+    def take(self) -> TileRef:
+        ref = next(self._tiles)
         self.taken += 1
-        return tile
+        return ref
 
-    def tile_input(self, tile: Tile) -> np.ndarray:
+    def tile_input(self, ref: TileRef) -> np.ndarray:
         """The tile's (C, S, S) input window in the image's own dtype (not normalised)."""
-        return self.plan.extract(self.image, tile)
+        k, tile = ref
+        pixels, view_plan = self._views[k]
+        return view_plan.extract(pixels, tile)
 
-    def add(self, tile: Tile, probabilities: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, ref: TileRef, probabilities: np.ndarray, mask: np.ndarray) -> None:
         """Stitch one tile's (K, S, S) probabilities and (S, S) mask."""
-        self._mask.aggregate(mask[None], tile)
-        if self._probs is not None:
-            self._probs.aggregate(probabilities, tile)
+        k, tile = ref
+        if self._mask is not None:
+            self._mask.aggregate(mask[None], tile)
+            if self._probs is not None:
+                self._probs.aggregate(probabilities, tile)
+        else:
+            self._stitchers[k].aggregate(probabilities, tile)
         self.done += 1
 
     def result(self) -> Segmentation:
-        probabilities = self._probs.finalize() if self._probs is not None else None
-        return Segmentation(self._mask.finalize()[0], probabilities)
+        if self._mask is not None:
+            probabilities = self._probs.finalize() if self._probs is not None else None
+            return Segmentation(self._mask.finalize()[0], probabilities)
+        for stitcher in self._stitchers:
+            stitcher.finalize()  # raises if a view is incomplete
+        assert self._to_mask is not None
+        average = (self._sum / self.variants).astype(np.float32)
+        return Segmentation(self._to_mask(average), average)

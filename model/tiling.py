@@ -168,7 +168,9 @@ def plan_image(height: int, width: int, geometry: Geometry, sizes: tuple[int, ..
 
 class Stitcher:
     """Collects tile outputs into a (C, H, W) array: `aggregate(values, tile)` per tile in any
-    order, then `finalize()`. `track_coverage=True` counts writes per pixel (for tests)."""
+    order, then `finalize()`. `track_coverage=True` counts writes per pixel (for tests). With
+    `add_into`, a (C, H, W) array (or view) given by the caller, values are added to it
+    instead of written: test-time augmentation sums its variants so."""
 
     def __init__(
         self,
@@ -176,9 +178,16 @@ class Stitcher:
         channels: int,
         dtype: np.dtype | type = np.float32,
         track_coverage: bool = False,
+        add_into: np.ndarray | None = None,
     ) -> None:
         self.plan = plan
-        self.output = np.empty((channels, plan.height, plan.width), dtype=dtype)
+        self._adding = add_into is not None
+        if add_into is not None:
+            if add_into.shape != (channels, plan.height, plan.width):
+                raise ValueError(f"add_into must be {(channels, plan.height, plan.width)}")
+            self.output = add_into
+        else:
+            self.output = np.empty((channels, plan.height, plan.width), dtype=dtype)
         self.coverage = (
             np.zeros((plan.height, plan.width), dtype=np.uint16) if track_coverage else None
         )
@@ -196,7 +205,10 @@ class Stitcher:
             slice(tile.row, tile.row + rows.stop),
             slice(tile.col, tile.col + cols.stop),
         )
-        self.output[(slice(None), *dst)] = values[:, rows, cols]
+        if self._adding:
+            self.output[(slice(None), *dst)] += values[:, rows, cols]
+        else:
+            self.output[(slice(None), *dst)] = values[:, rows, cols]
         if self.coverage is not None:
             self.coverage[dst] += 1
         self._done[tile.index] = True

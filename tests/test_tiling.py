@@ -17,6 +17,7 @@ from conftest import TINY_CHANNELS, tiny_unet
 from model.engine import Segmenter
 from model.geometry import Geometry
 from model.imageio import ImageError
+from model.tiled_image import view
 from model.tiling import Stitcher, TilePlan, mirror_pad, reflect_indices
 from model.weights import ModelCard
 
@@ -171,3 +172,28 @@ def test_float_pixels_beyond_float32_normalisation_are_refused() -> None:
         seg.segment(image * np.float32(3e38))
     with pytest.raises(ImageError, match="finite"):
         seg.segment(np.full((5, 5, 1), np.nan, np.float32))
+
+
+@pytest.mark.parametrize(("h", "w"), [(1, 1), (37, 60), (130, 95)])
+def test_averaged_views_tiled_equal_the_averaged_whole_image_passes(h: int, w: int) -> None:
+    """tta=8: each of the 8 rotations/mirrorings is tiled exactly and their probabilities
+    are averaged in the image's frame; the same as averaging 8 single passes over the whole
+    padded views (float64 network: only the final cast to float32 rounds)."""
+    seg = make_segmenter(torch.float64)
+    image = random_image(h, w, seed=4)
+    averaged = seg.segment(image, tile_size=36, batch_size=5, probabilities=True, tta=8)
+    total = np.zeros((1, h, w))
+    for k in range(8):
+        pixels = np.ascontiguousarray(view(image, k, (0, 1)))
+        plan = seg.plan(pixels.shape[0], pixels.shape[1], 36)
+        back = np.zeros((1, h, w))
+        view(back, k, (1, 2))[...] = single_pass(seg, plan, pixels)
+        total += back
+    reference = total / 8
+    assert averaged.probabilities.dtype == np.float32
+    assert np.abs(averaged.probabilities - reference).max() <= FLOAT32_TOLERANCE
+    decided = np.abs(reference[0] - 0.5) > FLOAT32_TOLERANCE
+    assert np.array_equal(averaged.mask[decided], (reference[0] > 0.5)[decided])
+    # The views really differ: averaging changed the result.
+    single = seg.segment(image, tile_size=36, probabilities=True).probabilities
+    assert h * w == 1 or np.abs(single - averaged.probabilities).max() > 1e-6

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
 from app.encoding import instances_image, mask_png, overlay_png, probabilities_npy, slices
+from app.errors import ApiError
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.uploads import read_image_upload
 
@@ -96,15 +97,24 @@ async def segment(
         "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
         "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells).",
     ),
+    tta: int | None = Query(
+        None,
+        description="Test-time augmentation: 8 averages the probabilities of the image's 8 "
+        "rotations and mirrorings (8 times the computation), 1 is off; default: the "
+        "server's UNET_TTA.",
+        json_schema_extra={"enum": [1, 8]},
+    ),
 ) -> Response:
     service = get_service(request)
+    if tta not in (None, 1, 8):
+        raise ApiError(422, f"tta must be 1 or 8, got {tta}")
     service.check_available()
     with service.arriving():
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
         wants_probabilities = output in (Output.probabilities, Output.instances)
-        job = await service.submit(image, probabilities=wants_probabilities)
+        job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )

@@ -78,7 +78,8 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     with service.arriving():
         payload, as_binary, image = await _parse_request(request, service)
         wants_probabilities = "probabilities" in as_binary or "instances" in as_binary
-        job = await service.submit(image, probabilities=wants_probabilities)
+        tta = _tta(payload.parameters)
+        job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
@@ -160,6 +161,16 @@ def _check_json_reply(
             "MiB (UNET_MAX_JSON_REPLY_MB): ask for binary outputs (parameter "
             '"binary_data_output": true, or "binary_data": true per output)',
         )
+
+
+def _tta(parameters: dict[str, Any] | None) -> int | None:
+    """The request parameter "tta": 1 or 8 views averaged; absent: the server's default."""
+    value = (parameters or {}).get("tta")
+    if value is None:
+        return None
+    if isinstance(value, bool) or value not in (1, 8):
+        raise ApiError(422, f"parameter 'tta' must be 1 or 8, got {value!r}")
+    return int(value)
 
 
 def _flag(parameters: dict[str, Any] | None, name: str, default: bool) -> bool:
