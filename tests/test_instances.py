@@ -112,3 +112,28 @@ async def test_instances_of_a_several_class_model_are_422(tmp_path: Path) -> Non
             files={"file": ("s.png", png_bytes(isbi_slice(0)[:40, :40]))},
         )
     assert r.status_code == 422 and "one-class" in r.json()["error"]
+
+
+@pytest.mark.anyio
+async def test_overlay_can_colour_instances(tmp_path: Path) -> None:
+    pixels = isbi_slice(22)[:160, :200]
+    app = make_app(DEFAULT_WEIGHTS, tile_size=516, backend="auto")
+    async with running(app) as client:
+        files = {"file": ("s.png", png_bytes(pixels))}
+        labels_png = await client.post("/v1/segment", params={"output": "instances"}, files=files)
+        overlay = await client.post(
+            "/v1/segment", params={"output": "overlay", "colour": "instances"}, files=files
+        )
+        bad = await client.post(
+            "/v1/segment", params={"output": "overlay", "colour": "cells"}, files=files
+        )
+    assert overlay.status_code == 200 and bad.status_code == 422
+    labels = np.asarray(Image.open(io.BytesIO(labels_png.content)))
+    rgb = np.asarray(Image.open(io.BytesIO(overlay.content))).astype(int)
+    background = labels == 0
+    assert (rgb[background][:, 0] == pixels[background]).all()  # membranes untinted grey
+    # Each cell is tinted in one colour of its own: the tint (overlay minus grey) is
+    # constant over a cell's pixels up to rounding, and differs between neighbours.
+    tint = rgb - 0.55 * pixels[:, :, None]
+    means = {i: tint[labels == i].mean(axis=0) for i in np.unique(labels) if i}
+    assert len({tuple(np.round(m / 20)) for m in means.values()}) > len(means) // 3

@@ -1,7 +1,9 @@
-"""Draw the model card's figure: a validation slice, its label, the prediction of the
-shipped weights, and where they differ, side by side.
+"""Draw the model card's figures: a validation slice, its label, the prediction of the
+shipped weights, and where they differ, side by side; with --instances, the slice, the cell
+instances the service returns, and the label's cells, each cell in a colour of its own.
 
     python -m training.figure [WEIGHTS] [--slice NAME] [--out weights/isbi2012_validation.png]
+    python -m training.figure --instances [--out weights/isbi2012_instances.png]
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
+from model.instances import label_colours
 from model.weights import WeightsError
+from training.challenge import segmentation_scores, truth_segments
 from training.data import DEFAULT_DATA, DataError, load_pairs
 from training.scores import confusion, rand_error
 
@@ -57,6 +61,31 @@ def figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray, name: str) ->
     return out
 
 
+def instances_figure(
+    image: np.ndarray, label: np.ndarray, instances: np.ndarray, name: str, rand: float
+) -> Image.Image:
+    grey = image[:, :, 0] if image.ndim == 3 else image
+    truth = truth_segments(label)
+
+    def tinted(labels: np.ndarray) -> np.ndarray:
+        base = np.repeat(grey[:, :, None], 3, axis=2).astype(np.float32)
+        cells = labels > 0
+        base[cells] = 0.45 * base[cells] + 0.55 * label_colours(labels)[cells]
+        return np.rint(base).astype(np.uint8)
+
+    panels = [
+        panel(grey, f"slice {name}"),
+        panel(tinted(instances), f"instances: {instances.max()} cells, Rand {rand:.4f}"),
+        panel(tinted(truth), f"label: {truth.max()} cells"),
+    ]
+    out = Image.new("RGB", (sum(p.width for p in panels) + 6 * 2, panels[0].height), "white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + 6
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m training.figure", description=__doc__.split("\n")[0]
@@ -64,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("weights", nargs="?", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--slice", default=None, help="pair name; default the card's first validation")
-    p.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS.parent / "isbi2012_validation.png")
+    p.add_argument("--out", type=Path, default=None, help="default weights/isbi2012_*.png")
+    p.add_argument("--instances", action="store_true", help="the cell-instances figure")
     args = p.parse_args(argv)
+    kind = "instances" if args.instances else "validation"
+    args.out = args.out or DEFAULT_WEIGHTS.parent / f"isbi2012_{kind}.png"
     try:
         seg = Segmenter.from_weights(args.weights, device="cpu")
         pairs = {pair.name: pair for pair in load_pairs(args.data)}
@@ -75,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, DataError, ValueError) as e:
         p.error(str(e))
     pair = pairs[name]
-    mask = seg.segment(pair.image, tile_size=DEFAULT_TILE_SIZE).mask
-    fig = figure(pair.image, pair.label, mask, name)
+    result = seg.segment(pair.image, tile_size=DEFAULT_TILE_SIZE, probabilities=args.instances)
+    if args.instances:
+        assert result.probabilities is not None
+        labels = seg.instances(result.probabilities)
+        rand = segmentation_scores([labels], [pair.label])["rand_error"]
+        fig = instances_figure(pair.image, pair.label, labels, name, rand)
+    else:
+        fig = figure(pair.image, pair.label, result.mask, name)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     # A 256-colour palette (the greys plus the two error colours) keeps the PNG small.
     fig.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(args.out, optimize=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from enum import StrEnum
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -97,6 +98,11 @@ async def segment(
         "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
         "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells).",
     ),
+    colour: Literal["classes", "instances"] = Query(
+        "classes",
+        description="For `output=overlay`: tint each class, or each cell instance in a "
+        "colour of its own.",
+    ),
     tta: int | None = Query(
         None,
         description="Test-time augmentation: 8 averages the probabilities of the image's 8 "
@@ -113,7 +119,8 @@ async def segment(
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
-        wants_probabilities = output in (Output.probabilities, Output.instances)
+        by_instance = output is Output.overlay and colour == "instances"
+        wants_probabilities = output in (Output.probabilities, Output.instances) or by_instance
         job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
@@ -131,7 +138,8 @@ async def segment(
         labels = await service.instances(result)
         body, media, filename = await asyncio.to_thread(instances_image, labels)
     else:
-        body = await asyncio.to_thread(overlay_png, image, result.mask)
+        labels = await service.instances(result) if by_instance else None
+        body = await asyncio.to_thread(overlay_png, image, result.mask, labels)
         media, filename = "image/png", "overlay.png"
     headers = timing_headers(request, result, height, width, service.model_name)
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
