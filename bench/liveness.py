@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import threading
@@ -45,30 +46,53 @@ def small_weights(folder: Path) -> Path:
     return save_weights(UNet(channels, 1).eval(), card, folder / "probe.safetensors")
 
 
+def probe_loop(base: str, stop, results) -> None:
+    """In its own process (so the load clients' work in this one cannot delay it): probes
+    one after another until `stop` is set, then sends back (sent at, seconds) pairs, with
+    times on the system-wide monotonic clock."""
+    samples = []
+    with httpx.Client(base_url=base, timeout=60) as client:
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = client.get("/v2/health/live")
+            samples.append((sent, time.monotonic() - sent))
+            if r.status_code != 200:
+                raise RuntimeError(f"liveness answered {r.status_code}")
+            stop.wait(PROBE_INTERVAL_S)
+    results.put(samples)
+
+
 @dataclass
 class Probe:
-    """Sends liveness probes one after another and files each latency under the phase
-    that was running when it was sent."""
+    """The probe process, and the phases: each probe is filed under the phase that was
+    running when it was sent."""
 
     base: str
-    phase: str = "idle"
+    phases: list[tuple[str, float]] = field(default_factory=list)  # (name, start)
     latencies: dict[str, list[float]] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(self) -> None:
-        with httpx.Client(base_url=self.base, timeout=60) as client:
-            while not self._stop.is_set():
-                phase = self.phase
-                start = time.perf_counter()
-                r = client.get("/v2/health/live")
-                elapsed = time.perf_counter() - start
-                if r.status_code != 200:
-                    raise RuntimeError(f"liveness answered {r.status_code}")
-                self.latencies.setdefault(phase, []).append(elapsed)
-                self._stop.wait(PROBE_INTERVAL_S)
+    def __post_init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self._process = context.Process(
+            target=probe_loop, args=(self.base, self._stop, self._results)
+        )
+
+    def start(self) -> None:
+        self._process.start()
+        self.phase("idle")
+
+    def phase(self, name: str) -> None:
+        self.phases.append((name, time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
+        samples = self._results.get(timeout=120)
+        self._process.join(timeout=30)
+        for sent, latency in samples:
+            name = [n for n, start in self.phases if start <= sent][-1:] or ["idle"]
+            self.latencies.setdefault(name[0], []).append(latency)
 
 
 def json_request(side: int) -> bytes:
@@ -158,20 +182,19 @@ def measure(quick: bool = False) -> list[list[object]]:
         weights = small_weights(Path(tmp))
         with unet_server(weights) as server:
             probe = Probe(server.url)
-            prober = threading.Thread(target=probe.run)
-            prober.start()
+            probe.start()
             try:
                 time.sleep(1 if quick else 3)
                 side, body = largest_json_request(
                     settings.max_json_bytes, settings.max_json_reply_bytes
                 )
-                probe.phase = "json"
+                probe.phase("json")
                 load_phase(
                     server.url, 2, 1 if quick else 3, body, {"Content-Type": "application/json"}
                 )
                 json_row = f"JSON {side}x{side} UINT8, {len(body) / 2**20:.1f} MiB, 2 clients"
                 bside, bbody, head = binary_request(settings.max_upload_bytes, settings.max_pixels)
-                probe.phase = "binary"
+                probe.phase("binary")
                 load_phase(
                     server.url,
                     1,
@@ -182,7 +205,6 @@ def measure(quick: bool = False) -> list[list[object]]:
                 binary_row = f"binary {bside}x{bside} UINT16, {len(bbody) / 2**20:.0f} MiB"
             finally:
                 probe.stop()
-                prober.join()
     rows = []
     for phase, what in (("idle", "none"), ("json", json_row), ("binary", binary_row)):
         values = probe.latencies.get(phase, [])
