@@ -20,12 +20,44 @@ ARG CUDA_BASE=pytorch/pytorch:${TORCH_VERSION}-cuda12.6-cudnn9-runtime
 ARG PYTHON_BASE=python:3.11-slim-bookworm
 
 # Only the wheel leaves this stage: setuptools, the build tree and the sources stay behind.
+# training/ too (pure Python, a few hundred kB): the project's unet-train and unet-eval
+# commands then work in the images, whose lock installs scipy (scikit-image needs it).
 FROM ${PYTHON_BASE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY app/ app/
+COPY training/ training/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+
+# strip, for the install steps below, without a build tool left in either image. This stage
+# packs Debian's strip with the libraries and the loader it runs with into /kit, so that it
+# runs over any base, the CUDA one included; each image copies the kit in and deletes it in
+# the install step that uses it last (its COPY layer, 5 MB, stays). It is not mounted with
+# RUN --mount=from=binutils instead: podman 4.3, Debian 12's, mounts a cached stage's base
+# image in place of the stage, and keys no cache on what a mount holds. The shared libraries
+# that the wheels bring carry symbol tables and, some, debug information: strip
+# --strip-unneeded drops them (about 100 MB from torch, 75 MB from the lock's packages) and
+# keeps the dynamic symbols that loading and linking use.
+FROM ${PYTHON_BASE} AS binutils
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# binutils unpinned: the base's Debian release fixes its version, and no file of it but the
+# kit reaches an image. The script's $0 and $@ are meant for the script (single quotes).
+# hadolint ignore=DL3008,SC2016
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends binutils \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /kit/lib \
+    && cp "$(readlink -f /usr/bin/strip)" /kit/strip.bin \
+    && for lib in $(ldd /usr/bin/strip | grep -o '/[^ ]*'); do \
+        cp "$(readlink -f "$lib")" "/kit/lib/${lib##*/}"; \
+    done \
+    && loader=$(readelf -l /usr/bin/strip | sed -n 's/.*interpreter: \(.*\)]$/\1/p') \
+    && printf '#!/bin/sh\nkit=${0%%/*}\nexec "$kit/lib/%s" --library-path "$kit/lib" "$kit/strip.bin" "$@"\n' \
+        "${loader##*/}" >/kit/strip \
+    && chmod 755 /kit/strip \
+    && /kit/strip --version
 
 
 FROM ${PYTHON_BASE} AS cpu
@@ -35,22 +67,45 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch alone (--no-deps: the lock has its dependencies), in a layer of its own that the
-# frequent lock changes leave cached. Deleted in the same layer, about 160 MB that nothing in
-# this image can use: torch's C++ test programs (torch/test; *Test and test_* in torch/bin),
-# and what only building C++ against torch needs (torch/include, torch/share/cmake and
-# torch/bin/protoc*), since the image has no C++ compiler. (Without one, torch.compile has no
-# CPU backend either, with or without the headers: UNET_COMPILE is not for this image.)
+# frequent lock changes leave cached. Deleted in the same layer (a later one could not shrink
+# the image), about 160 MB that nothing in this image can use: torch's C++ test programs
+# (torch/test; *Test and test_* in torch/bin), and what only building C++ against torch needs
+# (torch/include, torch/share/cmake and torch/bin/protoc*), since the image has no C++
+# compiler. (Without one, torch.compile has no CPU backend either, with or without the
+# headers: UNET_COMPILE is not for this image.) Its shared libraries are stripped: 99 MB.
+COPY --from=binutils /kit /tmp/strip-kit
 RUN pip install --no-cache-dir --no-deps torch==${TORCH_VERSION} --index-url ${TORCH_INDEX} \
     && torch=$(python -c "import importlib.util as u; print(u.find_spec('torch').origin)") \
     && torch=${torch%/*} \
     && rm -rf "$torch"/test "$torch"/bin/*Test "$torch"/bin/test_* "$torch"/bin/protoc* \
-        "$torch"/include "$torch"/share/cmake
+        "$torch"/include "$torch"/share/cmake \
+    && find "$torch" -type f -name '*.so*' -exec /tmp/strip-kit/strip --strip-unneeded {} +
 # COPY rather than a bind mount, though the files (under 100 kB) stay in a layer: podman and
 # buildah key their layer cache on what a COPY brings but not on a mount's contents, so a new
 # lock or a new wheel would otherwise be built over a stale layer.
 WORKDIR /src
 COPY requirements/serve.txt requirements/
-RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
+# The lock, slimmed in the same layer, and only in what this step installed (the files whose
+# inode changed after the stamp): rewriting a file of a lower layer, torch's, would copy it
+# into this one. Gone: the packages' own test suites and benchmarks (`tests` and `benchmarks`
+# folders, about 100 MB: sympy, scipy, numpy, networkx, mpmath), the ONNX backend test suite
+# and its data (onnx/backend/test, 18 MB), none of which the packages import to run; and
+# the shared libraries' symbol tables and debug information (strip, about 75 MB). Not
+# stripped: the libraries that auditwheel bundled into NAME.libs/ folders, which patchelf
+# has rewritten; strip leaves some of them unloadable (numpy's and scipy's OpenBLAS and
+# gfortran: "ELF load command address/offset not page-aligned"). The .pyc files pip compiles
+# (about 150 MB) stay: without them every start compiles what it imports again, as a user
+# that cannot write them (the service's imports took 4.3 s instead of 1.7 s on a 2-core
+# machine).
+RUN touch /tmp/before-lock \
+    && pip install --no-cache-dir --require-hashes -r requirements/serve.txt \
+    && site=$(python -c "import sysconfig; print(sysconfig.get_path('platlib'))") \
+    && rm -rf "$site"/onnx/backend/test \
+    && find "$site" -cnewer /tmp/before-lock -type d \( -name tests -o -name benchmarks \) \
+        -prune -exec rm -rf {} + \
+    && find "$site" -cnewer /tmp/before-lock -type f -name '*.so*' ! -path '*.libs/*' \
+        -exec /tmp/strip-kit/strip --strip-unneeded {} + \
+    && rm -rf /tmp/before-lock /tmp/strip-kit
 COPY --from=wheel /wheels /src/wheels
 RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
     && pip check
@@ -79,10 +134,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The base ships CUDA torch, which the project's torch requirement accepts; the lock brings
-# everything else, torch's own dependencies at the versions the lock was resolved with.
+# everything else, torch's own dependencies at the versions the lock was resolved with,
+# slimmed as in the CPU image (the base's own files, its torch among them, stay as they are).
 WORKDIR /src
+COPY --from=binutils /kit /tmp/strip-kit
 COPY requirements/serve.txt requirements/
-RUN pip install --no-cache-dir --require-hashes -r requirements/serve.txt
+RUN touch /tmp/before-lock \
+    && pip install --no-cache-dir --require-hashes -r requirements/serve.txt \
+    && site=$(python -c "import sysconfig; print(sysconfig.get_path('platlib'))") \
+    && rm -rf "$site"/onnx/backend/test \
+    && find "$site" -cnewer /tmp/before-lock -type d \( -name tests -o -name benchmarks \) \
+        -prune -exec rm -rf {} + \
+    && find "$site" -cnewer /tmp/before-lock -type f -name '*.so*' ! -path '*.libs/*' \
+        -exec /tmp/strip-kit/strip --strip-unneeded {} + \
+    && rm -rf /tmp/before-lock /tmp/strip-kit
 COPY --from=wheel /wheels /src/wheels
 RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
     && pip check

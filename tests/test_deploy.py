@@ -200,6 +200,16 @@ def test_final_stages(stages: dict[str, Stage], name: str) -> None:
         assert not re.search(r"apt-get|gcc|build-essential|pip wheel", command)
         if "pip install" in command:
             assert "--no-cache-dir" in command
+    # The strip kit it copies from the binutils stage is deleted by the last RUN that uses it.
+    kits = [c.split()[-1] for c in stage.all("COPY") if c.startswith("--from=binutils ")]
+    assert kits, "the image's install steps strip what they install"
+    runs = run_commands(stage)
+    for kit in kits:
+        using = [i for i, c in enumerate(runs) if f"{kit}/strip" in c]
+        assert using, f"{kit} is copied in but never used"
+        assert any(
+            words[:2] == ["rm", "-rf"] and kit in words for words in shell_commands(runs[using[-1]])
+        ), f"the last RUN that uses {kit} leaves it in the image"
     assert "/v2/health/ready" in stage.one("HEALTHCHECK")
 
 
@@ -262,6 +272,23 @@ def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
         if any(re.fullmatch(regex, c) for c in candidates):
             excluded = not negate
     return excluded
+
+
+def test_wheel_holds_every_package_the_console_scripts_need(stages: dict[str, Stage]) -> None:
+    # The images' wheel is built from what the wheel stage copies: every console script's
+    # package must be there, or its command fails in the image (unet-eval needs training/).
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    copied = {
+        Path(src).parts[0]
+        for line in stages["wheel"].all("COPY")
+        if not line.startswith("--from")
+        for src in line.split()[:-1]
+    }
+    for script, target in project["project"]["scripts"].items():
+        package = target.split(".")[0]
+        assert package in copied, f"{script} needs {package}/, which the wheel stage leaves out"
+    included = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert {pattern.rstrip("*") for pattern in included} <= copied
 
 
 def test_dockerignore_keeps_the_context_to_what_the_image_needs(stages: dict[str, Stage]) -> None:
