@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from app.settings import Settings
-from bench import determinism, engine, liveness, load, peers, workload
+from bench import determinism, engine, liveness, load, outputs, peers, workload
 from bench.load import LoadResult, Server
 from model.engine import DEFAULT_WEIGHTS, Segmenter
 from model.geometry import Geometry
@@ -457,6 +457,16 @@ def section_liveness(run: Run) -> None:
     run.report.add()
 
 
+def section_outputs(run: Run) -> None:
+    run.report.add("## What cell instances and test-time augmentation cost")
+    run.report.add()
+    run.report.add(outputs.__doc__.split("\n\n")[0].replace("\n", " "))
+    run.report.add()
+    for line in outputs.markdown(outputs.measure(3 if run.quick else 7, run.weights)):
+        run.report.add(line)
+    run.report.add()
+
+
 def write_plots(run: Run, out_dir: Path) -> None:
     import matplotlib
 
@@ -546,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     section_scaling(run)
     section_determinism(run, device)
     section_liveness(run)
+    section_outputs(run)
     out_dir = args.out.parent / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(run, out_dir)
