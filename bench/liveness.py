@@ -34,16 +34,17 @@ PROBE_INTERVAL_S = 0.02
 TARGET_P99_MS = 100.0
 
 
-def small_weights(folder: Path) -> Path:
-    channels = [1, 4, 8, 16]
+def random_weights(folder: Path, name: str, channels: list[int], std: float = 0.25) -> Path:
+    """A randomly initialised UNet saved with its card, for benchmarks whose measure does
+    not depend on the weights' values."""
     torch.manual_seed(0)
     card = ModelCard(
-        name="probe",
+        name=name,
         channels=channels,
-        normalization={"mean": [0.5], "std": [0.25]},
+        normalization={"mean": [0.5], "std": [std]},
         description="Randomly initialised, for benchmarks only.",
     )
-    return save_weights(UNet(channels, 1).eval(), card, folder / "probe.safetensors")
+    return save_weights(UNet(channels, 1).eval(), card, folder / f"{name}.safetensors")
 
 
 def probe_loop(base: str, stop, results) -> None:
@@ -179,7 +180,7 @@ def measure(quick: bool = False) -> list[list[object]]:
     """Rows of (phase, request, probes, p50 ms, p99 ms, max ms)."""
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
-        weights = small_weights(Path(tmp))
+        weights = random_weights(Path(tmp), "probe", [1, 4, 8, 16])
         with unet_server(weights) as server:
             probe = Probe(server.url)
             probe.start()

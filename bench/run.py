@@ -23,14 +23,14 @@ import torch
 
 from app.settings import Settings
 from bench import determinism, engine, liveness, load, outputs, peers, workload
+from bench.liveness import random_weights
 from bench.load import LoadResult, Server
 from model.engine import DEFAULT_WEIGHTS, Segmenter
 from model.geometry import Geometry
 from model.precision import cpu_has_fast_bf16
 from model.tiling import choose_tile_size
 from model.tiling import tile_sizes as tile_buckets
-from model.unet import UNet
-from model.weights import ModelCard, load_card, save_weights
+from model.weights import load_card
 
 TUTORIAL_CHANNELS = [3, 64, 128, 256, 512, 1024]
 DOCS = workload.REPO / "docs"
@@ -69,14 +69,7 @@ def cpu_name() -> str:
 
 def tutorial_weights(tmp: Path) -> Path:
     """The tutorial's channel list, randomly initialised (speed does not depend on values)."""
-    torch.manual_seed(0)
-    card = ModelCard(
-        name="tutorial",
-        channels=TUTORIAL_CHANNELS,
-        normalization={"mean": [0.5], "std": [0.5]},
-        description="Randomly initialised, for benchmarks only.",
-    )
-    return save_weights(UNet(TUTORIAL_CHANNELS, 1).eval(), card, tmp / "tutorial.safetensors")
+    return random_weights(tmp, "tutorial", TUTORIAL_CHANNELS, std=0.5)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -222,3 +223,20 @@ async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
     """One sample from the app's /metrics, 0 when absent."""
     samples = metric_samples((await client.get("/metrics")).text)
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def binary_infer(
+    pixels: np.ndarray, datatype: str, outputs: list[str], **extra: object
+) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 request with the binary tensor extension, as tritonclient sends it: the
+    JSON header, then the image's raw little-endian bytes; the outputs come back binary."""
+    raw = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    tensor = {"name": "image", "shape": list(pixels.shape), "datatype": datatype}
+    header = json.dumps(
+        {
+            "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
+            "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in outputs],
+            **extra,
+        }
+    ).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}

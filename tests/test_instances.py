@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import make_app, png_bytes, running, save_tiny
+from app_helpers import binary_infer, make_app, png_bytes, running, save_tiny
 from PIL import Image
 from skimage.measure import label
 
@@ -74,19 +74,8 @@ async def test_the_three_interfaces_give_the_same_labels(tmp_path: Path) -> None
             files={"file": ("s.png", png_bytes(pixels))},
         )
         assert v1.status_code == 200 and v1.headers["content-type"] == "image/png"
-        tensor = {"name": "image", "shape": [200, 260], "datatype": "UINT8"}
-        raw = pixels.tobytes()
-        header = json.dumps(
-            {
-                "inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}],
-                "outputs": [{"name": "instances", "parameters": {"binary_data": True}}],
-            }
-        ).encode()
-        v2 = await client.post(
-            "/v2/models/isbi2012/infer",
-            content=header + raw,
-            headers={"Inference-Header-Content-Length": str(len(header))},
-        )
+        body, headers = binary_infer(pixels, "UINT8", ["instances"])
+        v2 = await client.post("/v2/models/isbi2012/infer", content=body, headers=headers)
         assert v2.status_code == 200, v2.text
     from_v1 = np.asarray(Image.open(io.BytesIO(v1.content))).astype(np.uint32)
     length = int(v2.headers["inference-header-content-length"])

@@ -4,12 +4,11 @@ give the same result as the same image sent binary."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import em_crop, make_app, running, save_tiny
+from app_helpers import binary_infer, em_crop, make_app, running, save_tiny
 
 pytestmark = pytest.mark.anyio
 
@@ -34,25 +33,8 @@ async def test_json_body_over_its_limit_is_413_pointing_at_the_binary_extension(
         error = r.json()["error"]
         assert "UNET_MAX_JSON_MB" in error and "Inference-Header-Content-Length" in error
         # The same image as binary data is far over the JSON limit and still served.
-        raw = pixels.tobytes()
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "shape": [300, 300],
-                        "datatype": "UINT8",
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ],
-                "outputs": [{"name": "mask", "parameters": {"binary_data": True}}],
-            }
-        ).encode()
-        r = await client.post(
-            "/v2/models/tiny/infer",
-            content=header + raw,
-            headers={"Inference-Header-Content-Length": str(len(header))},
-        )
+        body, headers = binary_infer(pixels, "UINT8", ["mask"])
+        r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
         assert r.status_code == 200, r.text
 
 
@@ -84,28 +66,10 @@ async def test_big_json_tensors_in_any_layout_equal_the_binary_result(
         tensor = json_tensor(pixels[None, None], nested=True)
     else:
         tensor = json_tensor(pixels, nested=layout == "nested")
-    binary = {"parameters": {"binary_data_output": True}, "outputs": [{"name": "probabilities"}]}
     async with running(make_app(weights)) as client:
         as_json = await client.post("/v2/models/tiny/infer", json={"inputs": [tensor]})
-        raw = pixels.tobytes()
-        header = json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "shape": [300, 300],
-                        "datatype": "UINT8",
-                        "parameters": {"binary_data_size": len(raw)},
-                    }
-                ],
-                **binary,
-            }
-        ).encode()
-        as_binary = await client.post(
-            "/v2/models/tiny/infer",
-            content=header + raw,
-            headers={"Inference-Header-Content-Length": str(len(header))},
-        )
+        body, headers = binary_infer(pixels, "UINT8", ["probabilities"])
+        as_binary = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
     assert as_json.status_code == 200 and as_binary.status_code == 200, as_json.text
     outputs = {o["name"]: o for o in as_json.json()["outputs"]}
     length = int(as_binary.headers["inference-header-content-length"])

@@ -34,6 +34,17 @@ def panel(pixels: np.ndarray, title: str) -> Image.Image:
     return out
 
 
+def side_by_side(panels: list[Image.Image], gap: int = 6) -> Image.Image:
+    out = Image.new(
+        "RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), panels[0].height), "white"
+    )
+    x = 0
+    for p in panels:
+        out.paste(p, (x, 0))
+        x += p.width + gap
+    return out
+
+
 def figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray, name: str) -> Image.Image:
     grey = image[:, :, 0] if image.ndim == 3 else image
     truth, pred = label.astype(bool), mask.astype(bool)
@@ -53,12 +64,7 @@ def figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray, name: str) ->
             f"errors: pixel {counts.pixel_error:.4f}, Rand {rand.error:.4f}",
         ),
     ]
-    out = Image.new("RGB", (sum(p.width for p in panels) + 6 * 3, panels[0].height), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + 6
-    return out
+    return side_by_side(panels)
 
 
 def instances_figure(
@@ -78,12 +84,7 @@ def instances_figure(
         panel(tinted(instances), f"instances: {instances.max()} cells, Rand {rand:.4f}"),
         panel(tinted(truth), f"label: {truth.max()} cells"),
     ]
-    out = Image.new("RGB", (sum(p.width for p in panels) + 6 * 2, panels[0].height), "white")
-    x = 0
-    for p in panels:
-        out.paste(p, (x, 0))
-        x += p.width + 6
-    return out
+    return side_by_side(panels)
 
 
 def main(argv: list[str] | None = None) -> int:
