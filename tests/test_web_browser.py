@@ -110,7 +110,11 @@ def test_slice_is_segmented_shown_and_downloaded_as_the_api_answers(
         downloads = page.get_by_role("group", name="Downloads")
         got = download(page, downloads.get_by_role("link", name="Download mask (PNG)"))
         assert got == mask_png
-        for output, label in [("probabilities", "probabilities (.npy)"), ("overlay", "overlay")]:
+        for output, label in [
+            ("probabilities", "probabilities (.npy)"),
+            ("overlay", "overlay"),
+            ("instances", "cell instances"),
+        ]:
             got = download(page, downloads.get_by_role("button", name=f"Download {label}"))
             assert got == api(base, SLICE.read_bytes(), SLICE.name, output).content, output
             if output == "probabilities":

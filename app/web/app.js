@@ -59,6 +59,11 @@ async function refreshModel() {
   $("mask-legend").textContent = alone ?? "colours as in the overlay";
 }
 
+/** Whether the model offers cell instances (one-class models do). */
+function hasInstances() {
+  return Boolean(model?.outputs?.some((o) => o.name === "instances"));
+}
+
 function refreshState() {
   return refreshServer($("server-state"), $("server-queue"));
 }
@@ -69,7 +74,7 @@ function downloadButton(job, output, filename, label) {
   button.addEventListener("click", async () => {
     const saved = job.outputs[output];
     if (saved) {
-      saveBlob(saved, filename);
+      saveBlob(saved, saved.type === "image/tiff" ? filename.replace(/\.png$/, ".tif") : filename);
       return;
     }
     button.disabled = true;
@@ -84,7 +89,8 @@ function downloadButton(job, output, filename, label) {
         onRetry: (left) => show(`server busy, retrying in ${left} s`),
       });
       job.outputs[output] = blob;
-      saveBlob(blob, filename);
+      // Instances beyond 65535 cells come as a 32-bit TIFF instead of a 16-bit PNG.
+      saveBlob(blob, blob.type === "image/tiff" ? filename.replace(/\.png$/, ".tif") : filename);
       $("download-error").textContent = "";
     } catch (error) {
       $("download-error").textContent = describe(error);
@@ -108,6 +114,9 @@ function display(job) {
     mask,
     downloadButton(job, "probabilities", `${name}_probabilities.npy`, "Download probabilities (.npy)"),
     downloadButton(job, "overlay", `${name}_overlay.png`, "Download overlay (PNG)"),
+    ...(hasInstances()
+      ? [downloadButton(job, "instances", `${name}_instances.png`, "Download cell instances (PNG)")]
+      : []),
     el("p", { id: "download-error", className: "error", role: "alert" }),
   );
   $("downloads").hidden = false;
