@@ -224,10 +224,16 @@ class InferenceService:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
+    def check_instances(self) -> None:
+        """Refuse instances of a model that cannot give them, before anything is computed."""
+        if self.info.out_channels != 1:
+            raise ApiError(422, "instances need a one-class model (foreground probabilities)")
+
     async def instances(self, result: SegmentResult) -> np.ndarray:
         """(H, W) uint32 cell labels of a result submitted with probabilities."""
-        if self.info.out_channels != 1 or result.probabilities is None:
-            raise ApiError(422, "instances need a one-class model (foreground probabilities)")
+        self.check_instances()
+        if result.probabilities is None:
+            raise ApiError(422, "instances need the request's probabilities")
         return await asyncio.to_thread(self.segmenter.instances, result.probabilities)
 
     async def result(

@@ -33,6 +33,25 @@ def write_instances(labels: np.ndarray, stem: Path) -> Path:
     return path
 
 
+def output_clash(images: list[Path], output_dir: Path) -> str | None:
+    """Why the outputs DIR/<stem>.png (.npy, .instances.png) cannot be written safely: two
+    inputs with one stem would overwrite each other's results, and an input inside DIR named
+    <stem>.png would be replaced by its own mask."""
+    seen: dict[str, Path] = {}
+    for path in images:
+        if path.stem in seen:
+            return (
+                f"{seen[path.stem]} and {path} would both write {output_dir / path.stem}.png; "
+                "segment them into different output folders"
+            )
+        seen[path.stem] = path
+        for suffix in (".png", ".npy", ".instances.png", ".instances.tif"):
+            target = output_dir / f"{path.stem}{suffix}"
+            if target.exists() and path.exists() and target.samefile(path):
+                return f"the output {target} would overwrite the input {path}; choose another -o"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unet-predict",
@@ -80,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"unet-predict: error: {e}\n")
     if args.instances and seg.out_channels != 1:
         parser.exit(2, "unet-predict: error: --instances needs a one-class model\n")
+    problem = output_clash(args.images, args.output_dir)
+    if problem:
+        parser.exit(2, f"unet-predict: error: {problem}\n")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     failures = 0

@@ -92,3 +92,19 @@ def test_console_script_runs(tiny_weights: Path, images: list[Path], tmp_path: P
     )
     assert proc.returncode == 0, proc.stderr
     assert np.asarray(Image.open(out / "slice1.png")).shape == (37, 300)
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(tiny_weights: Path, tmp_path: Path) -> None:
+    slice_png = tmp_path / "a" / "x.png"
+    other = tmp_path / "b" / "x.png"
+    for path in (slice_png, other):
+        path.parent.mkdir()
+        Image.fromarray(isbi_slice(0)[:40, :40]).save(path)
+    before = slice_png.read_bytes()
+    weights = ["--weights", str(tiny_weights)]
+    with pytest.raises(SystemExit) as same:
+        main([str(slice_png), "-o", str(slice_png.parent), *weights])
+    assert same.value.code == 2 and slice_png.read_bytes() == before
+    with pytest.raises(SystemExit) as clash:
+        main([str(slice_png), str(other), "-o", str(tmp_path / "out"), *weights])
+    assert clash.value.code == 2 and not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import binary_infer, make_app, png_bytes, running, save_tiny
+from app_helpers import binary_infer, make_app, metric, png_bytes, running, save_tiny
 from PIL import Image
 from skimage.measure import label
 
@@ -92,15 +92,23 @@ async def test_the_three_interfaces_give_the_same_labels(tmp_path: Path) -> None
 
 
 @pytest.mark.anyio
-async def test_instances_of_a_several_class_model_are_422(tmp_path: Path) -> None:
+async def test_instances_of_a_several_class_model_are_422_before_inference(
+    tmp_path: Path,
+) -> None:
     weights = save_tiny(tmp_path, out_channels=3)
+    files = {"file": ("s.png", png_bytes(isbi_slice(0)[:40, :40]))}
     async with running(make_app(weights)) as client:
-        r = await client.post(
-            "/v1/segment",
-            params={"output": "instances"},
-            files={"file": ("s.png", png_bytes(isbi_slice(0)[:40, :40]))},
-        )
-    assert r.status_code == 422 and "one-class" in r.json()["error"]
+        for params in ({"output": "instances"}, {"output": "overlay", "colour": "instances"}):
+            r = await client.post("/v1/segment", params=params, files=files)
+            assert r.status_code == 422 and "one-class" in r.json()["error"]
+        body, headers = binary_infer(isbi_slice(0)[:40, :40], "UINT8", ["instances"])
+        r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert r.status_code == 422
+        assert "['mask', 'probabilities']" in r.json()["error"]  # what this model has
+        assert await metric(client, "unet_tiles_total") == 0  # nothing was computed
+        # colour belongs to the overlay.
+        r = await client.post("/v1/segment", params={"colour": "instances"}, files=files)
+        assert r.status_code == 422 and "overlay" in r.json()["error"]
 
 
 @pytest.mark.anyio

@@ -52,7 +52,7 @@ async def test_tta_on_v1_and_v2_equals_the_engines_average(weights: Path) -> Non
         tiles = await metric(client, "unet_tiles_total")
         assert tiles == int(plain.headers["x-tiles"]) * (1 + 8 + 8)
 
-        for bad in (2, True, "8"):
+        for bad in (2, True, "8", 8.0):
             request["parameters"] = {"tta": bad}
             r = await client.post("/v2/models/tiny/infer", json=request)
             assert r.status_code == 422 and "tta" in r.json()["error"]

@@ -98,8 +98,8 @@ async def segment(
         "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
         "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells).",
     ),
-    colour: Literal["classes", "instances"] = Query(
-        "classes",
+    colour: Literal["classes", "instances"] | None = Query(
+        None,
         description="For `output=overlay`: tint each class, or each cell instance in a "
         "colour of its own.",
     ),
@@ -114,12 +114,16 @@ async def segment(
     service = get_service(request)
     if tta not in (None, 1, 8):
         raise ApiError(422, f"tta must be 1 or 8, got {tta}")
+    if colour is not None and output is not Output.overlay:
+        raise ApiError(422, "colour applies to output=overlay only")
     service.check_available()
     with service.arriving():
         data = await read_image_upload(request, service.settings.max_upload_bytes)
         image = await service.decode(data)
         del data
         by_instance = output is Output.overlay and colour == "instances"
+        if output is Output.instances or by_instance:
+            service.check_instances()
         wants_probabilities = output in (Output.probabilities, Output.instances) or by_instance
         job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
     result = await service.result(

@@ -120,9 +120,10 @@ async def _parse_request(
     tensor = payload.inputs[0]
     raw = _binary_input(tensor, binary)
     requested = payload.outputs or [RequestedOutput(name=n) for n in DEFAULT_OUTPUTS]
-    unknown = sorted({o.name for o in requested} - set(OUTPUTS))
+    offered = [n for n in OUTPUTS if n != "instances" or service.info.out_channels == 1]
+    unknown = sorted({o.name for o in requested} - set(offered))
     if unknown:
-        raise ApiError(422, f"unknown output(s) {unknown}; this model has {list(OUTPUTS)}")
+        raise ApiError(422, f"unknown output(s) {unknown}; this model has {offered}")
     binary_default = _flag(payload.parameters, "binary_data_output", False)
     as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
     image = await asyncio.to_thread(tensor_to_image, tensor, settings.max_pixels, raw)
@@ -168,7 +169,7 @@ def _tta(parameters: dict[str, Any] | None) -> int | None:
     value = (parameters or {}).get("tta")
     if value is None:
         return None
-    if isinstance(value, bool) or value not in (1, 8):
+    if not isinstance(value, int) or isinstance(value, bool) or value not in (1, 8):
         raise ApiError(422, f"parameter 'tta' must be 1 or 8, got {value!r}")
     return int(value)
 
