@@ -224,10 +224,23 @@ class InferenceService:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
-    def check_instances(self) -> None:
-        """Refuse instances of a model that cannot give them, before anything is computed."""
+    def check_instances(self, image: np.ndarray | None = None) -> None:
+        """Refuse instances that the model cannot give, or that would take more memory than
+        UNET_MAX_INSTANCE_PIXELS allows, before anything is computed."""
         if self.info.out_channels != 1:
             raise ApiError(422, "instances need a one-class model (foreground probabilities)")
+        if image is None:
+            return
+        pixels = image.shape[0] * image.shape[1]
+        limit = self.settings.max_instance_pixels
+        if pixels > limit:
+            raise ApiError(
+                413,
+                f"cell instances of a {image.shape[1]}x{image.shape[0]} image ({pixels} pixels) "
+                f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (the watershed "
+                "peaks at about 66 bytes per pixel); ask for the mask or probabilities, or "
+                "segment the image in parts",
+            )
 
     async def instances(self, result: SegmentResult) -> np.ndarray:
         """(H, W) uint32 cell labels of a result submitted with probabilities."""

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest image (height x width); beyond this, 413."
     )
+    max_instance_pixels: int = Field(
+        25_000_000,
+        ge=1,
+        description="Largest image whose cell instances are computed: the seeded watershed "
+        "peaks at about 66 bytes per pixel (1.7 GB at this default); beyond this, 413.",
+    )
     api_key: SecretStr | None = Field(
         None, description="Bearer token required on inference routes; unset = open."
     )

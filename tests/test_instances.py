@@ -134,3 +134,21 @@ async def test_overlay_can_colour_instances(tmp_path: Path) -> None:
     tint = rgb - 0.55 * pixels[:, :, None]
     means = {i: tint[labels == i].mean(axis=0) for i in np.unique(labels) if i}
     assert len({tuple(np.round(m / 20)) for m in means.values()}) > len(means) // 3
+
+
+@pytest.mark.anyio
+async def test_instances_of_images_over_their_pixel_limit_are_413(tmp_path: Path) -> None:
+    pixels = isbi_slice(1)[:60, :70]
+    async with running(make_app(save_tiny(tmp_path), max_instance_pixels=4000)) as client:
+        files = {"file": ("s.png", png_bytes(pixels))}
+        r = await client.post("/v1/segment", params={"output": "instances"}, files=files)
+        assert r.status_code == 413 and "UNET_MAX_INSTANCE_PIXELS" in r.json()["error"]
+        body, headers = binary_infer(pixels, "UINT8", ["instances"])
+        r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        assert r.status_code == 413
+        assert await metric(client, "unet_tiles_total") == 0
+        # The mask of the same image is served.
+        assert (await client.post("/v1/segment", files=files)).status_code == 200
+        small = {"file": ("s.png", png_bytes(pixels[:50, :60]))}
+        r = await client.post("/v1/segment", params={"output": "instances"}, files=small)
+        assert r.status_code == 200

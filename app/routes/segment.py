@@ -123,7 +123,7 @@ async def segment(
         del data
         by_instance = output is Output.overlay and colour == "instances"
         if output is Output.instances or by_instance:
-            service.check_instances()
+            service.check_instances(image)
         wants_probabilities = output in (Output.probabilities, Output.instances) or by_instance
         job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
     result = await service.result(

@@ -77,6 +77,8 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     service.check_available()
     with service.arriving():
         payload, as_binary, image = await _parse_request(request, service)
+        if "instances" in as_binary:
+            service.check_instances(image)
         wants_probabilities = "probabilities" in as_binary or "instances" in as_binary
         tta = _tta(payload.parameters)
         job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
