@@ -29,7 +29,6 @@ from app.settings import Settings
 from model.engine import Segmenter
 from model.imageio import (
     CorruptImageError,
-    EmptyImageError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
@@ -93,8 +92,7 @@ def image_error(e: ImageError) -> ApiError:
         return ApiError(413, str(e))
     if isinstance(e, UnsupportedImageError) and not isinstance(e, CorruptImageError):
         return ApiError(415, str(e))
-    assert isinstance(e, EmptyImageError | CorruptImageError | ImageError)
-    return ApiError(422, str(e))
+    return ApiError(422, str(e))  # empty, corrupt or truncated, unusable pixels
 
 
 class InferenceService:
