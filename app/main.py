@@ -22,9 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.routes import health_metrics, segment, v2, v2_infer, web
-from app.routes.common import ARRIVED
 from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
+from app.uploads import ARRIVED
 from model.engine import Segmenter
 from model.weights import WeightsError
 

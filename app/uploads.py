@@ -5,6 +5,7 @@ chunked gets 413 after at most the limit, never after the whole upload."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, Callable
 
 from fastapi import Request
@@ -14,6 +15,7 @@ from starlette.requests import ClientDisconnect
 
 from app.errors import ApiError
 
+ARRIVED = "unet.arrived"  # scope key: when the request arrived, set by the metrics middleware
 # Room for the multipart boundaries and part headers around a file of the maximum size.
 MULTIPART_SLACK = 64 * 1024
 # Bodies above this are joined in a worker thread.
@@ -28,10 +30,31 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, f"the upload is larger than the limit of {limit / 2**20:g} MiB")
 
 
+def arrival(request: Request) -> float:
+    """When the request arrived (set by the metrics middleware), as time.monotonic()."""
+    return request.scope.get(ARRIVED, time.monotonic())
+
+
 async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, at most `limit` bytes, all within the request's deadline: a client
+    that stalls mid-upload gets 408 when UNET_REQUEST_TIMEOUT_S has passed since its arrival,
+    instead of holding its connection for as long as it likes."""
+    timeout = request.app.state.settings.request_timeout_s
+    deadline = arrival(request) + timeout
     received = 0
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    f"the upload did not arrive within {timeout:g} s (UNET_REQUEST_TIMEOUT_S)",
+                ) from None
             received += len(chunk)
             if received > limit:
                 raise _TooLarge

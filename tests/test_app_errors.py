@@ -62,10 +62,12 @@ async def drive(
     chunks: Iterable[bytes],
     path: str = "/v1/segment",
     hang_up: bool = False,
+    stall: bool = False,
 ) -> tuple[int, int]:
     """POST `path` straight through ASGI, feeding the body chunk by chunk. Returns the
     status and how many chunks the app pulled. With `hang_up`, the client disconnects after
-    the last chunk instead of finishing the body."""
+    the last chunk instead of finishing the body; with `stall`, it stays connected and sends
+    nothing more."""
     chunk_list = list(chunks)
     pulled = 0
     status = 0
@@ -74,7 +76,7 @@ async def drive(
         nonlocal pulled
         if pulled < len(chunk_list):
             pulled += 1
-            more = hang_up or pulled < len(chunk_list)
+            more = hang_up or stall or pulled < len(chunk_list)
             return {"type": "http.request", "body": chunk_list[pulled - 1], "more_body": more}
         if not hang_up:
             await asyncio.Event().wait()  # the client stays connected
@@ -149,6 +151,22 @@ async def test_client_gone_mid_upload_is_499_not_a_server_error(weights: Path) -
         assert 'unet_requests_total{endpoint="/v1/segment",method="POST",status="499"} 2.0' in (
             metrics
         )
+        r = await client.post("/v1/segment", files={"file": ("a.png", png, "image/png")})
+        assert r.status_code == 200
+
+
+async def test_a_stalled_upload_is_408_at_the_request_deadline(weights: Path) -> None:
+    """A client that stops sending mid-body does not hold its connection forever: the
+    request's deadline (UNET_REQUEST_TIMEOUT_S, from arrival) covers the upload too."""
+    app = make_app(weights, request_timeout_s=0.5)
+    png = png_bytes(em_crop(0, 0, 0, 64, 64))
+    async with running(app) as client:
+        raw = {"content-type": "image/png", "content-length": str(len(png))}
+        status, pulled = await drive(app, raw, [png[:100]], stall=True)
+        assert status == 408 and pulled == 1
+        v2 = {"content-type": "application/json"}
+        status, _ = await drive(app, v2, [b'{"inputs": '], "/v2/models/tiny/infer", stall=True)
+        assert status == 408
         r = await client.post("/v1/segment", files={"file": ("a.png", png, "image/png")})
         assert r.status_code == 200
 

@@ -9,8 +9,9 @@ from fastapi import Request
 
 from app.errors import ApiError
 from app.service import InferenceService, SegmentResult
+from app.uploads import arrival
 
-ARRIVED = "unet.arrived"  # scope key
+__all__ = ["arrival", "get_service", "timing_headers", "wait_for_disconnect"]
 
 
 def get_service(request: Request) -> InferenceService:
@@ -18,11 +19,6 @@ def get_service(request: Request) -> InferenceService:
     if service is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
     return service
-
-
-def arrival(request: Request) -> float:
-    """When the request arrived (set by the metrics middleware), as time.monotonic()."""
-    return request.scope.get(ARRIVED, time.monotonic())
 
 
 async def wait_for_disconnect(request: Request) -> None:
