@@ -24,6 +24,7 @@ from app.service import InferenceService
 from app.settings import Settings
 from conftest import TINY_CHANNELS, isbi_slice, tiny_unet
 from model.engine import Segmenter
+from model.instances import InstanceParams
 from model.weights import ModelCard, save_weights
 
 # Depth 2: legal output tiles are 4 + 4j; 60 gives buckets 16 / 32 / 60 and input tiles 100.
@@ -53,6 +54,9 @@ def save_tiny(tmp_path: Path, out_channels: int = 1, name: str = "tiny") -> Path
         probs = seg.segment(isbi_slice(0)[:200, :200, None], TILE, probabilities=True)
         assert probs.probabilities is not None
         card.threshold = float(np.median(probs.probabilities))
+        # Seeds for cell instances just above it, so that instances have cells too.
+        top = float(np.quantile(probs.probabilities, 0.9))
+        card.instances = InstanceParams(seed_threshold=top, min_size=4)
     return save_weights(model, card, tmp_path / f"{name}.safetensors")
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 
 from app.encoding import PALETTE, overlay_png
 from conftest import ISBI
+from model.instances import label_colours
 
 expect = pytest.importorskip("playwright.sync_api").expect
 Axe = pytest.importorskip("axe_playwright_python.sync_playwright").Axe
@@ -119,6 +120,21 @@ def test_slice_is_segmented_shown_and_downloaded_as_the_api_answers(
             assert got == api(base, SLICE.read_bytes(), SLICE.name, output).content, output
             if output == "probabilities":
                 assert np.load(io.BytesIO(got)).shape == (512, 512)
+
+        # "Colour each cell": the overlay's tint becomes the API's cell instances, each cell
+        # in the colour the server's instance overlay gives it; the view stays where it was.
+        labels = np.asarray(
+            Image.open(io.BytesIO(api(base, SLICE.read_bytes(), SLICE.name, "instances").content))
+        )
+        page.get_by_label("Colour each cell").check()
+        page.wait_for_selector("[data-panel=overlay][data-colouring=cells]")
+        tint = pixels(page, "canvas.tint").astype(int)
+        cells = labels > 0
+        assert (tint[~cells][:, 3] == 0).all() and (tint[cells][:, 3] == 255).all()
+        expected = label_colours(labels).astype(int)
+        assert np.abs(tint[cells][:, :3] - expected[cells]).max() <= 1
+        page.get_by_label("Colour each cell").uncheck()
+        page.wait_for_selector("[data-panel=overlay][data-colouring=classes]")
 
         # The invalid file shows the API's own error, in words.
         refused = api(base, notes.read_bytes(), notes.name)

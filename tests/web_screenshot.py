@@ -1,7 +1,8 @@
 """Takes docs/web-page.png: the page at `/` serving the shipped weights, with two ISBI slices
-segmented (a training slice, then a test slice, which is shown).
+segmented (a training slice, then a test slice, which is shown); with --cells, the overlay
+colours each cell instance.
 
-    .venv/bin/python tests/web_screenshot.py [--out docs/web-page.png]
+    .venv/bin/python tests/web_screenshot.py [--out docs/web-page.png] [--cells]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ SLICES = [ISBI / "train" / "image" / "05.png", ISBI / "test" / "10.png"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "web-page.png")
+    parser.add_argument("--cells", action="store_true", help='with "Colour each cell" on')
     args = parser.parse_args()
     settings = Settings(weights=REPO / "weights" / "isbi2012.safetensors", device="cpu")
     with live_server(create_app(settings)) as base, browser_page(base) as (page, log):
@@ -31,6 +33,9 @@ def main() -> None:
         for path in SLICES:
             entry = page.locator("li.job").filter(has=page.get_by_text(path.name, exact=True))
             entry.get_by_text("Done:").wait_for(timeout=120_000)
+        if args.cells:
+            page.get_by_label("Colour each cell").check()
+            page.wait_for_selector("[data-panel=overlay][data-colouring=cells]", timeout=120_000)
         page.locator("#server-queue").get_by_text("0 images").wait_for()
         page.locator("body").click(position={"x": 5, "y": 5})  # no focus ring in the picture
         page.screenshot(path=str(args.out), full_page=True)

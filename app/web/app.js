@@ -3,7 +3,7 @@
 
 import { apiKey, describe, segment, setApiKey } from "./api.js";
 import { el } from "./dom.js";
-import { maskCanvases, previewCanvas } from "./render.js";
+import { cellsTint, maskCanvases, previewCanvas } from "./render.js";
 import { loadModel, refreshServer, tintedClasses } from "./status.js";
 import { Viewer } from "./viewer.js";
 
@@ -13,6 +13,7 @@ const NO_PREVIEW = "The browser cannot show this file; the overlay shows the mas
 
 const jobs = [];
 let model = null;
+let current = null; // the job whose result is shown
 let modelLater = false; // the card could not be had yet (server loading or unreachable)
 let busy = false;
 const viewer = new Viewer(document.querySelectorAll(".viewport"), (zoom) => {
@@ -103,9 +104,40 @@ function downloadButton(job, output, filename, label) {
   return button;
 }
 
+/** The overlay's tint: the classes, or with "Colour each cell" every cell instance in its
+ * own colour (the API's instances of the same file, asked for once). */
+async function showLayers(job) {
+  const { result } = job;
+  const cells = $("cells").checked && hasInstances();
+  let tint = result.layers.tint;
+  if (cells) {
+    if (!result.cellsTint) {
+      const width = result.width;
+      const height = result.height;
+      if (!job.outputs.instances) {
+        job.outputs.instances = (await segment(job.file, "instances", {})).blob;
+      }
+      result.cellsTint = await cellsTint(job.outputs.instances, width, height);
+    }
+    tint = result.cellsTint;
+  }
+  if (current !== job) return; // another image was chosen meanwhile
+  viewer.show({ image: result.preview, ...result.layers, tint }, NO_PREVIEW, true);
+  document.querySelector("[data-panel=overlay]").dataset.colouring = cells ? "cells" : "classes";
+  $("legend").hidden = cells;
+  $("cells-legend").hidden = !cells;
+}
+
 function display(job) {
   const { result, file } = job;
+  current = job;
+  $("cells-control").hidden = !hasInstances();
   viewer.show({ image: result.preview, ...result.layers }, NO_PREVIEW);
+  if ($("cells").checked && hasInstances()) {
+    showLayers(job).catch((error) => {
+      $("download-error").textContent = describe(error);
+    });
+  }
   $("result-name").textContent = file.name;
   $("empty").hidden = true;
   const name = stem(file.name);
@@ -154,7 +186,7 @@ async function process(job) {
       previewCanvas(file, width, height),
       maskCanvases(blob, classes, width, height),
     ]);
-    job.result = { preview, layers, maskUrl: URL.createObjectURL(blob) };
+    job.result = { preview, layers, width, height, maskUrl: URL.createObjectURL(blob) };
     progress.value = 1;
     const seconds = (Number(headers.get("X-Total-Ms")) / 1000).toFixed(2);
     const tiles = headers.get("X-Tiles");
@@ -243,6 +275,17 @@ function setUp() {
   // A file dropped beside the zone must not replace the page.
   for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
 
+  $("cells").addEventListener("change", () => {
+    if (!current) return;
+    $("cells").disabled = true;
+    showLayers(current)
+      .catch((error) => {
+        $("download-error").textContent = describe(error);
+      })
+      .finally(() => {
+        $("cells").disabled = false;
+      });
+  });
   const opacity = $("opacity");
   opacity.addEventListener("input", () => {
     viewer.setOpacity(opacity.value / 100);

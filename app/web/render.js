@@ -85,6 +85,39 @@ export async function previewCanvas(file, width, height) {
   }
 }
 
+/** A cell id's colour, as the server's instance overlay gives it (model/instances.py:
+ * a golden-ratio walk round the hue circle, full saturation, values 55..255). */
+export function cellColour(id) {
+  const hue = (id * 0.618033988749895) % 1;
+  return [5, 3, 1].map((n) => {
+    const k = (n + hue * 6) % 6;
+    const rgb = 1 - Math.min(Math.max(Math.min(k, 4 - k), 0), 1);
+    return Math.round(55 + 200 * rgb);
+  });
+}
+
+/** The server's instance labels (16-bit PNG, or 32-bit TIFF beyond 65535 cells) -> the
+ * overlay tint with every cell in its own colour, at the view size. */
+export async function cellsTint(blob, width, height) {
+  const step = viewStep(width, height);
+  const buffer = await blob.arrayBuffer();
+  const head = new Uint8Array(buffer, 0, Math.min(32, buffer.byteLength));
+  const labels = isTiff(head) ? await decodeTiff(buffer, step) : await decodePng16(buffer, step);
+  const w = labels.outWidth;
+  const h = labels.outHeight;
+  const tint = canvas(w, h);
+  const data = new ImageData(w, h);
+  const colours = new Map();
+  for (let i = 0; i < w * h; i += 1) {
+    const id = labels.samples[i * labels.channels];
+    if (!id) continue;
+    if (!colours.has(id)) colours.set(id, cellColour(id));
+    data.data.set([...colours.get(id), 255], i * 4);
+  }
+  tint.getContext("2d").putImageData(data, 0, 0);
+  return tint;
+}
+
 /** The mask PNG -> {mask, tint}: the mask to show alone (0/255 for one class, class colours
  * for several) and the classes' colours over transparency, for the overlay. */
 export async function maskCanvases(blob, classes, width, height) {

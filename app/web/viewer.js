@@ -29,8 +29,9 @@ export class Viewer {
     new ResizeObserver(() => this.size && this.fit()).observe(this.viewports[0]);
   }
 
-  /** Shows {image (canvas or null), mask, tint, step}; a null image gets `note` instead. */
-  show({ image, mask, tint, step }, note) {
+  /** Shows {image (canvas or null), mask, tint, step}; a null image gets `note` instead.
+   * With `keepView` (the same image, other colours) the zoom and pan stay as they are. */
+  show({ image, mask, tint, step }, note, keepView = false) {
     const [imageStage, overlayStage, maskStage] = this.stages;
     imageStage.replaceChildren(...(image ? [image] : []));
     overlayStage.replaceChildren(...(image ? [copyOf(image)] : []), tint);
@@ -42,7 +43,8 @@ export class Viewer {
     this.setOpacity(this.opacity);
     this.size = { width: mask.width, height: mask.height };
     this.step = step;
-    this.fit();
+    if (keepView && this.view) this.apply();
+    else this.fit();
   }
 
   setOpacity(opacity) {
