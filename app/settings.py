@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.geometry import Geometry
 from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
+from model.tiled_image import VARIANTS
 
 # Per-tile cost on a 2-core AMX CPU rose with the batch (bf16: 5.5 output MP/s at 1 tile,
 # 5.2 at 2, 3.1 at 8; fp32 on ONNX Runtime: 2.09 at 1, 1.97 at 8): a CPU gains nothing from
@@ -104,7 +105,7 @@ class Settings(BaseSettings):
     @field_validator("tta")
     @classmethod
     def _tta(cls, v: int) -> int:
-        if v not in (1, 8):
+        if v not in VARIANTS:
             raise ValueError("must be 1 (off) or 8 (the image's 8 rotations and mirrorings)")
         return v
 

@@ -73,10 +73,10 @@ class TiledImage:
             self._views = [(image, plan)]
             self._mask: Stitcher | None = Stitcher(plan, 1, np.uint8)
             self._probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
-            self._stitchers = [self._probs]
+            self._stitchers: list[Stitcher] = []  # one per averaged view
         else:
             self._sum = np.zeros((out_channels, plan.height, plan.width), np.float64)
-            self._views, self._stitchers = [], []
+            self._views = []
             for k in range(variants):
                 pixels = view(image, k, (0, 1))
                 height, width = pixels.shape[:2]

@@ -14,6 +14,7 @@ from app.encoding import instances_image, mask_png, overlay_png, probabilities_n
 from app.errors import ApiError
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
 from app.uploads import read_image_upload
+from model.tiled_image import VARIANTS
 
 router = APIRouter(tags=["segmentation"])
 
@@ -112,7 +113,7 @@ async def segment(
     ),
 ) -> Response:
     service = get_service(request)
-    if tta not in (None, 1, 8):
+    if tta is not None and tta not in VARIANTS:
         raise ApiError(422, f"tta must be 1 or 8, got {tta}")
     if colour is not None and output is not Output.overlay:
         raise ApiError(422, "colour applies to output=overlay only")

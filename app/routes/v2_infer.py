@@ -29,6 +29,7 @@ from app.v2_tensors import (
     parse_request,
     tensor_to_image,
 )
+from model.tiled_image import VARIANTS
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])
 
@@ -171,7 +172,7 @@ def _tta(parameters: dict[str, Any] | None) -> int | None:
     value = (parameters or {}).get("tta")
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value not in (1, 8):
+    if not isinstance(value, int) or isinstance(value, bool) or value not in VARIANTS:
         raise ApiError(422, f"parameter 'tta' must be 1 or 8, got {value!r}")
     return int(value)
 
