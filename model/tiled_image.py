@@ -69,11 +69,11 @@ class TiledImage:
         self.plan = plan
         self.variants = variants
         self._to_mask = to_mask
+        self._stitchers: list[Stitcher] = []  # one per averaged view
         if variants == 1:
             self._views = [(image, plan)]
             self._mask: Stitcher | None = Stitcher(plan, 1, np.uint8)
             self._probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
-            self._stitchers: list[Stitcher] = []  # one per averaged view
         else:
             self._sum = np.zeros((out_channels, plan.height, plan.width), np.float64)
             self._views = []
