@@ -8,7 +8,7 @@ out-of-memory splitting. Tiles of one size share a shape whatever image they com
 a batch can mix tiles of a 4096x4096 slice and a 200x300 crop.
 
 Flow: a request is decoded and planned first, then `submit` admits it (or refuses at once
-when the queue is full) as a `Job`. The worker picks the oldest waiting job's tile size,
+when the queue is full) as a `QueuedImage`. The worker picks the oldest waiting job's tile size,
 takes tiles of that size round-robin over the waiting jobs (one per job per turn, so a huge
 image cannot starve small ones), waits at most `max_wait_s` for a batch to fill (only while
 other requests are still arriving), and runs the batch callable in its own thread so the
@@ -28,16 +28,16 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from app.jobs import (
+from app.metrics import Metrics
+from app.queued import (
     InferenceError,
-    Job,
+    QueuedImage,
     QueueFullError,
     ShuttingDownError,
     TooManyTilesError,
     take_round_robin,
     wait_for_job,
 )
-from app.metrics import Metrics
 from model.runner import BatchItem, TileOutput
 from model.tiled_image import Segmentation, TiledImage
 from model.tiling import Tile
@@ -65,8 +65,8 @@ class TileBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue_tiles = max_queue_tiles
         self.metrics = metrics
-        self._ready: deque[Job] = deque()  # jobs with tiles not yet handed to the worker
-        self._active: set[Job] = set()  # jobs not finished, failed or cancelled
+        self._ready: deque[QueuedImage] = deque()  # jobs with tiles not yet handed to the worker
+        self._active: set[QueuedImage] = set()  # jobs not finished, failed or cancelled
         self._queued_tiles = 0
         self._arriving = 0
         self._wakeup = asyncio.Event()
@@ -143,7 +143,7 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage) -> Job:
+    def submit(self, image: TiledImage) -> QueuedImage:
         """Admit an image, or raise at once: ShuttingDownError, TooManyTilesError,
         QueueFullError."""
         if self._task is None:
@@ -157,7 +157,7 @@ class TileBatcher:
             )
         if self._queued_tiles + n > self.max_queue_tiles:
             raise QueueFullError(self.retry_after())
-        job = Job(image, asyncio.get_running_loop())
+        job = QueuedImage(image, asyncio.get_running_loop())
         self._active.add(job)
         self._ready.append(job)
         self._queued_tiles += n
@@ -168,7 +168,7 @@ class TileBatcher:
 
     async def result(
         self,
-        job: Job,
+        job: QueuedImage,
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
     ) -> Segmentation:
@@ -181,7 +181,7 @@ class TileBatcher:
         finally:
             self.cancel(job)
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: QueuedImage) -> None:
         """Drop a job's remaining tiles (no-op for a finished job)."""
         if not job.active:
             return
@@ -191,7 +191,7 @@ class TileBatcher:
 
     # ----- worker side -----------------------------------------------------------------------
 
-    def _retire(self, job: Job) -> None:
+    def _retire(self, job: QueuedImage) -> None:
         job.active = False
         self._queued_tiles -= job.image.outstanding
         self._active.discard(job)
@@ -201,14 +201,14 @@ class TileBatcher:
             self._idle.set()
         self._update_gauges()
 
-    def _fail(self, job: Job, error: Exception) -> None:
+    def _fail(self, job: QueuedImage, error: Exception) -> None:
         if not job.active:
             return
         self._retire(job)
         if not job.future.done():
             job.future.set_exception(error)
 
-    def _finish(self, job: Job) -> None:
+    def _finish(self, job: QueuedImage) -> None:
         # The result is built while the job is still active: if finalising fails, the
         # batch's failure handler can still fail this job instead of leaving it hanging.
         result = job.image.result()
@@ -224,7 +224,7 @@ class TileBatcher:
 
     async def _run(self) -> None:
         while True:
-            batch: list[tuple[Job, Tile]] = []
+            batch: list[tuple[QueuedImage, Tile]] = []
             try:
                 size = await self._next_batch()
                 self._pick(size, batch)
@@ -236,7 +236,7 @@ class TileBatcher:
                 # exactly the requests with tiles in it, at once; the worker goes on.
                 self._fail_batch(batch, e)
 
-    def _fail_batch(self, batch: list[tuple[Job, Tile]], error: Exception) -> None:
+    def _fail_batch(self, batch: list[tuple[QueuedImage, Tile]], error: Exception) -> None:
         jobs = list(dict.fromkeys(job for job, _ in batch))
         log.error(
             "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
@@ -269,7 +269,7 @@ class TileBatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)
 
-    def _pick(self, size: int, picks: list[tuple[Job, Tile]]) -> None:
+    def _pick(self, size: int, picks: list[tuple[QueuedImage, Tile]]) -> None:
         """Fill `picks` round-robin (see `take_round_robin`); served jobs move to the back
         of the line, and jobs with nothing left leave it."""
         served = take_round_robin(self._ready, size, self.batch_limit(), picks)
@@ -287,7 +287,7 @@ class TileBatcher:
             + [job for job in served if job.image.pending > 0]
         )
 
-    async def _process(self, picks: list[tuple[Job, Tile]]) -> None:
+    async def _process(self, picks: list[tuple[QueuedImage, Tile]]) -> None:
         loop = asyncio.get_running_loop()
         items = [(job.image, tile) for job, tile in picks]
         start = time.monotonic()

@@ -15,16 +15,16 @@ import numpy as np
 
 from app.batching import TileBatcher
 from app.errors import ApiError
-from app.jobs import (
+from app.metrics import Metrics
+from app.queued import (
     ClientGoneError,
     DeadlineExceededError,
     InferenceError,
-    Job,
+    QueuedImage,
     QueueFullError,
     ShuttingDownError,
     TooManyTilesError,
 )
-from app.metrics import Metrics
 from app.settings import Settings
 from model.engine import Segmenter
 from model.imageio import (
@@ -189,7 +189,7 @@ class InferenceService:
 
     async def submit(
         self, image: np.ndarray, *, probabilities: bool, tta: int | None = None
-    ) -> Job:
+    ) -> QueuedImage:
         """Prepare and plan a decoded (H, W, C) image and queue it, or refuse at once.
         `tta`: 1 or 8 views averaged (None: the server's UNET_TTA)."""
         self.check_available()
@@ -249,7 +249,7 @@ class InferenceService:
 
     async def result(
         self,
-        job: Job,
+        job: QueuedImage,
         *,
         started: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,

@@ -1,4 +1,5 @@
-"""A request's image in the tile queue, and the ways its wait can end."""
+"""A request's image in the tile queue (a `QueuedImage`: one synchronous request's or one
+section job's image), and the ways its wait can end."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class InferenceError(Exception):
     """A batch failed; only the requests with tiles in that batch see this."""
 
 
-class Job:
+class QueuedImage:
     """One request's image in the queue: the TiledImage, its future and its timings."""
 
     def __init__(self, image: TiledImage, loop: asyncio.AbstractEventLoop) -> None:
@@ -62,8 +63,8 @@ class Job:
 
 
 def take_round_robin(
-    line: Iterable[Job], size: int, limit: int, picks: list[tuple[Job, Tile]]
-) -> list[Job]:
+    line: Iterable[QueuedImage], size: int, limit: int, picks: list[tuple[QueuedImage, Tile]]
+) -> list[QueuedImage]:
     """Append to `picks` up to `limit` tiles of one size from the jobs in `line`, one per
     job per turn, oldest first, so a huge image cannot starve small ones. `picks` is filled
     in place, so a failure midway still knows whom it touched. Returns the jobs served."""
@@ -79,7 +80,7 @@ def take_round_robin(
 
 
 async def wait_for_job(
-    job: Job, timeout: float, disconnected: Callable[[], Awaitable[object]] | None
+    job: QueuedImage, timeout: float, disconnected: Callable[[], Awaitable[object]] | None
 ) -> Segmentation:
     """The job's result, or DeadlineExceededError after `timeout` seconds, or
     ClientGoneError as soon as the awaitable `disconnected()` makes returns."""
