@@ -80,9 +80,16 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
 
 
 def overlay_png(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None) -> bytes:
-    """RGB PNG of the (H, W, C) image in grey or colour, each non-zero class of the (H, W)
-    mask tinted in its colour, or with `labels` each cell instance in a colour of its own.
-    Built in row blocks so huge images need no float copy."""
+    """The overlay (`overlay_rgb`) as an RGB PNG."""
+    return png_bytes(Image.fromarray(overlay_rgb(image, mask, labels), mode="RGB"))
+
+
+def overlay_rgb(
+    image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W, 3) uint8: the (H, W, C) image in grey or colour, each non-zero class of the
+    (H, W) mask tinted in its colour, or with `labels` each cell instance in a colour of its
+    own. Built in row blocks so huge images need no float copy."""
     lo, hi = _display_range(image)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     height, width = mask.shape
@@ -106,4 +113,4 @@ def overlay_png(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None =
             colour = PALETTE[(int(cls) - 1) % len(PALETTE)]
             rgb[where] = (1 - OVERLAY_ALPHA) * rgb[where] + OVERLAY_ALPHA * colour
         out[r : r + ROW_BLOCK] = np.rint(rgb)
-    return png_bytes(Image.fromarray(out, mode="RGB"))
+    return out

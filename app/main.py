@@ -21,7 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.routes import health_metrics, segment, v2, v2_infer, web
+from app.job_runner import JobRunner
+from app.jobfiles import JobFiles
+from app.jobtable import open_job_table
+from app.routes import health_metrics, jobs, segment, v2, v2_infer, web
 from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
 from app.uploads import ARRIVED
@@ -37,6 +40,9 @@ requests share forward passes.
 
 * `POST /v1/segment`: upload an image (multipart field `file`), get a mask PNG,
   probabilities (`.npy`) or an overlay PNG.
+* `POST /v1/jobs`: a section job for stacks and images of any size (up to
+  `UNET_MAX_JOB_PIXELS`), computed in the background; poll `GET /v1/jobs/{id}`, download
+  `GET /v1/jobs/{id}/result`.
 * `/v2/...`: the Open Inference Protocol (KServe v2) with JSON tensors.
 * `GET /metrics`: Prometheus metrics.
 
@@ -97,13 +103,23 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         seg = segmenter or await asyncio.to_thread(load_segmenter, settings)
         service = InferenceService(settings, seg, metrics)
-        await service.start()
-        app.state.service = service
+        table = await asyncio.to_thread(open_job_table, settings.jobs_db_url)
         try:
-            yield
+            await service.start()
+            runner = JobRunner(service, table, JobFiles.from_settings(settings), settings, metrics)
+            await runner.start()
+            app.state.service = service
+            app.state.jobs = runner
+            try:
+                yield
+            finally:
+                # The job in progress goes back to the queue first (its tiles leave the tile
+                # queue), so that draining waits only for the requests' work.
+                await runner.stop()
+                await service.shutdown(settings.drain_timeout_s)
+                log.info("inference worker stopped")
         finally:
-            await service.shutdown(settings.drain_timeout_s)
-            log.info("inference worker stopped")
+            await asyncio.to_thread(table.close)
 
     # /docs and /redoc with Swagger UI's and ReDoc's assets served from this process (the
     # fastapi-offline package ships them): the pages work in air-gapped labs. No validator
@@ -119,9 +135,11 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.service = None
+    app.state.jobs = None
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
+    app.include_router(jobs.router)
     app.include_router(v2.router)
     app.include_router(v2_infer.router)
     app.include_router(health_metrics.router)

@@ -9,6 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Seconds: from a few milliseconds (one small tile on a GPU) to minutes (huge images on a CPU).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Seconds: section jobs take from seconds (a small stack on a GPU) to hours (a whole section
+# on a CPU).
+JOB_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -69,6 +72,20 @@ class Metrics:
             "unet_job_tiles_queued",
             "Tiles of section jobs' pages in the tile queue, not yet computed (they run when "
             "no request's tiles wait).",
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "unet_jobs",
+            "Section jobs in the job table by state (all replicas' jobs).",
+            ["state"],
+            registry=r,
+        )
+        self.job_duration = Histogram(
+            "unet_job_duration_seconds",
+            "Duration of section jobs on this replica, from start (or resumption) to the end, "
+            "by final state.",
+            ["state"],
+            buckets=JOB_BUCKETS,
             registry=r,
         )
         self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)

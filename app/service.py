@@ -35,6 +35,7 @@ from model.imageio import (
     decode_image,
 )
 from model.runner import BatchRunner
+from model.tiled_image import TiledImage
 from model.tiling import tile_sizes
 
 log = logging.getLogger("app.service")
@@ -121,6 +122,9 @@ class InferenceService:
         self.batcher = TileBatcher(
             self.runner,
             lambda: self.runner.limit,
+            background_batch_limit=lambda: min(
+                self.runner.limit, settings.job_batch_tiles_for(segmenter.device.type)
+            ),
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_tiles=settings.max_queue_tiles,
             metrics=metrics,
@@ -219,6 +223,14 @@ class InferenceService:
             ) from None
         except TooManyTilesError as e:
             raise ApiError(413, str(e)) from None
+        except ShuttingDownError:
+            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
+
+    def submit_background(self, image: TiledImage) -> QueuedImage:
+        """Queue a section job's page image (prepared and planned by the job): computed when
+        no request's tiles wait (see app.batching)."""
+        try:
+            return self.batcher.submit(image, background=True)
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -100,6 +101,40 @@ class Settings(BaseSettings):
         description="Several bearer tokens, comma-separated (with or instead of api_key); "
         "each sees only the section jobs it created.",
     )
+    max_job_pixels: int = Field(
+        40_000_000_000,
+        ge=1,
+        description="Largest section job, pixels over all its pages (a 100,000 x 100,000 "
+        "section is 10^10); beyond this, 413.",
+    )
+    max_job_pages: int = Field(
+        100_000, ge=1, description="Most pages in one job's stack; beyond this, 413."
+    )
+    job_batch_tiles: int = Field(
+        0,
+        ge=0,
+        description="Most tiles of a section job in one forward pass (jobs run only when no "
+        "request's tiles wait, and a request then waits for at most this batch); 0 = by "
+        "device: 1 on a CPU, half the batch limit on CUDA.",
+    )
+    job_progress_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a running job records its progress (and learns that it was "
+        "cancelled); its lease on the job is 10 times this.",
+    )
+    job_max_attempts: int = Field(
+        3,
+        ge=1,
+        description="A job interrupted this many times (its replica killed while working on "
+        "it) is failed with the reason instead of being tried again.",
+    )
+    replica_id: str = Field(
+        "",
+        description="This replica's name in the job table; empty = the host name (a pod's "
+        "name on Kubernetes). A replica restarted under the same name resumes its own "
+        "interrupted jobs at once; others wait for the job's lease to expire.",
+    )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
@@ -137,6 +172,15 @@ class Settings(BaseSettings):
         if self.max_batch_tiles:
             return self.max_batch_tiles
         return CUDA_BATCH_TILES if device_type == "cuda" else CPU_BATCH_TILES
+
+    def job_batch_tiles_for(self, device_type: str) -> int:
+        """Tiles per section-job batch on a device of this type."""
+        if self.job_batch_tiles:
+            return self.job_batch_tiles
+        return max(1, self.batch_tiles_for(device_type) // 2) if device_type == "cuda" else 1
+
+    def worker_name(self) -> str:
+        return self.replica_id or socket.gethostname()
 
     @property
     def max_upload_bytes(self) -> int:

@@ -20,6 +20,7 @@ class _FilePart:
     def __init__(self) -> None:
         self.data: list[bytes] = []
         self.found = False
+        self.filename = ""
         self.ended = False
         self._in_file = False
         self._field = b""
@@ -51,7 +52,9 @@ class _FilePart:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         self._in_file = options.get(b"name") == b"file" and not self.found
-        self.found |= self._in_file
+        if self._in_file:
+            self.found = True
+            self.filename = options.get(b"filename", b"").decode("utf-8", "replace")[:200]
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._in_file:
@@ -61,33 +64,46 @@ class _FilePart:
         self.ended = True
 
 
-async def upload_chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The uploaded image's bytes, chunk by chunk, at most about `limit` bytes of body (the
-    caller counts the image's own bytes against its limits). A stalled upload gets 408."""
-    content_type = request.headers.get("content-type", "")
-    lowered = content_type.lower()
-    if lowered.startswith(("image/", "application/octet-stream")):
-        async for chunk in limited_body(request, limit, per_chunk=True):
-            yield chunk
-        return
-    if not lowered.startswith("multipart/form-data"):
-        raise unsupported_content_type(lowered)
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not boundary:
-        raise ApiError(422, "malformed multipart body: no boundary in its Content-Type")
-    part = _FilePart()
-    parser = MultipartParser(boundary, part.callbacks())
-    try:
-        async for chunk in limited_body(request, limit + MULTIPART_SLACK, per_chunk=True):
-            parser.write(chunk)
-            for data in part.data:
-                yield data
-            part.data.clear()
-        parser.finalize()
-    except ValueError as e:  # python-multipart's parse errors are ValueErrors
-        raise ApiError(422, f"malformed multipart body: {e}") from None
-    if not part.found:
-        raise ApiError(422, "the multipart body needs the image in a file field named 'file'")
-    if not part.ended:
-        raise ApiError(422, "malformed multipart body: it ends before its closing boundary")
+class StreamedUpload:
+    """The uploaded image's bytes, chunk by chunk (`chunks()`), at most about `limit` bytes
+    of body (the caller counts the image's own bytes against its limits), and the name the
+    client gave the file. A stalled upload gets 408."""
+
+    def __init__(self, request: Request, limit: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.filename = ""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        request = self.request
+        content_type = request.headers.get("content-type", "")
+        lowered = content_type.lower()
+        if lowered.startswith(("image/", "application/octet-stream")):
+            async for chunk in limited_body(request, self.limit, per_chunk=True):
+                yield chunk
+            return
+        if not lowered.startswith("multipart/form-data"):
+            raise unsupported_content_type(lowered)
+        _, options = parse_options_header(content_type)
+        boundary = options.get(b"boundary")
+        if not boundary:
+            raise ApiError(422, "malformed multipart body: no boundary in its Content-Type")
+        part = _FilePart()
+        parser = MultipartParser(boundary, part.callbacks())
+        body = limited_body(request, self.limit + MULTIPART_SLACK, per_chunk=True)
+        try:
+            async for chunk in body:
+                parser.write(chunk)
+                self.filename = part.filename
+                for data in part.data:
+                    yield data
+                part.data.clear()
+            parser.finalize()
+        except ValueError as e:  # python-multipart's parse errors are ValueErrors
+            raise ApiError(422, f"malformed multipart body: {e}") from None
+        if not part.found:
+            raise ApiError(
+                422, "the multipart body needs the image in a file field named 'file'"
+            )
+        if not part.ended:
+            raise ApiError(422, "malformed multipart body: it ends before its closing boundary")

@@ -1,0 +1,172 @@
+"""One section job from its input file to its result file, page by page through the tile
+queue. Two ways, chosen by the output:
+
+- streamed (mask, probabilities): each page is a `model.section` image whose tiles are read
+  from the input file as they are computed and whose output rows are written to a tiled,
+  compressed TIFF as soon as they are stitched: memory stays flat in the image's size.
+- whole pages (instances, overlay, and test-time augmentation): each page is decoded and
+  segmented in memory like a /v1/segment request (so within UNET_MAX_INSTANCE_PIXELS /
+  UNET_MAX_PIXELS per page), then appended to the result TIFF, one page at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tifffile
+
+from app.encoding import overlay_rgb
+from model.section import SectionSource, SectionWriter, open_section
+from model.tiled_image import Segmentation
+
+if TYPE_CHECKING:
+    from app.job_runner import JobRunner, Progress
+    from app.jobtable import JobRecord
+
+STREAMED_OUTPUTS = ("mask", "probabilities")
+RESULT_COMPRESSION = "zlib"
+
+
+class JobLost(Exception):
+    """The job was cancelled, deleted or taken over by another replica while it ran."""
+
+
+@dataclass
+class ResultFile:
+    bytes: int
+    media_type: str
+    name: str
+
+
+def streamed(output: str, tta: int) -> bool:
+    """Whether a job with this output is computed tile by tile from the file on disk."""
+    return output in STREAMED_OUTPUTS and tta == 1
+
+
+def open_input(path: Path, runner_settings, streamed_job: bool) -> SectionSource:
+    """The job's input, checked (sizes, pages, corruption): the route calls this before it
+    answers 202, so a bad upload is a 4xx and never a failed job."""
+    s = runner_settings
+    return open_section(
+        path,
+        max_pixels=s.max_job_pixels,
+        max_pages=s.max_job_pages,
+        max_decoded_pixels=s.max_pixels,
+    )
+
+
+async def compute_job(
+    runner: JobRunner,
+    record: JobRecord,
+    progress: Progress,
+    report: Callable[[], Awaitable[None]],
+) -> ResultFile:
+    settings = runner.settings
+    output = record.params["output"]
+    tta = int(record.params.get("tta", 1))
+    source = await asyncio.to_thread(
+        open_input, runner.files.input_path(record.id), settings, streamed(output, tta)
+    )
+    progress.pages_total = source.pages
+    current: list = []  # the page image being computed, for progress reports
+
+    async def compute(tmp: Path) -> None:
+        if streamed(output, tta):
+            await _streamed(runner, source, output, tmp, progress, current)
+        else:
+            await _whole_pages(runner, record, source, tmp, progress, current)
+
+    async with runner.files.result_writer(record.id) as tmp:
+        task = asyncio.ensure_future(compute(tmp))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=settings.job_progress_s)
+                if done:
+                    task.result()
+                    break
+                _count(progress, current)
+                await report()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    progress.pages_done = source.pages
+    path = runner.files.result_path(record.id)
+    return ResultFile(path.stat().st_size, "image/tiff", f"{output}.tif")
+
+
+def _count(progress: Progress, current: list) -> None:
+    """Tiles done so far: finished pages' plus the current page's."""
+    if current:
+        image, before = current[0]
+        progress.tiles_done = before + image.done
+
+
+async def _page(runner: JobRunner, image, progress: Progress, current: list) -> Segmentation:
+    """One page image through the tile queue as a background image."""
+    queued = runner.service.submit_background(image)
+    current[:] = [(image, progress.tiles_done)]
+    try:
+        result = await queued.future
+    finally:
+        runner.service.batcher.cancel(queued)
+    progress.tiles_done = current[0][1] + image.total
+    current.clear()
+    progress.pages_done += 1
+    return result
+
+
+async def _streamed(runner, source, output, tmp, progress, current) -> None:
+    segmenter = runner.service.segmenter
+    tile_sizes = runner.service.info.tile_sizes
+    with SectionWriter(tmp, source, output, segmenter.out_channels) as writer:
+        images = [
+            segmenter.section(source, page, tile_sizes, writer) for page in range(source.pages)
+        ]
+        progress.tiles_total = sum(image.total for image in images)
+        for image in images:
+            await _page(runner, image, progress, current)
+
+
+async def _whole_pages(runner, record, source, tmp, progress, current) -> None:
+    service = runner.service
+    output = record.params["output"]
+    tta = int(record.params.get("tta", 1))
+    by_instance = output == "instances" or record.params.get("colour") == "instances"
+    probabilities = output in ("probabilities", "instances") or by_instance
+    with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
+        for page in range(source.pages):
+            pixels = await asyncio.to_thread(source.read_page, page)
+            image = await asyncio.to_thread(
+                service.segmenter.tiled, pixels, service.info.tile_sizes, probabilities, tta
+            )
+            if page == 0:
+                progress.tiles_total = image.total * source.pages
+            result = await _page(runner, image, progress, current)
+            labels = None
+            if by_instance:
+                labels = await asyncio.to_thread(service.segmenter.instances, result.probabilities)
+            plane = await asyncio.to_thread(
+                _page_output, output, pixels, result, labels, service.info.out_channels
+            )
+            await asyncio.to_thread(
+                writer.write, plane, compression=RESULT_COMPRESSION, tile=(256, 256)
+            )
+
+
+def _page_output(output: str, pixels, result, labels, out_channels: int) -> np.ndarray:
+    if output == "instances":
+        return labels.astype(np.uint32)
+    if output == "overlay":
+        return overlay_rgb(pixels, result.mask, labels)
+    if output == "probabilities":
+        probs = result.probabilities
+        return probs[0] if probs.shape[0] == 1 else probs
+    return result.mask * np.uint8(255) if out_channels == 1 else result.mask

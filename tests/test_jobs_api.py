@@ -1,0 +1,241 @@
+"""The section-job API in process, with the tiny real UNet: create -> progress -> result ->
+delete, stacks, cancellation, quota and limits, other keys' jobs, bad uploads; and the
+batcher's priority for requests over jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tifffile
+from app_helpers import (
+    em_crop,
+    make_app,
+    metric,
+    png_bytes,
+    save_tiny,
+    service_of,
+    stepped,
+    tiff_bytes,
+)
+from app_helpers import running as running_app
+from PIL import Image
+
+FINAL = ("done", "failed", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("jobs"))
+
+
+def jobs_app(weights: Path, tmp_path: Path, **overrides: object):
+    return make_app(weights, jobs_dir=tmp_path / "jobs", job_progress_s=0.02, **overrides)
+
+
+async def submit(client: httpx.AsyncClient, data: bytes, name: str = "x.tif", **params):
+    return await client.post("/v1/jobs", params=params, files={"file": (name, data)})
+
+
+async def wait_state(
+    client: httpx.AsyncClient, job_id: str, states=FINAL, headers=None, timeout: float = 120
+) -> dict:
+    """Poll until the job reaches one of `states` (the worker runs on its own; this only
+    waits for it, with a generous bound against a hang)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        body = (await client.get(f"/v1/jobs/{job_id}", headers=headers)).json()
+        if body["state"] in states:
+            return body
+        if loop.time() > end:
+            raise AssertionError(f"job {job_id} stuck in {body['state']}")
+        await asyncio.sleep(0.01)
+
+
+def pages_of(data: bytes) -> list[np.ndarray]:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        return [page.asarray() for page in tif.pages]
+
+
+async def sync_mask(client: httpx.AsyncClient, pixels: np.ndarray) -> np.ndarray:
+    r = await client.post("/v1/segment", files={"file": ("p.png", png_bytes(pixels))})
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+async def test_job_lifecycle_stack_result_equals_each_page_alone(
+    weights: Path, tmp_path: Path
+) -> None:
+    pages = [em_crop(i, 10 * i, 20, 150, 170) for i in range(3)]
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        service = service_of(client._transport.app)  # type: ignore[attr-defined]
+        with stepped(service) as stepper:
+            r = await submit(client, tiff_bytes(*pages), name="stack.tif")
+            assert r.status_code == 202, r.text
+            job = r.json()
+            assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+            assert job["state"] in ("queued", "running")
+            assert job["input"] | {"bytes": 0} == {
+                "name": "stack.tif",
+                "media_type": "image/tiff",
+                "bytes": 0,
+                "width": 170,
+                "height": 150,
+                "pages": 3,
+            }
+            early = await client.get(f"/v1/jobs/{job['id']}/result")
+            assert early.status_code == 409 and "error" in early.json()
+            # Progress moves as passes are allowed.
+            await stepper.allow(2)
+            moved = await wait_state(client, job["id"], ("running",))
+            while moved["progress"]["tiles_done"] < 2:
+                moved = (await client.get(f"/v1/jobs/{job['id']}")).json()
+            assert 2 <= moved["progress"]["tiles_done"] < moved["progress"]["tiles_total"]
+            assert moved["eta_s"] is not None and moved["eta_s"] > 0
+            stepper.open()
+            done = await wait_state(client, job["id"])
+        assert done["state"] == "done", done
+        assert done["progress"]["fraction"] == 1.0
+        assert done["progress"]["pages_done"] == 3
+        result = await client.get(done["result"]["url"])
+        assert result.status_code == 200
+        assert result.headers["content-type"] == "image/tiff"
+        got = pages_of(result.content)
+        assert len(got) == 3
+        for page, mask in zip(pages, got, strict=True):
+            assert np.array_equal(mask, await sync_mask(client, page))
+        listed = (await client.get("/v1/jobs")).json()["jobs"]
+        assert [j["id"] for j in listed] == [job["id"]]
+        assert await metric(client, "unet_jobs", state="done") == 1
+        assert await metric(client, "unet_job_duration_seconds_count", state="done") == 1
+        gone = await client.delete(f"/v1/jobs/{job['id']}")
+        assert gone.status_code == 200 and gone.json()["deleted"] is True
+        assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
+        assert not (tmp_path / "jobs" / job["id"]).exists()
+
+
+async def test_instances_job_equals_the_synchronous_instances(
+    weights: Path, tmp_path: Path
+) -> None:
+    pixels = em_crop(2, 0, 0, 200, 180)
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        r = await submit(client, png_bytes(pixels), name="s.png", output="instances")
+        assert r.status_code == 202, r.text
+        done = await wait_state(client, r.json()["id"])
+        assert done["state"] == "done", done
+        got = pages_of((await client.get(done["result"]["url"])).content)
+        sync = await client.post(
+            "/v1/segment", params={"output": "instances"}, files={"file": png_bytes(pixels)}
+        )
+        expected = np.asarray(Image.open(io.BytesIO(sync.content)))
+        assert len(got) == 1 and got[0].max() > 1
+        assert np.array_equal(got[0].astype(np.int64), expected.astype(np.int64))
+
+
+async def test_cancel_a_running_job_empties_the_queue(weights: Path, tmp_path: Path) -> None:
+    big = np.tile(em_crop(0, 0, 0, 256, 256), (3, 3))
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        service = service_of(client._transport.app)  # type: ignore[attr-defined]
+        with stepped(service) as stepper:
+            job = (await submit(client, tiff_bytes(big))).json()
+            await stepper.allow(1)
+            await wait_state(client, job["id"], ("running",))
+            r = await client.delete(f"/v1/jobs/{job['id']}")
+            assert r.status_code == 200
+            assert r.json()["state"] == "cancelled"
+            stepper.open()
+            # The worker notices at its next report and drops the job's tiles.
+            while service.batcher.queued_images:
+                await asyncio.sleep(0.01)
+        assert await metric(client, "unet_job_tiles_queued") == 0
+        assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
+        assert not (tmp_path / "jobs" / job["id"]).exists()
+        # The worker goes on: the next job finishes.
+        nxt = (await submit(client, tiff_bytes(em_crop(1, 0, 0, 100, 100)))).json()
+        assert (await wait_state(client, nxt["id"]))["state"] == "done"
+
+
+async def test_requests_go_before_queued_job_tiles(weights: Path, tmp_path: Path) -> None:
+    big = np.tile(em_crop(0, 0, 0, 256, 256), (2, 2))
+    async with running_app(jobs_app(weights, tmp_path, max_batch_tiles=4)) as client:
+        service = service_of(client._transport.app)  # type: ignore[attr-defined]
+        with stepped(service) as stepper:
+            job = (await submit(client, tiff_bytes(big))).json()
+            await stepper.allow(1)  # the job holds the worker: one of its tiles per pass
+            await wait_state(client, job["id"], ("running",))
+            before = await metric(client, "unet_tiles_total")
+            request = asyncio.create_task(
+                client.post("/v1/segment", files={"file": png_bytes(em_crop(1, 0, 0, 60, 60))})
+            )
+            while service.batcher.queued_tiles == 0:  # the request's tile is queued
+                await asyncio.sleep(0.01)
+            # The job's pass already waiting for its permit, then the request's: the next
+            # job tile waits although it was queued first.
+            await stepper.allow(2)
+            done, _ = await asyncio.wait({request}, timeout=60)
+            assert request in done
+            assert request.result().status_code == 200
+            assert await metric(client, "unet_tiles_total") == before + 2
+            stepper.open()
+            assert (await wait_state(client, job["id"]))["state"] == "done"
+
+
+async def test_other_keys_jobs_are_not_found(weights: Path, tmp_path: Path) -> None:
+    app = jobs_app(weights, tmp_path, api_keys="alice-key,bob-key")
+    alice = {"Authorization": "Bearer alice-key"}
+    bob = {"Authorization": "Bearer bob-key"}
+    async with running_app(app) as client:
+        data = png_bytes(em_crop(0, 0, 0, 64, 64))
+        assert (await client.post("/v1/jobs", files={"file": data})).status_code == 401
+        r = await client.post("/v1/jobs", files={"file": data}, headers=alice)
+        assert r.status_code == 202
+        job_id = r.json()["id"]
+        await wait_state(client, job_id, headers=alice)
+        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/result"):
+            assert (await client.get(path, headers=bob)).status_code == 404
+            assert (await client.get(path, headers=alice)).status_code == 200
+        assert (await client.delete(f"/v1/jobs/{job_id}", headers=bob)).status_code == 404
+        assert (await client.get("/v1/jobs", headers=bob)).json() == {"jobs": []}
+        assert len((await client.get("/v1/jobs", headers=alice)).json()["jobs"]) == 1
+
+
+async def test_unknown_job_is_404(weights: Path, tmp_path: Path) -> None:
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        for path in ("/v1/jobs/0123456789abcdef0123456789abcdef", "/v1/jobs/nonsense/result"):
+            r = await client.get(path)
+            assert r.status_code == 404 and "error" in r.json()
+        assert (await client.delete("/v1/jobs/nonsense")).status_code == 404
+
+
+async def test_quota_and_limits_are_clear_errors_leaving_no_files(
+    weights: Path, tmp_path: Path
+) -> None:
+    data = tiff_bytes(em_crop(0, 0, 0, 300, 300))
+    app = jobs_app(weights, tmp_path, jobs_quota_gb=len(data) * 1.5 / 2**30)
+    async with running_app(app) as client:
+        first = await submit(client, data)
+        assert first.status_code == 202
+        full = await submit(client, data)
+        assert full.status_code == 507, full.text
+        assert "full" in full.json()["error"]
+        jobs_dir = tmp_path / "jobs"
+        assert sorted(p.name for p in jobs_dir.iterdir() if p.is_dir()) == [first.json()["id"]]
+    app = jobs_app(weights, tmp_path / "b", max_job_pixels=200 * 200)
+    async with running_app(app) as client:
+        r = await submit(client, data)
+        assert r.status_code == 413 and "error" in r.json()
+        r = await submit(client, tiff_bytes(em_crop(0, 0, 0, 100, 100), em_crop(1, 0, 0, 100, 120)))
+        assert r.status_code == 422 and "page" in r.json()["error"]
+        r = await submit(client, tiff_bytes(em_crop(0, 0, 0, 150, 150))[:-3000])
+        assert r.status_code == 422, r.text
+        r = await submit(client, b"not an image at all")
+        assert r.status_code == 415
+        r = await client.post("/v1/jobs", params={"tta": 3}, files={"file": data})
+        assert r.status_code == 422
+        dirs = [p for p in (tmp_path / "b" / "jobs").iterdir() if p.is_dir()]
+        assert dirs == []
