@@ -113,9 +113,14 @@ RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
 # runAsUser/runAsGroup/fsGroup then name an existing user and group, which own the home folder.
 # --no-log-init: no lastlog/faillog records, sparse files that a high uid makes large.
 RUN groupadd --gid 10001 unet \
-    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet
+    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet \
+    && install -d -o 10001 -g 10001 /var/lib/unet/jobs
 COPY weights/isbi2012.safetensors weights/isbi2012.json /opt/unet/weights/
-ENV UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
+# Section jobs' uploads, results and job table: a volume, so they outlive the container
+# (and replicas on one host can share it).
+VOLUME /var/lib/unet/jobs
+ENV UNET_JOBS_DIR=/var/lib/unet/jobs \
+    UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
     UNET_DEVICE=cpu \
     UNET_HOST=0.0.0.0 \
     UNET_PORT=8000
@@ -152,9 +157,14 @@ COPY --from=wheel /wheels /src/wheels
 RUN pip install --no-cache-dir --no-deps /src/wheels/*.whl \
     && pip check
 RUN groupadd --gid 10001 unet \
-    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet
+    && useradd --no-log-init --uid 10001 --gid 10001 --create-home unet \
+    && install -d -o 10001 -g 10001 /var/lib/unet/jobs
 COPY weights/isbi2012.safetensors weights/isbi2012.json /opt/unet/weights/
-ENV UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
+# Section jobs' uploads, results and job table: a volume, so they outlive the container
+# (and replicas on one host can share it).
+VOLUME /var/lib/unet/jobs
+ENV UNET_JOBS_DIR=/var/lib/unet/jobs \
+    UNET_WEIGHTS=/opt/unet/weights/isbi2012.safetensors \
     UNET_DEVICE=auto \
     UNET_HOST=0.0.0.0 \
     UNET_PORT=8000

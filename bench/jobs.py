@@ -1,0 +1,186 @@
+"""Section jobs through the HTTP API of a real `unet-serve` process, on the shipped weights:
+
+1. a whole section: a SIDE x SIDE 8-bit tiled TIFF (20,000 a side by default) as a job.
+   Peak resident memory of the server above its idle level, per input pixel (target <= 0.25
+   bytes), and its time per pixel against a 2048x2048 `/v1/segment` request on the same
+   server (target: within 10 %).
+2. interactive requests during a job: 512x512 `/v1/segment` latency while the server is idle
+   and while a big job runs (target: median within 2x of idle).
+
+`python -m bench.jobs` prints a Markdown table (`--side 8000` for a quicker run). The input
+is written tile by tile from ISBI slices, so making it needs no memory either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tifffile
+from PIL import Image
+
+from bench.load import unet_server
+from model.options import DEFAULT_WEIGHTS
+from training.data import DEFAULT_DATA
+
+TIFF_TILE = 512
+TARGET_BYTES_PER_PIXEL = 0.25
+TARGET_TIME_RATIO = 1.10
+TARGET_LATENCY_RATIO = 2.0
+
+
+def isbi_tiles() -> list[np.ndarray]:
+    folder = Path(DEFAULT_DATA) / "image"
+    slices = [np.asarray(Image.open(folder / f"{i:02d}.png")) for i in range(4)]
+    return [np.ascontiguousarray(v) for s in slices for v in (s, s[::-1], s[:, ::-1])]
+
+
+def write_section(path: Path, side: int) -> None:
+    """A side x side 8-bit tiled, Deflate-compressed TIFF of EM tiles (BigTIFF: a large one
+    passes 4 GB of offsets' range quickly), written one tile at a time."""
+    sources = isbi_tiles()
+    n = -(-side // TIFF_TILE)
+
+    def tiles():
+        for ty in range(n):
+            for tx in range(n):
+                yield sources[(ty * 7 + tx * 3) % len(sources)][:TIFF_TILE, :TIFF_TILE]
+
+    tifffile.imwrite(
+        path,
+        data=tiles(),
+        shape=(side, side),
+        dtype=np.uint8,
+        tile=(TIFF_TILE, TIFF_TILE),
+        compression="zlib",
+        bigtiff=True,
+    )
+
+
+def crop(side: int) -> bytes:
+    path = Path(tempfile.mkstemp(suffix=".tif")[1])
+    try:
+        base = np.tile(isbi_tiles()[0], (-(-side // 512), -(-side // 512)))[:side, :side]
+        tifffile.imwrite(path, base)
+        return path.read_bytes()
+    finally:
+        path.unlink()
+
+
+def segment_s(client: httpx.Client, body: bytes) -> float:
+    start = time.perf_counter()
+    r = client.post("/v1/segment", content=body, headers={"Content-Type": "image/tiff"})
+    r.raise_for_status()
+    return time.perf_counter() - start
+
+
+def run_job(client: httpx.Client, path: Path, on_running=None) -> tuple[float, dict]:
+    """Submit, wait; seconds from the job's first progress to done (upload excluded)."""
+    with open(path, "rb") as f:
+        r = client.post("/v1/jobs", content=f, headers={"Content-Type": "image/tiff"})
+    r.raise_for_status()
+    job = r.json()
+    started = None
+    while job["state"] in ("queued", "running"):
+        if started is None and job["state"] == "running":
+            started = time.perf_counter()
+            if on_running is not None:
+                on_running()
+        time.sleep(0.1)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+    if job["state"] != "done":
+        raise RuntimeError(f"job ended {job['state']}: {job['error']}")
+    return time.perf_counter() - (started or time.perf_counter()), job
+
+
+def measure(side: int, weights: Path, repeats: int) -> list[tuple[str, str, str, str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        section = Path(tmp) / "section.tif"
+        write_section(section, side)
+        env = {"UNET_JOBS_DIR": str(Path(tmp) / "jobs"), "UNET_JOB_PROGRESS_S": "0.5"}
+        with unet_server(weights, env) as server, httpx.Client(
+            base_url=server.url, timeout=3600
+        ) as client:
+            small, medium = crop(512), crop(2048)
+            for _ in range(2):  # first requests allocate buffers
+                segment_s(client, small)
+                segment_s(client, medium)
+            idle_latency = [segment_s(client, small) for _ in range(repeats * 4)]
+            request_s = statistics.median(segment_s(client, medium) for _ in range(repeats))
+            idle_rss = server.rss_bytes()
+            server.reset_peak_rss()
+
+            busy_latency: list[float] = []
+            running = threading.Event()
+            stop = threading.Event()
+
+            def interactive() -> None:
+                running.wait()
+                with httpx.Client(base_url=server.url, timeout=600) as c:
+                    while not stop.is_set() and len(busy_latency) < repeats * 4:
+                        busy_latency.append(segment_s(c, small))
+                        time.sleep(0.5)
+
+            clients = threading.Thread(target=interactive)
+            clients.start()
+            job_s, job = run_job(client, section, running.set)
+            stop.set()
+            clients.join()
+            peak = server.rss_bytes("VmHWM") - idle_rss
+    pixels = side * side
+    per_pixel = peak / pixels
+    ratio = (job_s / pixels) / (request_s / 2048**2)
+    rows.append(
+        (
+            f"{side}x{side} job: peak RSS above idle",
+            f"{peak / 2**20:.0f} MiB = {per_pixel:.3f} B/px",
+            f"<= {TARGET_BYTES_PER_PIXEL} B/px",
+            "met" if per_pixel <= TARGET_BYTES_PER_PIXEL else "missed",
+        )
+    )
+    rows.append(
+        (
+            f"{side}x{side} job: time per pixel / 2048x2048 request's",
+            f"{ratio:.3f} ({job_s:.0f} s; {job['progress']['tiles_total']} tiles; request "
+            f"{request_s:.2f} s)",
+            f"<= {TARGET_TIME_RATIO}",
+            "met" if ratio <= TARGET_TIME_RATIO else "missed",
+        )
+    )
+    idle_med, busy_med = statistics.median(idle_latency), statistics.median(busy_latency)
+    latency_ratio = busy_med / idle_med
+    rows.append(
+        (
+            "512x512 request latency during the job / idle (median)",
+            f"{latency_ratio:.2f} ({busy_med * 1000:.0f} vs {idle_med * 1000:.0f} ms; "
+            f"worst {max(busy_latency) * 1000:.0f} ms, n={len(busy_latency)})",
+            f"<= {TARGET_LATENCY_RATIO}",
+            "met" if latency_ratio <= TARGET_LATENCY_RATIO else "missed",
+        )
+    )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.jobs", description=__doc__.split("\n\n")[0])
+    p.add_argument("--side", type=int, default=20_000)
+    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    rows = measure(args.side, args.weights, args.repeats)
+    print("| measure | result | target | |\n| --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
