@@ -117,7 +117,17 @@ def postgres_server() -> Iterator[PostgresServer]:
                 " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
             )
             try:
-                run(str(bindir / "pg_ctl"), "start", "-w", "-D", str(data), "-l", str(log), "-o", options)
+                run(
+                    str(bindir / "pg_ctl"),
+                    "start",
+                    "-w",
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    options,
+                )
                 break
             except RuntimeError:
                 # Another process may have taken the free port in the meantime: try another.
