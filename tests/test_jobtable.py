@@ -15,10 +15,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from postgres_server import PostgresServer, postgres_server, why_not
+from pydantic import ValidationError
 
 from app.jobtable import JobExists, JobRecord, JobTable, open_job_table
 from app.jobtable.postgres import redact
 from app.jobtable.sql import TABLE, interrupted
+from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0
@@ -386,3 +388,22 @@ def test_bad_urls(tmp_path: Path) -> None:
     assert "secret" not in str(e.value)
     assert redact("postgres://u:p%40ss@h:5432/db") == "postgres://u:***@h:5432/db"
     assert redact("postgresql://h/db") == "postgresql://h/db"
+
+
+def test_settings_name_the_table_and_limits(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, jobs_dir=tmp_path / "jobs")
+    assert settings.jobs_db_url == f"sqlite:///{tmp_path}/jobs/jobs.sqlite3"
+    table = open_job_table(settings.jobs_db_url)
+    table.close()
+    assert (tmp_path / "jobs" / "jobs.sqlite3").is_file()
+    assert settings.jobs_quota_bytes == 50 * 2**30 and settings.jobs_ttl_s == 24 * 3600
+    assert settings.max_job_upload_bytes == 20000 * 2**20
+    given = "postgresql://unet:secret@db:5432/jobs"
+    assert Settings(_env_file=None, jobs_db=given).jobs_db_url == given
+    assert "secret" not in repr(Settings(_env_file=None, jobs_db=given))
+    with pytest.raises(
+        ValidationError, match=r"postgresql://user:password@host:port/db, not mysql"
+    ):
+        Settings(_env_file=None, jobs_db="mysql://unet:secret@db/jobs")
+    with pytest.raises(ValidationError, match="greater than 0"):
+        Settings(_env_file=None, jobs_quota_gb=0)
