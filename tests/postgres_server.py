@@ -95,9 +95,14 @@ def postgres_server() -> Iterator[PostgresServer]:
     data, log = home / "data", home / "server.log"
 
     def run(*argv: str) -> None:
-        # No stdin: CI runs without one, and nothing here may wait for a prompt.
+        # No stdin: CI runs without one, and nothing here may wait for a prompt. The server's
+        # own folder as the working directory: `postgres` may not enter the checkout's.
         done = subprocess.run(
-            [*as_postgres, *argv], stdin=subprocess.DEVNULL, capture_output=True, text=True
+            [*as_postgres, *argv],
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
         )
         if done.returncode != 0:
             tail = log.read_text()[-2000:] if log.exists() else ""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -293,23 +293,39 @@ def test_schema_from_a_newer_service_is_refused(url: str, table: JobTable) -> No
         open_job_table(url)
 
 
+def all_at_once(claimer: Callable[[str], None], n: int) -> None:
+    """Run claimer("w0") ... claimer("w<n-1>") in n threads released together; re-raise what
+    any of them raised."""
+    start = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(worker: str) -> None:
+        start.wait()
+        try:
+            claimer(worker)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
 def test_concurrent_claimers_in_threads_get_each_job_once(table: JobTable) -> None:
     jobs = [f"j{i:02}" for i in range(40)]
     for i, job_id in enumerate(jobs):
         table.create(job(job_id, created_at=T0 + i))
     claimed: list[tuple[str, str]] = []
-    start = threading.Barrier(8)
 
     def claimer(worker: str) -> None:
-        start.wait()
         while (got := table.claim(worker, lease_s=600, max_attempts=3)) is not None:
             claimed.append((got.id, worker))
 
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(claimer, 8)
     assert sorted(job_id for job_id, _ in claimed) == jobs
     # Each job's record names the worker that got it.
     for job_id, worker in claimed:
@@ -319,18 +335,12 @@ def test_concurrent_claimers_in_threads_get_each_job_once(table: JobTable) -> No
 
 def test_one_job_many_claimers_one_winner(table: JobTable) -> None:
     table.create(job("only"))
-    start = threading.Barrier(6)
     results: list[JobRecord | None] = []
 
     def claimer(worker: str) -> None:
-        start.wait()
         results.append(table.claim(worker, lease_s=600, max_attempts=3))
 
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    all_at_once(claimer, 6)
     winners = [r for r in results if r is not None]
     assert len(results) == 6 and len(winners) == 1 and winners[0].id == "only"
 
