@@ -78,6 +78,8 @@ def job(job_id: str, created_at: float = T0, owner: str | None = None, **kw: obj
         "input_bytes": 1000,
         "input_type": "image/tiff",
         "created_at": created_at,
+        "started_at": None,
+        "finished_at": None,
         "updated_at": created_at,
     }
     return JobRecord(**(values | kw))

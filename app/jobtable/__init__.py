@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -43,9 +43,9 @@ class JobRecord:
     input_bytes: int
     input_type: str
     created_at: float
-    started_at: float | None = None
-    finished_at: float | None = None
-    updated_at: float = field(default=0.0)
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
     tiles_total: int = 0
     tiles_done: int = 0
     pages_total: int = 0
