@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from app.jobtable import JobExists, JobRecord, JobTable, open_job_table
 from app.jobtable.postgres import redact
-from app.jobtable.sql import TABLE, interrupted
+from app.jobtable.sql import COLUMNS, TABLE, interrupted
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,6 +286,16 @@ def test_delete_counts_bytes_and_ttl(table: JobTable, clock: Clock) -> None:
     assert table.get("j0") is None
     assert table.stored_bytes() == 200 + 300 + 400
     assert table.count_by_state()["done"] == 0
+
+
+def test_every_record_field_has_its_column(url: str, table: JobTable) -> None:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as conn:
+            names = [c[0] for c in conn.execute(f"SELECT * FROM {TABLE}").description]
+    else:
+        with psycopg.connect(url) as conn:
+            names = [c.name for c in conn.execute(f"SELECT * FROM {TABLE}").description or []]
+    assert tuple(names) == COLUMNS
 
 
 def test_schema_from_a_newer_service_is_refused(url: str, table: JobTable) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Literal, Protocol
 
 from app.jobtable import FINISHED_STATES, JOB_STATES, Clock, JobExists, JobRecord
 
+# A new JobRecord field needs its column in SCHEMA, a step in _create_schema that adds it to
+# tables of an older version (ALTER TABLE ... ADD COLUMN), and the next SCHEMA_VERSION.
 SCHEMA_VERSION = 1
 TABLE = "unet_jobs"
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
@@ -141,7 +143,11 @@ class SqlJobTable(ABC):
         placeholders = ", ".join("?" * len(COLUMNS))
         try:
             with self._write() as cur:
-                self._run(cur, f"INSERT INTO {TABLE} VALUES ({placeholders})", to_row(record))
+                self._run(
+                    cur,
+                    f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                    to_row(record),
+                )
         except self.duplicate_errors as e:
             raise JobExists(f"there is already a job {record.id}") from e
 
