@@ -40,8 +40,11 @@ class InferenceError(Exception):
 class QueuedImage:
     """One request's image in the queue: the TiledImage, its future and its timings."""
 
-    def __init__(self, image: TiledImage, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, image: TiledImage, loop: asyncio.AbstractEventLoop, *, background: bool = False
+    ) -> None:
         self.image = image
+        self.background = background  # a section job's page: computed when requests are not
         self.future: asyncio.Future[Segmentation] = loop.create_future()
         self.accepted_at = time.monotonic()
         self.waiting_since = self.accepted_at  # last time the worker served this job
