@@ -9,7 +9,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from itertools import count
 from pathlib import Path
 
 import psycopg
+from browser import free_port
 
 USER = "unet"
 
@@ -50,12 +50,6 @@ def why_not() -> str | None:
         if shutil.which("runuser") is None:
             return "running as root, and there is no runuser to start the server as 'postgres'"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
