@@ -167,7 +167,7 @@ class JobFiles:
             return size
         except BaseException:
             # Also on cancellation (the client went away): nothing may stay behind. Plain
-            # calls, not threads: a cancelled task cannot wait for a thread.
+            # calls, not awaited threads: a second cancellation could interrupt an await here.
             f.close()
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
