@@ -141,6 +141,25 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long accepted work may still take."
     )
+    jobs_dir: Path = Field(
+        Path("jobs"),
+        description="Folder for the job API's uploads and results, one folder per job "
+        "(relative to the working directory). With several replicas: a volume they all mount.",
+    )
+    jobs_db: SecretStr = Field(
+        SecretStr(""),
+        description="The job table: empty = SQLite at JOBS_DIR/jobs.sqlite3 (one host); "
+        "postgresql://user:password@host:port/db for several replicas.",
+    )
+    jobs_quota_gb: float = Field(
+        50.0, gt=0, description="Most GiB the jobs folder may hold; an upload past it gets 507."
+    )
+    jobs_ttl_h: float = Field(
+        24.0, gt=0, description="Hours a finished job (done, failed, cancelled) is kept."
+    )
+    max_job_upload_mb: float = Field(
+        20000.0, gt=0, description="Largest job upload, MiB; beyond this, 413."
+    )
 
     @field_validator("tta")
     @classmethod
@@ -159,6 +178,18 @@ class Settings(BaseSettings):
     def _empty_key_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
         # `UNET_API_KEY=` in a compose file means "no key", not "the empty key".
         return v if v is not None and v.get_secret_value() else None
+
+    @field_validator("jobs_db")
+    @classmethod
+    def _jobs_db_url(cls, v: SecretStr) -> SecretStr:
+        url = v.get_secret_value()
+        # The message shows the scheme only: the rest may hold a password.
+        if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(
+                "must be empty (SQLite in UNET_JOBS_DIR), sqlite:///ABSOLUTE/PATH or "
+                f"postgresql://user:password@host:port/db, not {url.split(':')[0]}:..."
+            )
+        return v
 
     def accepted_keys(self) -> list[str]:
         """Every bearer token the server accepts (empty: the inference routes are open)."""
@@ -185,6 +216,24 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def jobs_db_url(self) -> str:
+        """The job table's URL (for app.jobtable.open_job_table), the default resolved."""
+        url = self.jobs_db.get_secret_value()
+        return url or f"sqlite:///{(self.jobs_dir / 'jobs.sqlite3').resolve()}"
+
+    @property
+    def jobs_quota_bytes(self) -> int:
+        return int(self.jobs_quota_gb * 2**30)
+
+    @property
+    def jobs_ttl_s(self) -> float:
+        return self.jobs_ttl_h * 3600
+
+    @property
+    def max_job_upload_bytes(self) -> int:
+        return int(self.max_job_upload_mb * 2**20)
 
     @property
     def max_json_bytes(self) -> int:

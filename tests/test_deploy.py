@@ -468,9 +468,10 @@ def test_compose_settings_are_the_service_defaults(stages: dict[str, Stage]) -> 
     given = {
         name: interpolation_default(env[f"UNET_{name.upper()}"]) for name in Settings.model_fields
     }
-    # The one deliberate difference: the weights baked into the image.
-    image_env = stages["cuda"].all("ENV")
-    assert f"UNET_WEIGHTS={given.pop('weights')}" in " ".join(image_env)
+    # The deliberate differences: the weights baked into the image, and its jobs volume.
+    image_env = " ".join(stages["cuda"].all("ENV"))
+    assert f"UNET_WEIGHTS={given.pop('weights')}" in image_env
+    assert f"UNET_JOBS_DIR={given.pop('jobs_dir')}" in image_env
     parsed = Settings(_env_file=None, **given)
     for name in given:
         assert getattr(parsed, name) == getattr(defaults, name), name
@@ -507,6 +508,33 @@ def test_deployment_probes_gpu_and_drain() -> None:
     drain = float(env["UNET_DRAIN_TIMEOUT_S"])
     assert pod["terminationGracePeriodSeconds"] > float(pause[1]) + drain
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_replicas_share_the_jobs_volume_and_a_postgresql_job_table() -> None:
+    kinds = manifests()
+    claim = kinds["PersistentVolumeClaim"]
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    # Every replica mounts the one ReadWriteMany claim where UNET_JOBS_DIR points.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (mount,) = [
+        m for m in container["volumeMounts"] if m["mountPath"] == env["UNET_JOBS_DIR"]["value"]
+    ]
+    assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert not mount.get("readOnly")
+    # The job table's URL holds a password: from a Secret, and required (SQLite on a shared
+    # volume is not safe for several replicas).
+    db = env["UNET_JOBS_DB"]["valueFrom"]["secretKeyRef"]
+    assert db["name"] and db["key"] and not db.get("optional")
+    # The quota leaves the volume a margin.
+    quota = Settings(_env_file=None, jobs_quota_gb=env["UNET_JOBS_QUOTA_GB"]["value"])
+    size = claim["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and quota.jobs_quota_bytes < int(size[:-2]) * 2**30
+    readme = " ".join((KUBE / "README.md").read_text().split())
+    assert f"kubectl create secret generic {db['name']} --from-literal={db['key']}=" in readme
+    assert "not reliable over a network file system" in readme
 
 
 def test_service_and_hpa_reach_the_deployment() -> None:
