@@ -22,12 +22,14 @@ import numpy as np
 import tifffile
 
 from app.encoding import overlay_rgb
-from model.section import SectionSource, SectionWriter, open_section
+from model.section import open_writer, section_image
+from model.section_source import SectionSource, open_section
 from model.tiled_image import Segmentation
 
 if TYPE_CHECKING:
     from app.job_runner import JobRunner, Progress
     from app.jobtable import JobRecord
+    from app.settings import Settings
 
 STREAMED_OUTPUTS = ("mask", "probabilities")
 RESULT_COMPRESSION = "zlib"
@@ -49,10 +51,11 @@ def streamed(output: str, tta: int) -> bool:
     return output in STREAMED_OUTPUTS and tta == 1
 
 
-def open_input(path: Path, runner_settings, streamed_job: bool) -> SectionSource:
+def open_input(path: Path, settings: Settings) -> SectionSource:
     """The job's input, checked (sizes, pages, corruption): the route calls this before it
-    answers 202, so a bad upload is a 4xx and never a failed job."""
-    s = runner_settings
+    answers 202, so a bad upload is a 4xx and never a failed job. Formats other than TIFF
+    cannot be read by window and are decoded whole, up to UNET_MAX_PIXELS."""
+    s = settings
     return open_section(
         path,
         max_pixels=s.max_job_pixels,
@@ -70,9 +73,7 @@ async def compute_job(
     settings = runner.settings
     output = record.params["output"]
     tta = int(record.params.get("tta", 1))
-    source = await asyncio.to_thread(
-        open_input, runner.files.input_path(record.id), settings, streamed(output, tta)
-    )
+    source = await asyncio.to_thread(open_input, runner.files.input_path(record.id), settings)
     progress.pages_total = source.pages
     current: list = []  # the page image being computed, for progress reports
 
@@ -82,21 +83,27 @@ async def compute_job(
         else:
             await _whole_pages(runner, record, source, tmp, progress, current)
 
-    async with runner.files.result_writer(record.id) as tmp:
-        task = asyncio.ensure_future(compute(tmp))
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=settings.job_progress_s)
-                if done:
-                    task.result()
-                    break
-                _count(progress, current)
-                await report()
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    files = runner.files
+    tmp = await asyncio.to_thread(files.result_part, record.id)
+    task = asyncio.ensure_future(compute(tmp))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=settings.job_progress_s)
+            if done:
+                task.result()
+                break
+            _count(progress, current)
+            await report()
+        await asyncio.to_thread(files.commit_result, record.id)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        files.discard_result(record.id)
+        raise
+    finally:
+        source.close()
     progress.pages_done = source.pages
     path = runner.files.result_path(record.id)
     return ResultFile(path.stat().st_size, "image/tiff", f"{output}.tif")
@@ -126,12 +133,10 @@ async def _page(runner: JobRunner, image, progress: Progress, current: list) -> 
 async def _streamed(runner, source, output, tmp, progress, current) -> None:
     segmenter = runner.service.segmenter
     tile_sizes = runner.service.info.tile_sizes
-    with SectionWriter(tmp, source, output, segmenter.out_channels) as writer:
-        images = [
-            segmenter.section(source, page, tile_sizes, writer) for page in range(source.pages)
-        ]
-        progress.tiles_total = sum(image.total for image in images)
-        for image in images:
+    with open_writer(tmp, source, segmenter.out_channels, output) as writer:
+        for page in range(source.pages):
+            image = section_image(segmenter, source, page, writer, tile_sizes, output)
+            progress.tiles_total = image.total * source.pages
             await _page(runner, image, progress, current)
 
 
@@ -143,7 +148,7 @@ async def _whole_pages(runner, record, source, tmp, progress, current) -> None:
     probabilities = output in ("probabilities", "instances") or by_instance
     with tifffile.TiffWriter(tmp, bigtiff=True) as writer:
         for page in range(source.pages):
-            pixels = await asyncio.to_thread(source.read_page, page)
+            pixels = await asyncio.to_thread(source.read, page, 0, source.height, 0, source.width)
             image = await asyncio.to_thread(
                 service.segmenter.tiled, pixels, service.info.tile_sizes, probabilities, tta
             )

@@ -148,7 +148,6 @@ class JobRunner:
             state = "done"
         except JobLost:
             log.info("job %s: cancelled or deleted while running; stopped", record.id)
-            self.files.remove_result(record.id)
             return
         except ImageError as e:
             error = str(e)
@@ -168,8 +167,8 @@ class JobRunner:
             result_type=result.media_type if result else None,
             result_name=result.name if result else None,
         )
-        if not finished:  # cancelled in the last moments: nobody wants the file
-            self.files.remove_result(record.id)
+        if not finished:  # cancelled or deleted in the last moments: nobody wants the file
+            await asyncio.to_thread(self.files.remove, record.id)
             return
         self.metrics.job_duration.labels(state).observe(elapsed)
         log.info("job %s: %s after %.1f s%s", record.id, state, elapsed, f": {error}" * bool(error))
@@ -180,7 +179,7 @@ class JobRunner:
             return
         self._last_sweep = now
         expired = await asyncio.to_thread(
-            self.table.finished_before, now - self.settings.jobs_ttl_h * 3600
+            self.table.finished_before, now - self.settings.jobs_ttl_s
         )
         for job_id in expired:
             await asyncio.to_thread(self.files.remove, job_id)

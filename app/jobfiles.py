@@ -180,18 +180,32 @@ class JobFiles:
         """A temporary path to write the job's result to; renamed to `result_path(job_id)`
         once the block ends without an exception, removed if it raises. Blocking (it flushes
         the file to the disk): use it in the worker thread that writes the result."""
-        final = self.result_path(job_id)
-        part = final.with_name("result.part")
-        final.parent.mkdir(parents=True, exist_ok=True)
+        part = self.result_part(job_id)
         try:
             yield part
-            _fsync(part)
-            os.replace(part, final)
-            _fsync(final.parent)
+            self.commit_result(job_id)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()
+            self.discard_result(job_id)
             raise
+
+    def result_part(self, job_id: str) -> Path:
+        """Where the result is written while it is made (its folder created)."""
+        final = self.result_path(job_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return final.with_name("result.part")
+
+    def commit_result(self, job_id: str) -> None:
+        """The written result.part becomes the result, flushed to the disk (blocking)."""
+        final = self.result_path(job_id)
+        part = final.with_name("result.part")
+        _fsync(part)
+        os.replace(part, final)
+        _fsync(final.parent)
+
+    def discard_result(self, job_id: str) -> None:
+        """Remove a result being written (a failed, cancelled or interrupted job's)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.result_path(job_id).with_name("result.part").unlink()
 
     def remove(self, job_id: str) -> None:
         """Delete the job's folder and everything in it (nothing to do if there is none)."""

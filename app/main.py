@@ -20,10 +20,10 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import install_error_handlers
-from app.metrics import Metrics
 from app.job_runner import JobRunner
 from app.jobfiles import JobFiles
 from app.jobtable import open_job_table
+from app.metrics import Metrics
 from app.routes import health_metrics, jobs, segment, v2, v2_infer, web
 from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
@@ -93,6 +93,10 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def job_files(settings: Settings) -> JobFiles:
+    return JobFiles(settings.jobs_dir, settings.jobs_quota_bytes)
+
+
 def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
     """The service. With `segmenter`, that already-loaded model is served; otherwise the
     lifespan loads `settings.weights`. Readiness turns true after the warm-up."""
@@ -106,7 +110,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
         table = await asyncio.to_thread(open_job_table, settings.jobs_db_url)
         try:
             await service.start()
-            runner = JobRunner(service, table, JobFiles.from_settings(settings), settings, metrics)
+            runner = JobRunner(service, table, job_files(settings), settings, metrics)
             await runner.start()
             app.state.service = service
             app.state.jobs = runner

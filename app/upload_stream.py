@@ -102,8 +102,6 @@ class StreamedUpload:
         except ValueError as e:  # python-multipart's parse errors are ValueErrors
             raise ApiError(422, f"malformed multipart body: {e}") from None
         if not part.found:
-            raise ApiError(
-                422, "the multipart body needs the image in a file field named 'file'"
-            )
+            raise ApiError(422, "the multipart body needs the image in a file field named 'file'")
         if not part.ended:
             raise ApiError(422, "malformed multipart body: it ends before its closing boundary")

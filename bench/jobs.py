@@ -106,9 +106,10 @@ def measure(side: int, weights: Path, repeats: int) -> list[tuple[str, str, str,
         section = Path(tmp) / "section.tif"
         write_section(section, side)
         env = {"UNET_JOBS_DIR": str(Path(tmp) / "jobs"), "UNET_JOB_PROGRESS_S": "0.5"}
-        with unet_server(weights, env) as server, httpx.Client(
-            base_url=server.url, timeout=3600
-        ) as client:
+        with (
+            unet_server(weights, env) as server,
+            httpx.Client(base_url=server.url, timeout=3600) as client,
+        ):
             small, medium = crop(512), crop(2048)
             for _ in range(2):  # first requests allocate buffers
                 segment_s(client, small)

@@ -82,9 +82,7 @@ def test_killed_server_resumes_its_jobs(tmp_path: Path) -> None:
         first = httpx.post(f"{server.base}/v1/jobs", files={"file": tiff_bytes(small)}).json()
         wait_for(lambda: server.job(first["id"])["state"] == "done", 60, "the small job")
         second = httpx.post(f"{server.base}/v1/jobs", files={"file": tiff_bytes(big)}).json()
-        wait_for(
-            lambda: server.job(second["id"])["progress"]["tiles_done"] > 0, 60, "progress"
-        )
+        wait_for(lambda: server.job(second["id"])["progress"]["tiles_done"] > 0, 60, "progress")
     finally:
         server.stop(kill=True)  # SIGKILL: no drain, no hand-back, the lease stays
     table = open_job_table(f"sqlite:///{jobs / 'jobs.sqlite3'}")

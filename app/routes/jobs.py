@@ -16,7 +16,6 @@ from app.auth import Caller
 from app.errors import ApiError
 from app.job_compute import open_input, streamed
 from app.job_views import job_json, media_type_of
-from app.jobfiles import JobFilesError
 from app.jobtable import JobRecord
 from app.routes.common import get_service
 from app.routes.segment import REQUEST_BODY, Output
@@ -77,8 +76,11 @@ async def create_job(
     colour: Literal["classes", "instances"] | None = Query(
         None, description="For `output=overlay`: tint each class, or each cell instance."
     ),
-    tta: int = Query(1, description="1 (off) or 8 (average the 8 rotations and mirrorings).",
-                     json_schema_extra={"enum": [1, 8]}),
+    tta: int = Query(
+        1,
+        description="1 (off) or 8 (average the 8 rotations and mirrorings).",
+        json_schema_extra={"enum": [1, 8]},
+    ),
 ) -> JSONResponse:
     service = get_service(request)
     runner = get_runner(request)
@@ -93,20 +95,22 @@ async def create_job(
     job_id = uuid.uuid4().hex
     files = runner.files
     upload = StreamedUpload(request, settings.max_job_upload_bytes)
+    raw = not request.headers.get("content-type", "").lower().startswith("multipart/")
     try:
-        size = await files.receive(job_id, upload.chunks(), settings.max_job_upload_bytes)
+        size = await files.receive(
+            job_id,
+            upload.chunks(),
+            settings.max_job_upload_bytes,
+            expected_bytes=_declared_length(request) if raw else None,
+        )
         path = files.input_path(job_id)
         try:
-            source = await asyncio.to_thread(
-                open_input, path, settings, streamed(output.value, tta)
-            )
+            source = await asyncio.to_thread(open_input, path, settings)
         except ImageError as e:
             raise image_error(e) from None
-        _check_page_limits(service, source, output, colour, tta)
+        with source:
+            _check_page_limits(service, source, output, colour, tta)
         media_type = await asyncio.to_thread(media_type_of, path)
-    except JobFilesError as e:
-        await asyncio.to_thread(files.remove, job_id)
-        raise ApiError(e.status, str(e)) from None
     except BaseException:
         await asyncio.to_thread(files.remove, job_id)
         raise
@@ -136,6 +140,13 @@ async def create_job(
     await runner.refresh_metrics()
     location = f"/v1/jobs/{job_id}"
     return JSONResponse(job_json(record), status_code=202, headers={"Location": location})
+
+
+def _declared_length(request: Request) -> int | None:
+    try:
+        return int(request.headers["content-length"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _check_page_limits(service, source, output: Output, colour, tta: int) -> None:
