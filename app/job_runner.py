@@ -67,7 +67,7 @@ class JobRunner:
     async def start(self) -> None:
         # Jobs this replica held when it last stopped without handing them back (killed,
         # out of memory, power cut) are ours to resume now, not after their lease.
-        resumed = await asyncio.to_thread(self.table.release, self.worker)
+        resumed = await asyncio.to_thread(self.table.expire, self.worker)
         if resumed:
             log.warning("resuming %d job(s) interrupted when this replica last stopped", resumed)
         await self.refresh_metrics()

@@ -429,3 +429,24 @@ def test_settings_name_the_table_and_limits(tmp_path: Path) -> None:
         Settings(_env_file=None, jobs_db="mysql://unet:secret@db/jobs")
     with pytest.raises(ValidationError, match="greater than 0"):
         Settings(_env_file=None, jobs_quota_gb=0)
+
+
+def test_expire_after_a_crash_lets_the_job_be_claimed_at_once_counting_the_attempt(
+    table: JobTable, clock: Clock
+) -> None:
+    table.create(job("j0"))
+    table.create(job("j1", created_at=T0 + 1))
+    assert table.claim("w1", lease_s=600, max_attempts=2) is not None
+    assert table.claim("w2", lease_s=600, max_attempts=2) is not None
+    # w1 restarts (same name) long before its lease would run out.
+    assert table.expire("w1") == 1
+    again = table.claim("w1", lease_s=600, max_attempts=2)
+    assert again is not None and again.id == "j0" and again.attempts == 2
+    # It crashes again: the job has had its attempts and fails with the reason.
+    assert table.expire("w1") == 1
+    assert table.claim("w1", lease_s=600, max_attempts=2) is None
+    failed = table.get("j0")
+    assert failed is not None and failed.state == "failed"
+    assert failed.error is not None and "interrupted 2 times" in failed.error
+    other = table.get("j1")
+    assert other is not None and other.state == "running" and other.worker == "w2"

@@ -117,6 +117,12 @@ class JobTable(Protocol):
         """A clean stop: this worker's running jobs go back to the queue, and the attempt
         does not count. Returns how many."""
 
+    def expire(self, worker: str) -> int:
+        """A restart after a crash: the leases of this worker's running jobs end now, so
+        that `claim` takes them again at once, counting the interrupted attempt (a job
+        that crashes its replica every time then fails after max_attempts). Returns how
+        many."""
+
     def finished_before(self, t: float) -> list[str]:
         """Ids of done, failed and cancelled jobs that finished before t (for the TTL)."""
 

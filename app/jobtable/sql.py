@@ -269,6 +269,15 @@ class SqlJobTable(ABC):
                 (self._now(), worker),
             ).rowcount
 
+    def expire(self, worker: str) -> int:
+        with self._write() as cur:
+            return self._run(
+                cur,
+                f"UPDATE {TABLE} SET lease_until = 0, updated_at = ?"
+                " WHERE state = 'running' AND worker = ?",
+                (self._now(), worker),
+            ).rowcount
+
     def finished_before(self, t: float) -> list[str]:
         with self._read() as cur:
             self._run(
