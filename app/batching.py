@@ -39,7 +39,7 @@ from app.queued import (
     wait_for_job,
 )
 from model.runner import BatchItem, TileOutput
-from model.tiled_image import Segmentation, TiledImage
+from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import Tile
 
 log = logging.getLogger("app.batching")
@@ -143,16 +143,21 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage) -> QueuedImage:
-        """Admit an image, or raise at once: ShuttingDownError, TooManyTilesError,
-        QueueFullError."""
+    def submit(self, image: TiledImage | TiledStack) -> QueuedImage:
+        """Admit an image or a stack (all its pages' tiles count), or raise at once:
+        ShuttingDownError, TooManyTilesError, QueueFullError."""
         if self._task is None:
             raise ShuttingDownError("the server is not accepting work")
         n = image.total
         if n > self.max_queue_tiles:
             size = image.tile_size
+            what = (
+                f"the stack of {len(image.pages)} pages"
+                if isinstance(image, TiledStack)
+                else "the image"
+            )
             raise TooManyTilesError(
-                f"the image needs {n} tiles of {size}x{size}, more than the queue holds "
+                f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
                 f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
             )
         if self._queued_tiles + n > self.max_queue_tiles:
@@ -171,7 +176,7 @@ class TileBatcher:
         job: QueuedImage,
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
-    ) -> Segmentation:
+    ) -> Segmentation | list[Segmentation]:
         """Wait for a job; `disconnected()` makes an awaitable that returns when the client
         goes away. On timeout (DeadlineExceededError), client disconnect
         (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the
