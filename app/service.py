@@ -15,6 +15,7 @@ import numpy as np
 
 from app.batching import TileBatcher
 from app.errors import ApiError
+from app.limits import check_instances, check_pages
 from app.metrics import Metrics
 from app.queued import (
     ClientGoneError,
@@ -204,21 +205,7 @@ class InferenceService:
 
     def check_pages(self, pages: Sequence[np.ndarray]) -> None:
         """413 for more pages, or more pixels in all pages together, than the limits."""
-        if len(pages) > self.settings.max_pages:
-            raise ApiError(
-                413,
-                f"the stack has {len(pages)} pages, more than the limit of "
-                f"{self.settings.max_pages} (UNET_MAX_PAGES)",
-            )
-        height, width = pages[0].shape[:2]
-        total = height * width * len(pages)
-        if total > self.settings.max_pixels:
-            what = "image is" if len(pages) == 1 else f"stack of {len(pages)} pages of"
-            raise ApiError(
-                413,
-                f"{what} {width}x{height} = {total} pixels, more than the limit of "
-                f"{self.settings.max_pixels}",
-            )
+        check_pages(self.settings, pages)
 
     async def submit(
         self,
@@ -262,24 +249,8 @@ class InferenceService:
 
     def check_instances(self, image: np.ndarray | Sequence[np.ndarray] | None = None) -> None:
         """Refuse instances that the model cannot give, or that would take more memory than
-        UNET_MAX_INSTANCE_PIXELS allows, before anything is computed. A stack's pages are
-        labelled one at a time, so the limit is per page."""
-        if self.info.out_channels != 1:
-            raise ApiError(422, "instances need a one-class model (foreground probabilities)")
-        if image is None:
-            return
-        if not isinstance(image, np.ndarray):
-            image = image[0]
-        pixels = image.shape[0] * image.shape[1]
-        limit = self.settings.max_instance_pixels
-        if pixels > limit:
-            raise ApiError(
-                413,
-                f"cell instances of a {image.shape[1]}x{image.shape[0]} image ({pixels} pixels) "
-                f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (the watershed "
-                "peaks at about 66 bytes per pixel); ask for the mask or probabilities, or "
-                "segment the image in parts",
-            )
+        UNET_MAX_INSTANCE_PIXELS allows (per page of a stack), before anything is computed."""
+        check_instances(self.settings, self.info.out_channels, image)
 
     async def instances(self, result: SegmentResult) -> list[np.ndarray]:
         """(H, W) uint32 cell labels of each page of a result submitted with
