@@ -16,6 +16,7 @@ import tifffile
 from app_helpers import (
     binary_infer,
     em_crop,
+    gated,
     make_app,
     metric,
     png_bytes,
@@ -267,3 +268,21 @@ async def test_a_failing_page_fails_the_stack_at_once_and_leaves_no_tiles(
         monkeypatch.undo()
         again = await segment(client, tiff_bytes(*PAGES), "mask")
         assert again.status_code == 200 and again.headers["x-pages"] == "3"
+
+
+async def test_a_cancelled_stack_leaves_the_queue_with_all_its_pages(weights: Path) -> None:
+    app = make_app(weights, max_batch_tiles=2, drain_timeout_s=1)
+    async with running(app) as client:
+        batcher = service_of(app).batcher
+        with gated(service_of(app)) as gate:
+            request = asyncio.ensure_future(segment(client, tiff_bytes(*PAGES), "mask"))
+            while not (gate.entered.is_set() and batcher.queued_tiles == 12):
+                await asyncio.sleep(0.005)
+            request.cancel()  # the client gives up with 10 tiles of 3 pages still queued
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            assert batcher.queued_tiles == 0 and batcher.queued_images == 0
+        r = await segment(client, png_bytes(PAGES[0][:50, :50]), "mask", "a.png")
+        assert r.status_code == 200
+        # The batch in flight, then the new image: the stack's other tiles never ran.
+        assert await metric(client, "unet_tiles_total") == 2 + 1
