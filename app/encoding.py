@@ -11,7 +11,7 @@ import tifffile
 from PIL import Image
 
 from model.instances import label_colours
-from model.pages import pages_tiff
+from model.pages import labels_tiff, pages_tiff
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
@@ -63,11 +63,8 @@ def mask_tiff(masks: Sequence[np.ndarray], out_channels: int) -> bytes:
 
 
 def instances_tiff(labels: Sequence[np.ndarray]) -> bytes:
-    """A stack's (H, W) uint32 labels (each page labelled on its own) as one multi-page
-    TIFF: 16-bit while every page's ids fit, else 32-bit."""
-    top = max((int(page.max()) for page in labels if page.size), default=0)
-    dtype = np.uint16 if top <= 0xFFFF else np.uint32
-    return pages_tiff([page.astype(dtype) for page in labels])
+    """A stack's (H, W) uint32 labels as one multi-page TIFF (see model.pages.labels_tiff)."""
+    return labels_tiff(labels)
 
 
 def probabilities_npy_pages(pages: Sequence[np.ndarray]) -> bytes:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from model.imageio import ImageError
-from model.pages import pages_tiff, read_pages
+from model.pages import labels_tiff, pages_tiff, read_pages
 from model.precision import PRECISIONS
 from model.tiled_image import Segmentation
 from model.weights import WeightsError
@@ -52,11 +52,8 @@ def write_stack(
             np.stack([p[0] if len(p) == 1 else p for p in probs]),
         )
     if args.instances and probs:
-        labels = [seg.instances(p) for p in probs]
-        top = max(int(page.max()) for page in labels)
-        dtype = np.uint16 if top <= 0xFFFF else np.uint32
-        path = stem.with_name(stem.name + ".instances.tif")
-        path.write_bytes(pages_tiff([page.astype(dtype) for page in labels]))
+        labels = labels_tiff([seg.instances(p) for p in probs])
+        stem.with_name(stem.name + ".instances.tif").write_bytes(labels)
 
 
 def output_clash(images: list[Path], output_dir: Path) -> str | None:

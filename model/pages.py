@@ -27,7 +27,6 @@ from model.imageio import (
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
-    UnsupportedImageError,
     check_pixels,
     decode_image,
     standard_dtype,
@@ -127,7 +126,7 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
     try:
         with _complaints() as complaints, tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
-                raise UnsupportedImageError("TIFF file has no readable pages")
+                raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
             declared = _declared_pages(tif, max_pages)
             pages: list[tifffile.TiffPage] = []
             first: tuple[int, int, int, np.dtype] | None = None
@@ -145,8 +144,8 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
                 if getattr(page, "is_reduced", False) and pages:
                     continue  # a thumbnail or preview after the image, not a page of it
                 height, width, channels, dtype = _describe(page)
-                check_pixels(height, width, None)
-                if first is None:
+                if first is None:  # one page alone gets decode_image's own words
+                    check_pixels(height, width, max_pixels)
                     first = (height, width, channels, dtype)
                 elif (height, width) != first[:2]:
                     raise ImageError(
@@ -228,6 +227,14 @@ def read_pages(
         return decode_pages(f.read(), max_pixels, max_pages)
 
 
+def labels_tiff(labels: Sequence[np.ndarray]) -> bytes:
+    """A stack's (H, W) cell labels (each page labelled on its own) as one multi-page TIFF:
+    16-bit while every page's ids fit (as the one-page PNG), else 32-bit."""
+    top = max((int(page.max()) for page in labels if page.size), default=0)
+    dtype = np.uint16 if top <= 0xFFFF else np.uint32
+    return pages_tiff([page.astype(dtype) for page in labels])
+
+
 def pages_tiff(pages: Sequence[np.ndarray], *, rgb: bool = False) -> bytes:
     """Pages of one shape and dtype, each (H, W) (or (H, W, 3) with `rgb`), as one
     multi-page TIFF, zlib level 1 (as fast as the PNGs; masks compress well at any level)."""
@@ -249,6 +256,7 @@ __all__ = [
     "EmptyImageError",
     "TooManyPagesError",
     "decode_pages",
+    "labels_tiff",
     "pages_tiff",
     "read_pages",
 ]

@@ -61,7 +61,7 @@ def test_pages_of_different_sizes_or_types_are_refused_by_number() -> None:
     a, b = em_crop(0, 0, 0, 40, 50), em_crop(1, 0, 0, 40, 45)
     with pytest.raises(ImageError, match="page 3 is 45x40 but page 1 is 50x40"):
         decode_pages(tiff_bytes(a, a, b))
-    with pytest.raises(ImageError, match="page 2 has 1 channel.*uint16"):
+    with pytest.raises(ImageError, match=r"page 2 has 1 channel.*uint16"):
         decode_pages(tiff_bytes(a, a.astype(np.uint16)))
 
 

@@ -50,6 +50,10 @@ INFER_EXAMPLE = {
 @router.post(
     "/models/{name}/infer",
     summary="Inference (JSON tensors)",
+    description="One input tensor, the image: [H, W], [H, W, C] or [1, C, H, W]. A stack of "
+    'pages is [D, H, W] or [D, H, W, C] with the request parameter "layout": "DHW" or "DHWC" '
+    "(without it a 3-D tensor is [H, W, C]); its outputs then have a leading D axis. The "
+    "binary tensor data extension (Inference-Header-Content-Length) works too.",
     dependencies=[Depends(require_api_key)],
     openapi_extra={
         "requestBody": {
