@@ -151,11 +151,8 @@ class TileBatcher:
         n = image.total
         if n > self.max_queue_tiles:
             size = image.tile_size
-            what = (
-                f"the stack of {len(image.pages)} pages"
-                if isinstance(image, TiledStack)
-                else "the image"
-            )
+            pages = image.pages if isinstance(image, TiledStack) else None
+            what = f"the stack of {len(pages)} pages" if pages else "the image"
             raise TooManyTilesError(
                 f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
                 f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"

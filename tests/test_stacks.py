@@ -83,6 +83,17 @@ async def test_v1_a_stack_in_gives_the_same_pages_out_each_as_if_alone(weights: 
                 assert got.dtype == np.uint16 and all(page.max() >= 1 for page in got)
 
 
+async def test_a_one_page_tiff_is_answered_as_before(weights: Path) -> None:
+    async with running(make_app(weights)) as client:
+        for output in OUTPUTS:
+            tiff = await segment(client, tiff_bytes(PAGES[0]), output)
+            png = await segment(client, png_bytes(PAGES[0]), output, "p.png")
+            assert tiff.status_code == png.status_code == 200, output
+            assert tiff.headers["x-pages"] == "1"
+            assert tiff.headers["content-type"] == png.headers["content-type"] != "image/tiff"
+            assert tiff.content == png.content, output
+
+
 async def test_v2_json_binary_and_cli_agree_with_v1(weights: Path, tmp_path: Path) -> None:
     stack = np.stack(PAGES)
     async with running(make_app(weights, max_batch_tiles=1)) as client:
