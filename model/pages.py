@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import re
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -103,6 +104,18 @@ def _declared_pages(tif: tifffile.TiffFile, max_pages: int) -> int | None:
     return declared
 
 
+def _next_page_offset(data: bytes, tif: tifffile.TiffFile, page: tifffile.TiffPage) -> int:
+    """Where the chain goes after `page`, read from the bytes themselves (0: nowhere), so a
+    chain that tifffile stopped following (an offset past the end) is not taken for its end
+    whatever the logging configuration lets through."""
+    fmt = tif.tiff
+    (entries,) = struct.unpack_from(fmt.tagnoformat, data, page.offset)
+    at = page.offset + fmt.tagnosize + entries * fmt.tagsize
+    if at + fmt.offsetsize > len(data):
+        return -1  # the header itself is cut off
+    return struct.unpack_from(fmt.offsetformat, data, at)[0]
+
+
 def _page_array(page: tifffile.TiffPage) -> np.ndarray:
     """One page as (H, W, C): the sample axis last, anything else of length 1 dropped."""
     arr = page.asarray()
@@ -164,10 +177,11 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
                         f"pixels, more than the limit of {max_pixels} (all pages count)"
                     )
                 pages.append(page)
-            if complaints.messages:
+            if complaints.messages or _next_page_offset(data, tif, page) != 0:
+                said = f" ({complaints.messages[0]})" if complaints.messages else ""
                 raise CorruptImageError(
-                    f"the TIFF is truncated or corrupt after page {len(pages)}: "
-                    f"{complaints.messages[0]}"
+                    f"the TIFF is truncated or corrupt after page {len(pages)}: its chain of "
+                    f"pages points past the end of the file{said}"
                 )
             if declared is not None and declared not in (1, len(pages)):
                 raise CorruptImageError(

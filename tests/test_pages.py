@@ -4,6 +4,7 @@ pixel is read, and the clear errors for files whose pages do not add up."""
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import time
 import tracemalloc
@@ -113,6 +114,15 @@ def test_truncated_and_looping_chains_are_corrupt_not_shorter() -> None:
     for cut in (offsets[2], offsets[2] + 30, len(data) - 10):
         with pytest.raises(CorruptImageError, match="truncated or corrupt"):
             decode_pages(data[:cut])
+    # Found from the bytes too, not only from what tifffile logs.
+    quiet = logging.getLogger("tifffile")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        with pytest.raises(CorruptImageError, match="after page 2"):
+            decode_pages(data[: offsets[2]])
+    finally:
+        quiet.setLevel(level)
     looped = bytearray(data)
     entries = struct.unpack_from("<H", looped, offsets[2])[0]
     struct.pack_into("<I", looped, offsets[2] + 2 + 12 * entries, offsets[0])
