@@ -56,18 +56,21 @@ class TileBatcher:
         run_batch: BatchCallable,
         batch_limit: Callable[[], int],
         *,
+        background_batch_limit: Callable[[], int] = lambda: 1,
         max_wait_s: float,
         max_queue_tiles: int,
         metrics: Metrics | None = None,
     ) -> None:
         self.run_batch = run_batch
         self.batch_limit = batch_limit  # read before every batch: it may shrink and grow
+        self.background_batch_limit = background_batch_limit
         self.max_wait_s = max_wait_s
         self.max_queue_tiles = max_queue_tiles
         self.metrics = metrics
         self._ready: deque[QueuedImage] = deque()  # jobs with tiles not yet handed to the worker
         self._active: set[QueuedImage] = set()  # jobs not finished, failed or cancelled
-        self._queued_tiles = 0
+        self._queued_tiles = 0  # foreground (request) tiles only: the queue limit's count
+        self._background_tiles = 0
         self._arriving = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -143,30 +146,41 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage | TiledStack) -> QueuedImage:
+    def submit(self, image: TiledImage | TiledStack, *, background: bool = False) -> QueuedImage:
         """Admit an image or a stack (all its pages' tiles count), or raise at once:
-        ShuttingDownError, TooManyTilesError, QueueFullError."""
+        ShuttingDownError, TooManyTilesError, QueueFullError. A `background` image (a section
+        job's page) is computed only when no request's tiles are waiting, in batches of
+        `background_batch_limit()` tiles, so an interactive request waits for at most one
+        such small batch; it does not count against the queue limit, which bounds the wait
+        of requests."""
         if self._task is None:
             raise ShuttingDownError("the server is not accepting work")
         n = image.total
-        if n > self.max_queue_tiles:
-            size = image.tile_size
-            pages = image.pages if isinstance(image, TiledStack) else None
-            what = f"the stack of {len(pages)} pages" if pages else "the image"
-            raise TooManyTilesError(
-                f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
-                f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
-            )
-        if self._queued_tiles + n > self.max_queue_tiles:
-            raise QueueFullError(self.retry_after())
-        job = QueuedImage(image, asyncio.get_running_loop())
+        if not background:
+            if n > self.max_queue_tiles:
+                size = image.tile_size
+                pages = image.pages if isinstance(image, TiledStack) else None
+                what = f"the stack of {len(pages)} pages" if pages else "the image"
+                raise TooManyTilesError(
+                    f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
+                    f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
+                )
+            if self._queued_tiles + n > self.max_queue_tiles:
+                raise QueueFullError(self.retry_after())
+        job = QueuedImage(image, asyncio.get_running_loop(), background=background)
         self._active.add(job)
         self._ready.append(job)
-        self._queued_tiles += n
+        self._count(job, n)
         self._idle.clear()
         self._update_gauges()
         self._wakeup.set()
         return job
+
+    def _count(self, job: QueuedImage, tiles: int) -> None:
+        if job.background:
+            self._background_tiles += tiles
+        else:
+            self._queued_tiles += tiles
 
     async def result(
         self,
@@ -195,7 +209,7 @@ class TileBatcher:
 
     def _retire(self, job: QueuedImage) -> None:
         job.active = False
-        self._queued_tiles -= job.image.outstanding
+        self._count(job, -job.image.outstanding)
         self._active.discard(job)
         with contextlib.suppress(ValueError):
             self._ready.remove(job)
@@ -223,6 +237,7 @@ class TileBatcher:
         if self.metrics is not None:
             self.metrics.queue_tiles.set(self._queued_tiles)
             self.metrics.queue_images.set(len(self._active))
+            self.metrics.job_tiles_queued.set(self._background_tiles)
 
     async def _run(self) -> None:
         while True:
@@ -253,6 +268,14 @@ class TileBatcher:
         for job in jobs:
             self._fail(job, InferenceError(f"inference failed ({type(error).__name__})"))
 
+    def _line(self) -> tuple[list[QueuedImage], int]:
+        """The jobs the next batch is taken from, and its size limit: requests' images
+        whenever any wait, else background images."""
+        foreground = [job for job in self._ready if not job.background]
+        if foreground:
+            return foreground, self.batch_limit()
+        return list(self._ready), self.background_batch_limit()
+
     async def _next_batch(self) -> int:
         """Wait for work, then for the batch to fill or the oldest job's wait to run out;
         returns the tile size of the batch to form."""
@@ -261,11 +284,12 @@ class TileBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._ready[0]
+            line, limit = self._line()
+            head = line[0]
             size = head.image.tile_size
-            available = sum(job.image.pending for job in self._ready if job.image.tile_size == size)
+            available = sum(job.image.pending for job in line if job.image.tile_size == size)
             wait = head.waiting_since + self.max_wait_s - time.monotonic()
-            if available >= self.batch_limit() or wait <= 0 or self._arriving == 0:
+            if head.background or available >= limit or wait <= 0 or self._arriving == 0:
                 return size
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -274,14 +298,15 @@ class TileBatcher:
     def _pick(self, size: int, picks: list[tuple[QueuedImage, Tile]]) -> None:
         """Fill `picks` round-robin (see `take_round_robin`); served jobs move to the back
         of the line, and jobs with nothing left leave it."""
-        served = take_round_robin(self._ready, size, self.batch_limit(), picks)
+        line, limit = self._line()
+        served = take_round_robin(line, size, limit, picks)
         now = time.monotonic()
         for job in served:
             job.batches += 1
             job.waiting_since = now
             if job.first_batch_at is None:
                 job.first_batch_at = now
-                if self.metrics is not None:
+                if self.metrics is not None and not job.background:
                     self.metrics.queue_wait.observe(now - job.accepted_at)
         served_set = set(served)
         self._ready = deque(
@@ -305,7 +330,7 @@ class TileBatcher:
             if not job.active:  # cancelled or timed out while its batch ran
                 continue
             job.image.add(tile, probabilities, mask)
-            self._queued_tiles -= 1
+            self._count(job, -1)
             if job.image.complete:
                 self._finish(job)
         self._update_gauges()

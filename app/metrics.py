@@ -65,6 +65,12 @@ class Metrics:
         self.queue_images = Gauge(
             "unet_queue_images", "Images accepted and not yet finished.", registry=r
         )
+        self.job_tiles_queued = Gauge(
+            "unet_job_tiles_queued",
+            "Tiles of section jobs' pages in the tile queue, not yet computed (they run when "
+            "no request's tiles wait).",
+            registry=r,
+        )
         self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)
         self._device_gauges = False
 

@@ -41,8 +41,15 @@ class QueuedImage:
     """One request's image (or stack of pages, as one entry) in the queue: the TiledImage
     or TiledStack, its future and its timings."""
 
-    def __init__(self, image: TiledImage | TiledStack, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        image: TiledImage | TiledStack,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        background: bool = False,
+    ) -> None:
         self.image = image
+        self.background = background  # a section job's page: computed when requests are not
         # A TiledStack's result is the list of its pages' segmentations.
         self.future: asyncio.Future[Segmentation | list[Segmentation]] = loop.create_future()
         self.accepted_at = time.monotonic()

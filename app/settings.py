@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="Bearer token required on inference routes; unset = open."
     )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Several bearer tokens, comma-separated (with or instead of api_key); "
+        "each sees only the section jobs it created.",
+    )
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
@@ -124,11 +129,18 @@ class Settings(BaseSettings):
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
 
-    @field_validator("api_key")
+    @field_validator("api_key", "api_keys")
     @classmethod
     def _empty_key_is_unset(cls, v: SecretStr | None) -> SecretStr | None:
         # `UNET_API_KEY=` in a compose file means "no key", not "the empty key".
         return v if v is not None and v.get_secret_value() else None
+
+    def accepted_keys(self) -> list[str]:
+        """Every bearer token the server accepts (empty: the inference routes are open)."""
+        keys = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        if self.api_keys is not None:
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+        return keys
 
     def batch_tiles_for(self, device_type: str) -> int:
         """Tiles per batch on a device of this type ("cuda", "cpu")."""

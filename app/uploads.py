@@ -35,25 +35,30 @@ def arrival(request: Request) -> float:
     return request.scope.get(ARRIVED, time.monotonic())
 
 
-async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+async def limited_body(
+    request: Request, limit: float, *, per_chunk: bool = False
+) -> AsyncGenerator[bytes, None]:
     """The body's chunks, at most `limit` bytes, all within the request's deadline: a client
     that stalls mid-upload gets 408 when UNET_REQUEST_TIMEOUT_S has passed since its arrival,
-    instead of holding its connection for as long as it likes."""
+    instead of holding its connection for as long as it likes. `per_chunk`: the timeout is
+    for each chunk instead (a job's upload of gigabytes may take long, but must not stall)."""
     timeout = request.app.state.settings.request_timeout_s
     deadline = arrival(request) + timeout
     received = 0
     chunks = request.stream().__aiter__()
     try:
         while True:
+            if per_chunk:
+                deadline = time.monotonic() + timeout
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                     chunk = await anext(chunks)
             except StopAsyncIteration:
                 return
             except TimeoutError:
+                what = "stalled for more than" if per_chunk else "did not arrive within"
                 raise ApiError(
-                    408,
-                    f"the upload did not arrive within {timeout:g} s (UNET_REQUEST_TIMEOUT_S)",
+                    408, f"the upload {what} {timeout:g} s (UNET_REQUEST_TIMEOUT_S)"
                 ) from None
             received += len(chunk)
             if received > limit:
@@ -88,7 +93,7 @@ async def read_body(
         raise (too_large(limit) if e.status == 413 else e) from None
     chunks = []
     try:
-        async for chunk in _limited(request, limit):
+        async for chunk in limited_body(request, limit):
             chunks.append(chunk)
     except _TooLarge:
         raise too_large(limit) from None
@@ -106,7 +111,7 @@ async def read_image_upload(request: Request, limit: int) -> bytes:
         _check_declared_length(request, limit + MULTIPART_SLACK, limit)
         parser = MultiPartParser(
             request.headers,
-            _limited(request, limit + MULTIPART_SLACK),
+            limited_body(request, limit + MULTIPART_SLACK),
             max_files=1,
             max_fields=8,
         )
@@ -130,8 +135,12 @@ async def read_image_upload(request: Request, limit: int) -> bytes:
         return data
     if content_type.startswith(("image/", "application/octet-stream")):
         return await read_body(request, limit)
+    raise unsupported_content_type(content_type)
+
+
+def unsupported_content_type(content_type: str) -> ApiError:
     shown = content_type or "none"
-    raise ApiError(
+    return ApiError(
         415,
         f"unsupported Content-Type ({shown}): send multipart/form-data with the image in "
         "field 'file', or the raw image bytes as image/* or application/octet-stream",
