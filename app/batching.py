@@ -39,7 +39,7 @@ from app.queued import (
     wait_for_job,
 )
 from model.runner import BatchItem, TileOutput
-from model.tiled_image import Segmentation, TiledImage
+from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import Tile
 
 log = logging.getLogger("app.batching")
@@ -146,20 +146,23 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage, *, background: bool = False) -> QueuedImage:
-        """Admit an image, or raise at once: ShuttingDownError, TooManyTilesError,
-        QueueFullError. A `background` image (a section job's page) is computed only when
-        no request's tiles are waiting, in batches of `background_batch_limit()` tiles, so
-        an interactive request waits for at most one such small batch; it does not count
-        against the queue limit, which bounds the wait of requests."""
+    def submit(self, image: TiledImage | TiledStack, *, background: bool = False) -> QueuedImage:
+        """Admit an image or a stack (all its pages' tiles count), or raise at once:
+        ShuttingDownError, TooManyTilesError, QueueFullError. A `background` image (a section
+        job's page) is computed only when no request's tiles are waiting, in batches of
+        `background_batch_limit()` tiles, so an interactive request waits for at most one
+        such small batch; it does not count against the queue limit, which bounds the wait
+        of requests."""
         if self._task is None:
             raise ShuttingDownError("the server is not accepting work")
         n = image.total
         if not background:
             if n > self.max_queue_tiles:
                 size = image.tile_size
+                pages = image.pages if isinstance(image, TiledStack) else None
+                what = f"the stack of {len(pages)} pages" if pages else "the image"
                 raise TooManyTilesError(
-                    f"the image needs {n} tiles of {size}x{size}, more than the queue holds "
+                    f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
                     f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
                 )
             if self._queued_tiles + n > self.max_queue_tiles:
@@ -184,7 +187,7 @@ class TileBatcher:
         job: QueuedImage,
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
-    ) -> Segmentation:
+    ) -> Segmentation | list[Segmentation]:
         """Wait for a job; `disconnected()` makes an awaitable that returns when the client
         goes away. On timeout (DeadlineExceededError), client disconnect
         (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the

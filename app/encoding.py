@@ -1,15 +1,17 @@
-"""Response bodies: mask PNG, probabilities .npy, overlay PNG."""
+"""Response bodies: mask PNG, probabilities .npy, overlay PNG; for a stack of pages, the
+same as multi-page TIFFs and an .npy with a leading page axis."""
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 from model.instances import label_colours
+from model.pages import labels_tiff, pages_tiff
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
@@ -46,10 +48,32 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
+def _mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
     """One class: 0/255, so the file is viewable; several: the class index."""
-    pixels = mask * np.uint8(255) if out_channels == 1 else mask
-    return png_bytes(Image.fromarray(pixels, mode="L"))
+    return mask * np.uint8(255) if out_channels == 1 else mask
+
+
+def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
+    return png_bytes(Image.fromarray(_mask_pixels(mask, out_channels), mode="L"))
+
+
+def mask_tiff(masks: Sequence[np.ndarray], out_channels: int) -> bytes:
+    """A stack's masks as one multi-page 8-bit TIFF, each page as mask_png's pixels."""
+    return pages_tiff([_mask_pixels(mask, out_channels) for mask in masks])
+
+
+def instances_tiff(labels: Sequence[np.ndarray]) -> bytes:
+    """A stack's (H, W) uint32 labels as one multi-page TIFF (see model.pages.labels_tiff)."""
+    return labels_tiff(labels)
+
+
+def probabilities_npy_pages(pages: Sequence[np.ndarray]) -> bytes:
+    """A stack's (K, H, W) probabilities -> .npy bytes with a leading page axis: (D, H, W)
+    for one class, (D, K, H, W) for several (probabilities_npy's shapes, per page)."""
+    stacked = np.stack([page[0] if page.shape[0] == 1 else page for page in pages])
+    buf = io.BytesIO()
+    np.save(buf, stacked.astype(np.float32, copy=False), allow_pickle=False)
+    return buf.getvalue()
 
 
 def instances_image(labels: np.ndarray) -> tuple[bytes, str, str]:
@@ -80,16 +104,32 @@ def _display_range(image: np.ndarray) -> tuple[float, float]:
 
 
 def overlay_png(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None) -> bytes:
-    """The overlay (`overlay_rgb`) as an RGB PNG."""
+    """RGB PNG of the (H, W, C) image in grey or colour, each non-zero class of the (H, W)
+    mask tinted in its colour, or with `labels` each cell instance in a colour of its own."""
     return png_bytes(Image.fromarray(overlay_rgb(image, mask, labels), mode="RGB"))
+
+
+def overlay_tiff(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray] | None = None,
+) -> bytes:
+    """A stack's overlays as one multi-page RGB TIFF, each page as overlay_png's pixels
+    (each page stretched for display on its own, as if sent alone)."""
+    return pages_tiff(
+        [
+            overlay_rgb(image, mask, None if labels is None else labels[i])
+            for i, (image, mask) in enumerate(zip(images, masks, strict=True))
+        ],
+        rgb=True,
+    )
 
 
 def overlay_rgb(
     image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None
 ) -> np.ndarray:
-    """(H, W, 3) uint8: the (H, W, C) image in grey or colour, each non-zero class of the
-    (H, W) mask tinted in its colour, or with `labels` each cell instance in a colour of its
-    own. Built in row blocks so huge images need no float copy."""
+    """The overlay's (H, W, 3) uint8 pixels, built in row blocks so huge images need no
+    float copy."""
     lo, hi = _display_range(image)
     scale = 255.0 / (hi - lo) if hi > lo else 0.0
     height, width = mask.shape

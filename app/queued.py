@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
-from model.tiled_image import Segmentation, TiledImage
+from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import Tile
 
 
@@ -38,14 +38,20 @@ class InferenceError(Exception):
 
 
 class QueuedImage:
-    """One request's image in the queue: the TiledImage, its future and its timings."""
+    """One request's image (or stack of pages, as one entry) in the queue: the TiledImage
+    or TiledStack, its future and its timings."""
 
     def __init__(
-        self, image: TiledImage, loop: asyncio.AbstractEventLoop, *, background: bool = False
+        self,
+        image: TiledImage | TiledStack,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        background: bool = False,
     ) -> None:
         self.image = image
         self.background = background  # a section job's page: computed when requests are not
-        self.future: asyncio.Future[Segmentation] = loop.create_future()
+        # A TiledStack's result is the list of its pages' segmentations.
+        self.future: asyncio.Future[Segmentation | list[Segmentation]] = loop.create_future()
         self.accepted_at = time.monotonic()
         self.waiting_since = self.accepted_at  # last time the worker served this job
         self.first_batch_at: float | None = None
@@ -84,7 +90,7 @@ def take_round_robin(
 
 async def wait_for_job(
     job: QueuedImage, timeout: float, disconnected: Callable[[], Awaitable[object]] | None
-) -> Segmentation:
+) -> Segmentation | list[Segmentation]:
     """The job's result, or DeadlineExceededError after `timeout` seconds, or
     ClientGoneError as soon as the awaitable `disconnected()` makes returns."""
     watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None

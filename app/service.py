@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from app.batching import TileBatcher
 from app.errors import ApiError
+from app.limits import check_instances, check_pages
 from app.metrics import Metrics
 from app.queued import (
     ClientGoneError,
@@ -32,10 +33,10 @@ from model.imageio import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    decode_image,
 )
+from model.pages import decode_pages
 from model.runner import BatchRunner
-from model.tiled_image import TiledImage
+from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import tile_sizes
 
 log = logging.getLogger("app.service")
@@ -67,13 +68,22 @@ class ModelInfo:
 
 @dataclass
 class SegmentResult:
-    mask: np.ndarray  # (H, W) uint8
-    probabilities: np.ndarray | None  # (K, H, W) float32
+    pages: list[Segmentation]  # one per page of the upload (one for a plain image)
     tile_size: int
-    tiles: int
-    batches: int  # forward passes that held at least one of this image's tiles
+    tiles: int  # of all pages
+    batches: int  # forward passes that held at least one of this upload's tiles
     queue_s: float  # accepted -> first tile in a forward pass
     inference_s: float  # first forward pass -> last tile stitched
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) uint8 mask of the first (for a plain image, the only) page."""
+        return self.pages[0].mask
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        """(K, H, W) float32 probabilities of the first page, when asked for."""
+        return self.pages[0].probabilities
 
 
 def load_segmenter(settings: Settings) -> Segmenter:
@@ -184,39 +194,53 @@ class InferenceService:
         if self.state is not State.ready:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
 
-    async def decode(self, data: bytes) -> np.ndarray:
-        """Upload bytes -> (H, W, C) image, off the event loop; errors as ApiError."""
+    async def decode(self, data: bytes) -> list[np.ndarray]:
+        """Upload bytes -> its pages, each (H, W, C) (one for anything but a multi-page
+        TIFF), off the event loop; errors as ApiError. UNET_MAX_PIXELS bounds all pages
+        together, UNET_MAX_PAGES their count."""
+        settings = self.settings
         try:
-            return await asyncio.to_thread(decode_image, data, self.settings.max_pixels)
+            return await asyncio.to_thread(
+                decode_pages, data, settings.max_pixels, settings.max_pages
+            )
         except ImageError as e:
             raise image_error(e) from None
 
+    def check_pages(self, pages: Sequence[np.ndarray]) -> None:
+        """413 for more pages, or more pixels in all pages together, than the limits."""
+        check_pages(self.settings, pages)
+
     async def submit(
-        self, image: np.ndarray, *, probabilities: bool, tta: int | None = None
+        self,
+        image: np.ndarray | Sequence[np.ndarray],
+        *,
+        probabilities: bool,
+        tta: int | None = None,
     ) -> QueuedImage:
-        """Prepare and plan a decoded (H, W, C) image and queue it, or refuse at once.
-        `tta`: 1 or 8 views averaged (None: the server's UNET_TTA)."""
+        """Prepare and plan a decoded (H, W, C) image, or a stack's pages (a sequence of
+        them, one size), and queue it, or refuse at once. A stack is one entry of the queue
+        (a `TiledStack`): its pages' tiles batch with each other and with other requests',
+        it counts as one line in the round-robin, and it fails, times out or is cancelled as
+        a whole. `tta`: 1 or 8 views averaged (None: the server's UNET_TTA)."""
         self.check_available()
-        height, width = image.shape[:2]
-        if height * width > self.settings.max_pixels:
-            raise ApiError(
-                413,
-                f"image is {width}x{height} = {height * width} pixels, more than the limit of "
-                f"{self.settings.max_pixels}",
-            )
+        pages = [image] if isinstance(image, np.ndarray) else list(image)
+        self.check_pages(pages)
+        variants = self.settings.tta if tta is None else tta
+
+        def plan() -> TiledImage | TiledStack:
+            tiled = [
+                self.segmenter.tiled(page, self.info.tile_sizes, probabilities, variants)
+                for page in pages
+            ]
+            return tiled[0] if len(tiled) == 1 else TiledStack(tiled)
+
         try:
-            tiled = await asyncio.to_thread(
-                self.segmenter.tiled,
-                image,
-                self.info.tile_sizes,
-                probabilities,
-                self.settings.tta if tta is None else tta,
-            )
+            queued = await asyncio.to_thread(plan)
         except ImageError as e:
             raise ApiError(422, str(e)) from None
         self.check_available()  # the state may have changed while the image was prepared
         try:
-            return self.batcher.submit(tiled)
+            return self.batcher.submit(queued)
         except QueueFullError as e:
             raise ApiError(
                 503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
@@ -234,30 +258,22 @@ class InferenceService:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
 
-    def check_instances(self, image: np.ndarray | None = None) -> None:
+    def check_instances(self, image: np.ndarray | Sequence[np.ndarray] | None = None) -> None:
         """Refuse instances that the model cannot give, or that would take more memory than
-        UNET_MAX_INSTANCE_PIXELS allows, before anything is computed."""
-        if self.info.out_channels != 1:
-            raise ApiError(422, "instances need a one-class model (foreground probabilities)")
-        if image is None:
-            return
-        pixels = image.shape[0] * image.shape[1]
-        limit = self.settings.max_instance_pixels
-        if pixels > limit:
-            raise ApiError(
-                413,
-                f"cell instances of a {image.shape[1]}x{image.shape[0]} image ({pixels} pixels) "
-                f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (the watershed "
-                "peaks at about 66 bytes per pixel); ask for the mask or probabilities, or "
-                "segment the image in parts",
-            )
+        UNET_MAX_INSTANCE_PIXELS allows (per page of a stack), before anything is computed."""
+        check_instances(self.settings, self.info.out_channels, image)
 
-    async def instances(self, result: SegmentResult) -> np.ndarray:
-        """(H, W) uint32 cell labels of a result submitted with probabilities."""
+    async def instances(self, result: SegmentResult) -> list[np.ndarray]:
+        """(H, W) uint32 cell labels of each page of a result submitted with
+        probabilities; each page is labelled on its own (ids start at 1 on every page)."""
         self.check_instances()
         if result.probabilities is None:
             raise ApiError(422, "instances need the request's probabilities")
-        return await asyncio.to_thread(self.segmenter.instances, result.probabilities)
+
+        def label() -> list[np.ndarray]:
+            return [self.segmenter.instances(page.probabilities) for page in result.pages]
+
+        return await asyncio.to_thread(label)
 
     async def result(
         self,
@@ -285,8 +301,7 @@ class InferenceService:
         except ShuttingDownError:
             raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
         return SegmentResult(
-            mask=segmentation.mask,
-            probabilities=segmentation.probabilities,
+            pages=segmentation if isinstance(segmentation, list) else [segmentation],
             tile_size=job.image.tile_size,
             tiles=job.image.total,
             batches=job.batches,

@@ -85,7 +85,17 @@ class Settings(BaseSettings):
         "inference; larger replies must ask for binary outputs).",
     )
     max_pixels: int = Field(
-        100_000_000, ge=1, description="Largest image (height x width); beyond this, 413."
+        100_000_000,
+        ge=1,
+        description="Largest image (height x width; for a stack, all its pages together); "
+        "beyond this, 413.",
+    )
+    max_pages: int = Field(
+        1000,
+        ge=1,
+        description="Most pages of a stack (multi-page TIFF, or [D, H, W] v2 tensor); the "
+        "pages of a TIFF are counted from its headers, so a file claiming more is refused "
+        "before any is read; beyond this, 413.",
     )
     max_instance_pixels: int = Field(
         25_000_000,

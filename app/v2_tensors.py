@@ -32,6 +32,12 @@ DEFAULT_OUTPUTS = ("mask", "probabilities")  # when a request names none
 OUTPUT_DATATYPES = {"mask": "UINT8", "probabilities": "FP32", "instances": "UINT32"}
 # Values converted or written per piece: a few milliseconds of work with the GIL held.
 PIECE = 1 << 16
+# The request parameter "layout": the input's axes, and its rank. Without it, the rank
+# decides (2: HW, 3: HWC, 4: 1CHW), as always; a stack of D pages must say DHW or DHWC, so
+# that no [H, W, C] image is ever taken for a stack, nor the reverse.
+LAYOUTS = {"HW": 2, "HWC": 3, "1CHW": 4, "DHW": 3, "DHWC": 4}
+STACK_LAYOUTS = ("DHW", "DHWC")
+_BY_RANK = {2: "HW", 3: "HWC", 4: "1CHW"}
 # Upper bounds of a value's JSON text, separator included ("255," and "1.2345678e-05,").
 JSON_BYTES_PER_VALUE = {"UINT8": 4, "FP32": 16, "UINT32": 11}
 
@@ -75,12 +81,17 @@ def parse_request(header: bytes | memoryview) -> InferRequest:
         raise ApiError(422, f"invalid inference request: {loc}: {first.get('msg')}") from None
 
 
-def tensor_to_image(
-    tensor: InferInput, max_pixels: int, raw: memoryview | bytes | None = None
-) -> np.ndarray:
-    """A v2 input tensor -> (H, W, C) image in the tensor's dtype, from its JSON `data` or,
-    with the binary tensor extension, from `raw` little-endian bytes. Raises ApiError (422
-    for bad shape, datatype or data; 413 for too many pixels)."""
+def tensor_to_pages(
+    tensor: InferInput,
+    max_pixels: int,
+    raw: memoryview | bytes | None = None,
+    layout: str | None = None,
+    max_pages: int = 1,
+) -> list[np.ndarray]:
+    """A v2 input tensor -> its pages, each (H, W, C) in the tensor's dtype (one page but
+    for the stack layouts DHW and DHWC), from its JSON `data` or, with the binary tensor
+    extension, from `raw` little-endian bytes. Raises ApiError (422 for bad shape, layout,
+    datatype or data; 413 for too many pixels, all pages together, or pages)."""
     dtype = DATATYPES.get(tensor.datatype)
     if dtype is None:
         raise ApiError(
@@ -89,34 +100,45 @@ def tensor_to_image(
             f"{', '.join(DATATYPES)}",
         )
     shape = tensor.shape
-    if any(s < 0 for s in shape) or len(shape) not in (2, 3, 4):
+    layout = layout or _BY_RANK.get(len(shape))
+    if any(s < 0 for s in shape) or layout is None or LAYOUTS[layout] != len(shape):
         raise ApiError(
             422,
-            f"input {tensor.name!r}: shape {shape} is not an image; use [H, W], [H, W, C] or "
-            "[1, C, H, W]",
+            f"input {tensor.name!r}: shape {shape} is not "
+            + (f"a {layout} tensor" if layout else "an image")
+            + "; use [H, W], [H, W, C] or [1, C, H, W], or for a stack of pages [D, H, W] "
+            'or [D, H, W, C] with the request parameter "layout": "DHW" or "DHWC"',
         )
-    if len(shape) == 4 and shape[0] != 1:
+    if layout == "1CHW" and shape[0] != 1:
         raise ApiError(
             422,
             f"input {tensor.name!r}: shape {shape} holds {shape[0]} images; send one image "
-            "per request (the server batches tiles across requests itself)",
+            'per request, or a stack of pages as [D, H, W] with "layout": "DHW" (the '
+            "server batches tiles across requests itself)",
         )
-    height, width = (shape[2], shape[3]) if len(shape) == 4 else (shape[0], shape[1])
+    pages = shape[0] if layout in STACK_LAYOUTS else 1
+    axis = {"HW": 0, "HWC": 0, "1CHW": 2, "DHW": 1, "DHWC": 1}[layout]
+    height, width = shape[axis], shape[axis + 1]
     if height * width == 0 or math.prod(shape) == 0:
         raise ApiError(422, f"input {tensor.name!r}: shape {shape} is empty")
-    if height * width > max_pixels:
+    if pages > max_pages:
+        raise ApiError(413, f"the stack has {pages} pages, more than the limit of {max_pages}")
+    if pages * height * width > max_pixels:
+        what = "image is" if pages == 1 else f"stack of {pages} pages of"
         raise ApiError(
             413,
-            f"image is {width}x{height} = {height * width} pixels, more than the limit of "
-            f"{max_pixels}",
+            f"{what} {width}x{height} = {pages * height * width} pixels, more than the "
+            f"limit of {max_pixels}",
         )
     values = _from_json(tensor, dtype) if raw is None else _from_binary(tensor, raw, dtype)
     image = values.astype(dtype, copy=False).reshape(shape)
-    if len(shape) == 2:
-        return image[:, :, None]
-    if len(shape) == 4:
-        return np.ascontiguousarray(image[0].transpose(1, 2, 0))
-    return image
+    if layout == "HW":
+        return [image[:, :, None]]
+    if layout == "1CHW":
+        return [np.ascontiguousarray(image[0].transpose(1, 2, 0))]
+    if layout == "DHW":
+        return [page[:, :, None] for page in image]
+    return list(image) if layout == "DHWC" else [image]
 
 
 def _from_binary(
@@ -218,6 +240,8 @@ def output_array(
     probabilities: np.ndarray | None,
     instances: np.ndarray | None = None,
 ) -> np.ndarray:
+    """One page's output: mask [H, W], instances [H, W], probabilities [H, W] for one
+    class or [K, H, W]. A stack's outputs are these stacked on a leading page axis."""
     if name == "mask":
         return mask
     if name == "instances":

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from app.settings import Settings
-from bench import determinism, engine, liveness, load, outputs, peers, workload
+from bench import determinism, engine, liveness, load, outputs, peers, stack, workload
 from bench.liveness import random_weights
 from bench.load import LoadResult, Server
 from model.engine import DEFAULT_WEIGHTS, Segmenter
@@ -460,6 +460,16 @@ def section_outputs(run: Run) -> None:
     run.report.add()
 
 
+def section_stack(run: Run) -> None:
+    run.report.add("## A stack, synchronously")
+    run.report.add()
+    run.report.add(stack.__doc__.split("\n\n")[0].replace("\n", " "))
+    run.report.add()
+    for line in stack.markdown(stack.measure(2 if run.quick else 5, run.weights)):
+        run.report.add(line)
+    run.report.add()
+
+
 def write_plots(run: Run, out_dir: Path) -> None:
     import matplotlib
 
@@ -550,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     section_determinism(run, device)
     section_liveness(run)
     section_outputs(run)
+    section_stack(run)
     out_dir = args.out.parent / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_plots(run, out_dir)

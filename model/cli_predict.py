@@ -1,4 +1,6 @@
-"""`unet-predict IMAGE... --output-dir DIR`: offline segmentation on the service's engine."""
+"""`unet-predict IMAGE... --output-dir DIR`: offline segmentation on the service's engine.
+A multi-page TIFF is a stack: every page is segmented as if alone and the outputs are
+multi-page TIFFs (DIR/<name>.tif, .instances.tif) and an .npy with a leading page axis."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
-from model.imageio import ImageError, read_image
+from model.imageio import ImageError
+from model.pages import labels_tiff, pages_tiff, read_pages
 from model.precision import PRECISIONS
+from model.tiled_image import Segmentation
 from model.weights import WeightsError
 
 
@@ -33,6 +37,25 @@ def write_instances(labels: np.ndarray, stem: Path) -> Path:
     return path
 
 
+def write_stack(
+    results: list[Segmentation], seg: Segmenter, args: argparse.Namespace, stem: Path
+) -> None:
+    """A stack's outputs, pages in order: STEM.tif masks (pixels as the one-page PNG's),
+    STEM.npy (D, H, W) or (D, K, H, W), STEM.instances.tif (each page labelled on its own;
+    16-bit while the ids fit, as the service sends them)."""
+    masks = [np.asarray(mask_to_png(r.mask, seg.out_channels)) for r in results]
+    stem.with_name(stem.name + ".tif").write_bytes(pages_tiff(masks))
+    probs = [r.probabilities for r in results if r.probabilities is not None]
+    if args.probabilities and probs:
+        np.save(
+            stem.with_name(stem.name + ".npy"),
+            np.stack([p[0] if len(p) == 1 else p for p in probs]),
+        )
+    if args.instances and probs:
+        labels = labels_tiff([seg.instances(p) for p in probs])
+        stem.with_name(stem.name + ".instances.tif").write_bytes(labels)
+
+
 def output_clash(images: list[Path], output_dir: Path) -> str | None:
     """Why the outputs DIR/<stem>.png (.npy, .instances.png) cannot be written safely: two
     inputs with one stem would overwrite each other's results, and an input inside DIR named
@@ -45,7 +68,7 @@ def output_clash(images: list[Path], output_dir: Path) -> str | None:
                 "segment them into different output folders"
             )
         seen[path.stem] = path
-        for suffix in (".png", ".npy", ".instances.png", ".instances.tif"):
+        for suffix in (".png", ".tif", ".npy", ".instances.png", ".instances.tif"):
             target = output_dir / f"{path.stem}{suffix}"
             if target.exists() and path.exists() and target.samefile(path):
                 return f"the output {target} would overwrite the input {path}; choose another -o"
@@ -56,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unet-predict",
         description="Segment images with a UNet by exact overlap-tile inference; writes "
-        "DIR/<name>.png masks (and DIR/<name>.npy probabilities with --probabilities).",
+        "DIR/<name>.png masks (and DIR/<name>.npy probabilities with --probabilities). A "
+        "multi-page TIFF is a stack: DIR/<name>.tif (one mask page per page), .npy with a "
+        "leading page axis, .instances.tif.",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--output-dir", "-o", type=Path, required=True, metavar="DIR")
@@ -109,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in bar:
             bar.set_postfix_str(path.name)
             try:
-                image = read_image(str(path))
-                plan_tiles = args.tta * len(
-                    seg.plan(image.shape[0], image.shape[1], args.tile_size)
+                # Local files are trusted: no page limit (memory is the user's to spend).
+                pages = read_pages(str(path), max_pages=sys.maxsize)
+                image = pages[0]
+                plan_tiles = (
+                    args.tta
+                    * len(pages)
+                    * len(seg.plan(image.shape[0], image.shape[1], args.tile_size))
                 )
                 with tqdm(
                     total=plan_tiles,
@@ -120,18 +149,25 @@ def main(argv: list[str] | None = None) -> int:
                     disable=plan_tiles < 8,
                     file=sys.stderr,
                 ) as tiles_bar:
-                    result = seg.segment(
-                        image,
-                        tile_size=args.tile_size,
-                        batch_size=args.batch_size,
-                        probabilities=args.probabilities or args.instances,
-                        tta=args.tta,
-                        on_batch=tiles_bar.update,
-                    )
+                    results = [
+                        seg.segment(
+                            page,
+                            tile_size=args.tile_size,
+                            batch_size=args.batch_size,
+                            probabilities=args.probabilities or args.instances,
+                            tta=args.tta,
+                            on_batch=tiles_bar.update,
+                        )
+                        for page in pages
+                    ]
             except (OSError, ImageError) as e:
                 failures += 1
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue
+            if len(results) > 1:
+                write_stack(results, seg, args, args.output_dir / path.stem)
+                continue
+            result = results[0]
             mask_to_png(result.mask, seg.out_channels).save(args.output_dir / f"{path.stem}.png")
             probs = result.probabilities
             if args.probabilities and probs is not None:

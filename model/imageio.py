@@ -42,7 +42,8 @@ class ImageTooLargeError(ImageError):
     """More pixels than allowed (decompression-bomb guard)."""
 
 
-def _check_size(height: int, width: int, max_pixels: int | None) -> None:
+def check_pixels(height: int, width: int, max_pixels: int | None) -> None:
+    """Refuse an empty image, or one over `max_pixels` (None: no limit)."""
     if height < 1 or width < 1:
         raise EmptyImageError(f"image has zero size ({height}x{width})")
     if max_pixels is not None and height * width > max_pixels:
@@ -52,8 +53,9 @@ def _check_size(height: int, width: int, max_pixels: int | None) -> None:
         )
 
 
-def _standard_dtype(arr: np.ndarray) -> np.ndarray:
-    """Keep uint8/uint16/float32; map other types onto them without losing range."""
+def standard_dtype(arr: np.ndarray, value_range: tuple[int, int] | None = None) -> np.ndarray:
+    """Keep uint8/uint16/float32; map other types onto them without losing range (integers
+    by their `value_range`, default the array's own, so that a stack's pages can share one)."""
     if arr.dtype in (np.uint8, np.uint16, np.float32):
         return arr
     if arr.dtype == np.bool_:
@@ -61,7 +63,7 @@ def _standard_dtype(arr: np.ndarray) -> np.ndarray:
     if np.issubdtype(arr.dtype, np.floating):
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
-        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        lo, hi = value_range or ((int(arr.min()), int(arr.max())) if arr.size else (0, 0))
         if lo >= 0 and hi <= 255:
             return arr.astype(np.uint8)
         if lo >= 0 and hi <= 65535:
@@ -79,10 +81,10 @@ def _decode_tiff(data: bytes, max_pixels: int | None) -> np.ndarray:
                 raise UnsupportedImageError(
                     "TIFF file has no readable pages (truncated or corrupt?)"
                 )
-            page = tif.pages.first  # multi-page: the first page
+            page = tif.pages.first  # multi-page: the first page (model.pages reads all)
             axes, shape = page.axes, page.shape
             dims = dict(zip(axes, shape, strict=True))
-            _check_size(dims.get("Y", 0), dims.get("X", 0), max_pixels)
+            check_pixels(dims.get("Y", 0), dims.get("X", 0), max_pixels)
             arr = page.asarray()
     except ImageError:
         raise
@@ -100,7 +102,7 @@ def _decode_pillow(data: bytes, max_pixels: int | None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
-            _check_size(img.height, img.width, max_pixels)
+            check_pixels(img.height, img.width, max_pixels)
             img.load()
     except ImageError:
         raise
@@ -161,10 +163,10 @@ def _decode(data: bytes, max_pixels: int | None) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise UnsupportedImageError(f"unsupported image layout with shape {arr.shape}")
-    _check_size(arr.shape[0], arr.shape[1], max_pixels)
+    check_pixels(arr.shape[0], arr.shape[1], max_pixels)
     if arr.shape[2] in (2, 4):  # gray+alpha, RGB+alpha
         arr = arr[:, :, : arr.shape[2] - 1]
-    arr = _standard_dtype(arr)
+    arr = standard_dtype(arr)
     if arr.dtype == np.float32 and not np.isfinite(arr).all():
         raise ImageError("image has NaN or infinite pixel values")
     return arr

@@ -142,3 +142,60 @@ class TiledImage:
         assert self._to_mask is not None
         average = (self._sum / self.variants).astype(np.float32)
         return Segmentation(self._to_mask(average), average)
+
+
+StackRef = tuple[int, TileRef]  # (page, tile of that page)
+
+
+class TiledStack:
+    """The pages of a stack (TiledImages of one size, hence one tile size) as one entry of
+    the tile queue: the batcher's round-robin then counts the whole stack as one line, so
+    a 30-page stack takes no more turns than a single image beside it, while alone it fills
+    every batch. A failure, a deadline or a cancellation reaches all its pages at once.
+    Tiles are handed out page by page, so pages finish in order."""
+
+    def __init__(self, pages: list[TiledImage]) -> None:
+        if not pages:
+            raise ValueError("a stack needs at least one page")
+        if len({page.tile_size for page in pages}) != 1:
+            raise ValueError("the pages of a stack must share one tile size")
+        self.pages = pages
+        self.total = sum(page.total for page in pages)
+        self.taken = 0
+        self.done = 0
+        self._page = 0  # the page whose tiles are handed out next
+
+    @property
+    def tile_size(self) -> int:
+        return self.pages[0].tile_size
+
+    @property
+    def pending(self) -> int:
+        return self.total - self.taken
+
+    @property
+    def outstanding(self) -> int:
+        return self.total - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
+
+    def take(self) -> StackRef:
+        while self.pages[self._page].pending == 0:
+            self._page += 1
+        ref = self.pages[self._page].take()
+        self.taken += 1
+        return self._page, ref
+
+    def tile_input(self, ref: StackRef) -> np.ndarray:
+        page, tile = ref
+        return self.pages[page].tile_input(tile)
+
+    def add(self, ref: StackRef, probabilities: np.ndarray, mask: np.ndarray) -> None:
+        page, tile = ref
+        self.pages[page].add(tile, probabilities, mask)
+        self.done += 1
+
+    def result(self) -> list[Segmentation]:
+        return [page.result() for page in self.pages]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from postgres_server import PostgresServer, postgres_server, why_not
 
 from model.unet import UNet
 from model.weights import ModelCard, save_weights
@@ -77,3 +79,13 @@ def anyio_backend() -> str:
 @pytest.fixture
 def em_slice() -> np.ndarray:
     return isbi_slice(0)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (skips with the reason without one)."""
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    with postgres_server() as server:
+        yield server

@@ -44,7 +44,8 @@ def test_16bit_png_and_tiff_keep_uint16(em_slice: np.ndarray) -> None:
         assert out.dtype == np.uint16 and np.array_equal(out[..., 0], deep)
 
 
-def test_multipage_tiff_gives_first_page() -> None:
+def test_decode_image_gives_a_multipage_tiffs_first_page() -> None:
+    # decode_image is the one-image reader (training data); model.pages reads every page.
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as writer:
         for i in range(3):

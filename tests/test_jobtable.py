@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from postgres_server import PostgresServer, postgres_server, why_not
+from postgres_server import PostgresServer
 from pydantic import ValidationError
 
 from app.jobtable import JobExists, JobRecord, JobTable, open_job_table
@@ -37,15 +37,6 @@ class Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    reason = why_not()
-    if reason:
-        pytest.skip(reason)
-    with postgres_server() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -32,11 +32,21 @@ def test_tritonclient_discovers_the_model_and_infers(weights: Path) -> None:
         result = client.infer(name, [image])
         mask = result.as_numpy("mask")
         probs = result.as_numpy("probabilities")
+        # A stack of pages: [D, H, W] with the request parameter "layout": "DHW".
+        stack = np.stack([pixels, em_crop(4, 0, 0, 64, 48)])
+        pages = httpclient.InferInput("image", list(stack.shape), "UINT8")
+        pages.set_data_from_numpy(stack)
+        stacked = client.infer(name, [pages], parameters={"layout": "DHW"})
+        stack_probs = stacked.as_numpy("probabilities")
     seg = Segmenter.from_weights(weights, device="cpu", backend="torch")
     alone = seg.segment(pixels[:, :, None], 60, probabilities=True)
     np.testing.assert_allclose(probs, alone.probabilities[0], atol=1e-5)
     decided = np.abs(alone.probabilities[0] - seg.card.threshold) > 1e-5
     np.testing.assert_array_equal(mask[decided], alone.mask[decided])
+    assert stack_probs.shape == (2, 64, 48) and stacked.as_numpy("mask").shape == (2, 64, 48)
+    for page, page_probs in zip(stack, stack_probs, strict=True):
+        expected = seg.segment(page[:, :, None], 60, probabilities=True).probabilities[0]
+        np.testing.assert_allclose(page_probs, expected, atol=1e-5)
 
 
 @pytest.mark.anyio

@@ -1,4 +1,5 @@
-"""`POST /v1/segment`: an image in, its mask (or probabilities, or an overlay) out."""
+"""`POST /v1/segment`: an image in, its mask (or probabilities, or an overlay) out; a
+multi-page TIFF in, the same pages out."""
 
 from __future__ import annotations
 
@@ -6,13 +7,25 @@ import asyncio
 from enum import StrEnum
 from typing import Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
-from app.encoding import instances_image, mask_png, overlay_png, probabilities_npy, slices
+from app.encoding import (
+    instances_image,
+    instances_tiff,
+    mask_png,
+    mask_tiff,
+    overlay_png,
+    overlay_tiff,
+    probabilities_npy,
+    probabilities_npy_pages,
+    slices,
+)
 from app.errors import ApiError
 from app.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
+from app.service import InferenceService, SegmentResult
 from app.uploads import read_image_upload
 from model.tiled_image import VARIANTS
 
@@ -31,6 +44,7 @@ _HEADERS = {
     "X-Model-Name": "Name of the model (from its card).",
     "X-Image-Width": "Width of the input image, pixels.",
     "X-Image-Height": "Height of the input image, pixels.",
+    "X-Pages": "Pages of the input (a multi-page TIFF's count; 1 for any other image).",
     "X-Tile-Size": "Output tile size used for this image.",
     "X-Tiles": "Number of overlap tiles computed.",
     "X-Batches": "Forward passes that held this image's tiles (shared with other requests).",
@@ -44,6 +58,7 @@ RESPONSES = {
         "description": "The segmentation, as asked for by `output`.",
         "content": {
             "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/tiff": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
         "headers": {
@@ -60,9 +75,10 @@ RESPONSES = {
 
 REQUEST_BODY = {
     "required": True,
-    "description": "The image as multipart field `file` (PNG, JPEG, TIFF incl. 16-bit and "
-    "multi-page, first page used, BMP, WebP, GIF). The raw image bytes with `Content-Type: "
-    "image/...` or `application/octet-stream` work too.",
+    "description": "The image as multipart field `file` (PNG, JPEG, TIFF incl. 16-bit, BMP, "
+    "WebP, GIF). A multi-page TIFF is a stack: every page (one size) is segmented and the "
+    "answer has the same pages. The raw image bytes with `Content-Type: image/...` or "
+    "`application/octet-stream` work too.",
     "content": {
         "multipart/form-data": {
             "schema": {
@@ -83,7 +99,10 @@ REQUEST_BODY = {
     summary="Segment an image",
     description="Upload one image; get its segmentation mask. Large images are cut into "
     "overlap tiles whose results are stitched exactly (the result equals one pass over the "
-    "whole image), and the tiles share forward passes with other requests' tiles.",
+    "whole image), and the tiles share forward passes with other requests' tiles. A "
+    "multi-page TIFF (a stack) gives every page's result, as a multi-page TIFF (mask, "
+    "instances, overlay) or an .npy with a leading page axis (probabilities); each page "
+    "equals that page sent alone.",
     dependencies=[Depends(require_api_key)],
     responses=RESPONSES,
     openapi_extra={"requestBody": REQUEST_BODY},
@@ -97,7 +116,10 @@ async def segment(
         "`probabilities`: float32 .npy, (H, W) for one class, (K, H, W) for several. "
         "`overlay`: RGB PNG of the mask tinted over the image. "
         "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
-        "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells).",
+        "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells). "
+        "For a stack of D pages: multi-page TIFFs (8-bit mask, RGB overlay, 16-bit instances "
+        "or 32-bit beyond 65535 cells, each page labelled on its own) and probabilities "
+        "(D, H, W) or (D, K, H, W).",
     ),
     colour: Literal["classes", "instances"] | None = Query(
         None,
@@ -120,19 +142,22 @@ async def segment(
     service.check_available()
     with service.arriving():
         data = await read_image_upload(request, service.settings.max_upload_bytes)
-        image = await service.decode(data)
+        pages = await service.decode(data)
         del data
         by_instance = output is Output.overlay and colour == "instances"
         if output is Output.instances or by_instance:
-            service.check_instances(image)
+            service.check_instances(pages)
         wants_probabilities = output in (Output.probabilities, Output.instances) or by_instance
-        job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
+        job = await service.submit(pages, probabilities=wants_probabilities, tta=tta)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
+    image = pages[0]
     height, width = image.shape[:2]
     out_channels = service.info.out_channels
-    if output is Output.mask:
+    if len(pages) > 1:
+        body, media, filename = await _stack_body(service, output, by_instance, pages, result)
+    elif output is Output.mask:
         body = await asyncio.to_thread(mask_png, result.mask, out_channels)
         media, filename = "image/png", "mask.png"
     elif output is Output.probabilities:
@@ -140,13 +165,38 @@ async def segment(
         body = await asyncio.to_thread(probabilities_npy, result.probabilities)
         media, filename = "application/octet-stream", "probabilities.npy"
     elif output is Output.instances:
-        labels = await service.instances(result)
+        labels = (await service.instances(result))[0]
         body, media, filename = await asyncio.to_thread(instances_image, labels)
     else:
-        labels = await service.instances(result) if by_instance else None
+        labels = (await service.instances(result))[0] if by_instance else None
         body = await asyncio.to_thread(overlay_png, image, result.mask, labels)
         media, filename = "image/png", "overlay.png"
     headers = timing_headers(request, result, height, width, service.model_name)
+    headers["X-Pages"] = str(len(pages))
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
     headers["Content-Length"] = str(len(body))
     return StreamingResponse(slices(body), media_type=media, headers=headers)
+
+
+async def _stack_body(
+    service: InferenceService,
+    output: Output,
+    by_instance: bool,
+    pages: list[np.ndarray],
+    result: SegmentResult,
+) -> tuple[bytes, str, str]:
+    """A stack's answer: (body, media type, file name), with the pages in upload order."""
+    masks = [page.mask for page in result.pages]
+    if output is Output.mask:
+        body = await asyncio.to_thread(mask_tiff, masks, service.info.out_channels)
+        return body, "image/tiff", "mask.tif"
+    if output is Output.probabilities:
+        probabilities = [page.probabilities for page in result.pages]
+        body = await asyncio.to_thread(probabilities_npy_pages, probabilities)
+        return body, "application/octet-stream", "probabilities.npy"
+    if output is Output.instances:
+        body = await asyncio.to_thread(instances_tiff, await service.instances(result))
+        return body, "image/tiff", "instances.tif"
+    labels = await service.instances(result) if by_instance else None
+    body = await asyncio.to_thread(overlay_tiff, pages, masks, labels)
+    return body, "image/tiff", "overlay.tif"

@@ -4,6 +4,8 @@ model-repository index. Inference itself is in `app.routes.v2_infer`.
 The single input is the image: UINT8, UINT16 or FP32 (taken as already in [0, 1]), shape
 [H, W], [H, W, C] or [1, C, H, W], data row-major as a flat or nested list. Outputs: `mask`
 (UINT8, [H, W]) and `probabilities` (FP32, [H, W] for one class, [K, H, W] for several).
+A stack of D pages is [D, H, W] or [D, H, W, C] with the request parameter "layout": "DHW"
+or "DHWC" (a 3-D tensor without it stays [H, W, C]); its outputs get a leading D axis.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from app.errors import ApiError
 from app.routes.common import get_service
 from app.service import InferenceService
 from app.uploads import read_body
-from app.v2_tensors import (
-    DATATYPES,
-)
+from app.v2_tensors import DATATYPES, LAYOUTS
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])
 
@@ -134,6 +134,11 @@ async def model_metadata(
                 "parameters": {
                     "datatypes": list(DATATYPES),
                     "layouts": ["[H, W]", "[H, W, C]", "[1, C, H, W]"],
+                    # A stack of pages: request parameter "layout": "DHW" or "DHWC"; each
+                    # output then has a leading page axis D (mask [D, H, W], ...).
+                    "layout_parameter": list(LAYOUTS),
+                    "stack_layouts": ["[D, H, W]", "[D, H, W, C]"],
+                    "max_pages": service.settings.max_pages,
                     "channels": info.in_channels,
                 },
             }

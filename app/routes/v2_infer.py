@@ -18,8 +18,10 @@ from app.service import InferenceService, SegmentResult
 from app.uploads import read_body
 from app.v2_tensors import (
     DEFAULT_OUTPUTS,
+    LAYOUTS,
     OUTPUT_DATATYPES,
     OUTPUTS,
+    STACK_LAYOUTS,
     InferInput,
     InferRequest,
     RequestedOutput,
@@ -27,7 +29,7 @@ from app.v2_tensors import (
     json_reply_bytes,
     output_array,
     parse_request,
-    tensor_to_image,
+    tensor_to_pages,
 )
 from model.tiled_image import VARIANTS
 
@@ -48,6 +50,10 @@ INFER_EXAMPLE = {
 @router.post(
     "/models/{name}/infer",
     summary="Inference (JSON tensors)",
+    description="One input tensor, the image: [H, W], [H, W, C] or [1, C, H, W]. A stack of "
+    'pages is [D, H, W] or [D, H, W, C] with the request parameter "layout": "DHW" or "DHWC" '
+    "(without it a 3-D tensor is [H, W, C]); its outputs then have a leading D axis. The "
+    "binary tensor data extension (Inference-Header-Content-Length) works too.",
     dependencies=[Depends(require_api_key)],
     openapi_extra={
         "requestBody": {
@@ -77,21 +83,23 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     service = find_model(request, name, model_version)
     service.check_available()
     with service.arriving():
-        payload, as_binary, image = await _parse_request(request, service)
+        payload, as_binary, pages = await _parse_request(request, service)
         if "instances" in as_binary:
-            service.check_instances(image)
+            service.check_instances(pages)
         wants_probabilities = "probabilities" in as_binary or "instances" in as_binary
         tta = _tta(payload.parameters)
-        job = await service.submit(image, probabilities=wants_probabilities, tta=tta)
+        job = await service.submit(pages, probabilities=wants_probabilities, tta=tta)
     result = await service.result(
         job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
     )
     instances = await service.instances(result) if "instances" in as_binary else None
-    height, width = image.shape[:2]
+    height, width = pages[0].shape[:2]
+    stack = _layout(payload.parameters) in STACK_LAYOUTS
     pieces, length, header_length = await asyncio.to_thread(
-        _reply, service, payload, as_binary, result, instances
+        _reply, service, payload, as_binary, result, instances, stack
     )
     headers = timing_headers(request, result, height, width, service.model_name)
+    headers["X-Pages"] = str(len(pages))
     if length is not None:
         headers["Content-Length"] = str(length)
     if header_length is None:
@@ -103,8 +111,9 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
 
 async def _parse_request(
     request: Request, service: InferenceService
-) -> tuple[InferRequest, dict[str, bool], np.ndarray]:
-    """Body -> (the request, which outputs go back as binary, the image); ApiError if bad.
+) -> tuple[InferRequest, dict[str, bool], list[np.ndarray]]:
+    """Body -> (the request, which outputs go back as binary, the image's pages: one but
+    for a stack); ApiError if bad.
     JSON is parsed and converted in a worker thread, in pieces short enough that the
     event loop keeps answering (health probes above all) meanwhile."""
     settings = service.settings
@@ -129,10 +138,34 @@ async def _parse_request(
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {offered}")
     binary_default = _flag(payload.parameters, "binary_data_output", False)
     as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
-    image = await asyncio.to_thread(tensor_to_image, tensor, settings.max_pixels, raw)
+    layout = _layout(payload.parameters)
+    _check_channels(tensor.shape, layout, service.info.in_channels)
+    pages = await asyncio.to_thread(
+        tensor_to_pages, tensor, settings.max_pixels, raw, layout, settings.max_pages
+    )
     tensor.data = None  # the parsed list can be far bigger than the image
-    _check_json_reply(service, image, as_binary)
-    return payload, as_binary, image
+    _check_json_reply(service, pages, as_binary)
+    return payload, as_binary, pages
+
+
+def _layout(parameters: dict[str, Any] | None) -> str | None:
+    """The request parameter "layout" (see app.v2_tensors.LAYOUTS); absent: by rank."""
+    value = (parameters or {}).get("layout")
+    if value is not None and value not in LAYOUTS:
+        raise ApiError(422, f"parameter 'layout' must be one of {list(LAYOUTS)}, got {value!r}")
+    return value
+
+
+def _check_channels(shape: list[int], layout: str | None, in_channels: int) -> None:
+    """A 3-D tensor without a layout is [H, W, C], as it always was; when its last axis
+    cannot be channels, the client most likely meant a stack: say how to send one."""
+    if layout is None and len(shape) == 3 and shape[2] not in (1, 3, in_channels):
+        raise ApiError(
+            422,
+            f"shape {shape} is read as [H, W, C] with {shape[2]} channels, the model takes "
+            f"{in_channels}; for a stack of {shape[0]} pages send the request parameter "
+            '"layout": "DHW"',
+        )
 
 
 def _json_too_large(limit: int) -> ApiError:
@@ -145,10 +178,12 @@ def _json_too_large(limit: int) -> ApiError:
 
 
 def _check_json_reply(
-    service: InferenceService, image: np.ndarray, as_binary: dict[str, bool]
+    service: InferenceService, pages: list[np.ndarray], as_binary: dict[str, bool]
 ) -> None:
-    """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB."""
-    pixels = image.shape[0] * image.shape[1]
+    """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB (all
+    pages of a stack count)."""
+    image = pages[0]
+    pixels = image.shape[0] * image.shape[1] * len(pages)
     channels = service.info.out_channels
     values = {
         name: pixels * (channels if name == "probabilities" else 1)
@@ -158,10 +193,12 @@ def _check_json_reply(
     size = json_reply_bytes(values)
     limit = service.settings.max_json_reply_bytes
     if size > limit:
+        what = f"{image.shape[1]}x{image.shape[0]} image"
+        what = f"a {what}" if len(pages) == 1 else f"a stack of {len(pages)} pages of {what}s"
         raise ApiError(
             413,
-            f"the JSON reply for {', '.join(values)} of a {image.shape[1]}x{image.shape[0]} "
-            f"image could reach {size / 2**20:.0f} MiB, over the limit of {limit / 2**20:g} "
+            f"the JSON reply for {', '.join(values)} of {what} could reach "
+            f"{size / 2**20:.0f} MiB, over the limit of {limit / 2**20:g} "
             "MiB (UNET_MAX_JSON_REPLY_MB): ask for binary outputs (parameter "
             '"binary_data_output": true, or "binary_data": true per output)',
         )
@@ -224,12 +261,20 @@ def _reply(
     payload: InferRequest,
     as_binary: dict[str, bool],
     result: SegmentResult,
-    instances: np.ndarray | None,
+    instances: list[np.ndarray] | None,
+    stack: bool,
 ):
-    """Runs in a worker thread: (body pieces, length or None, binary header length)."""
+    """Runs in a worker thread: (body pieces, length or None, binary header length). A
+    stack's outputs have a leading page axis."""
     outputs = []
     for name, binary in as_binary.items():
-        array = output_array(name, result.mask, result.probabilities, instances)
+        arrays = [
+            output_array(name, page.mask, page.probabilities, labels)
+            for page, labels in zip(
+                result.pages, instances or [None] * len(result.pages), strict=True
+            )
+        ]
+        array = np.stack(arrays) if stack else arrays[0]
         datatype = OUTPUT_DATATYPES[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         outputs.append((entry, array, binary))
@@ -237,4 +282,6 @@ def _reply(
     if payload.id is not None:
         content["id"] = payload.id
     content["parameters"] = {"tile_size": result.tile_size, "tiles": result.tiles}
+    if stack:
+        content["parameters"]["pages"] = len(result.pages)
     return encode_reply(content, outputs)

@@ -141,7 +141,10 @@ function display(job) {
   $("result-name").textContent = file.name;
   $("empty").hidden = true;
   const name = stem(file.name);
-  const mask = el("a", { href: result.maskUrl, download: `${name}_mask.png` }, "Download mask (PNG)");
+  // A stack's mask is one multi-page TIFF with every page (the views show the first).
+  const mask = result.pages > 1
+    ? el("a", { href: result.maskUrl, download: `${name}_mask.tif` }, "Download mask (TIFF, all pages)")
+    : el("a", { href: result.maskUrl, download: `${name}_mask.png` }, "Download mask (PNG)");
   $("downloads").replaceChildren(
     mask,
     downloadButton(job, "probabilities", `${name}_probabilities.npy`, "Download probabilities (.npy)"),
@@ -186,11 +189,13 @@ async function process(job) {
       previewCanvas(file, width, height),
       maskCanvases(blob, classes, width, height),
     ]);
-    job.result = { preview, layers, width, height, maskUrl: URL.createObjectURL(blob) };
+    const pages = Number(headers.get("X-Pages") || 1);
+    job.result = { preview, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
     progress.value = 1;
     const seconds = (Number(headers.get("X-Total-Ms")) / 1000).toFixed(2);
     const tiles = headers.get("X-Tiles");
-    say(`Done: ${width} × ${height} pixels, ${tiles} tile${tiles === "1" ? "" : "s"}, ${seconds} s`);
+    const stack = pages > 1 ? `, ${pages} pages (the first shown)` : "";
+    say(`Done: ${width} × ${height} pixels${stack}, ${tiles} tile${tiles === "1" ? "" : "s"}, ${seconds} s`);
     job.show.hidden = false;
     display(job);
     announce(`${file.name} segmented`);

@@ -118,12 +118,15 @@ export async function cellsTint(blob, width, height) {
   return tint;
 }
 
-/** The mask PNG -> {mask, tint}: the mask to show alone (0/255 for one class, class colours
- * for several) and the classes' colours over transparency, for the overlay. */
-export async function maskCanvases(blob, classes, width, height) {
-  const step = viewStep(width, height);
-  const w = Math.ceil(width / step);
-  const h = Math.ceil(height / step);
+/** The mask's values at the view size, and how many values each pixel has: the PNG through
+ * the browser, or a stack's multi-page TIFF (which the browser cannot read) by our own
+ * decoder, its first page (the page shows the first page of a stack, as its preview does). */
+async function maskValues(blob, step, w, h) {
+  const buffer = await blob.arrayBuffer();
+  if (isTiff(new Uint8Array(buffer, 0, Math.min(32, buffer.byteLength)))) {
+    const page = await decodeTiff(buffer, step);
+    return { values: page.samples, stride: page.channels };
+  }
   const resize = step > 1 ? { resizeWidth: w, resizeHeight: h, resizeQuality: "pixelated" } : {};
   const bitmap = await createImageBitmap(blob, {
     colorSpaceConversion: "none",
@@ -133,13 +136,23 @@ export async function maskCanvases(blob, classes, width, height) {
   const source = canvas(w, h).getContext("2d", { willReadFrequently: true });
   source.drawImage(bitmap, 0, 0);
   bitmap.close();
-  const values = source.getImageData(0, 0, w, h).data;
+  return { values: source.getImageData(0, 0, w, h).data, stride: 4 };
+}
+
+/** The mask (PNG, or a stack's TIFF) -> {mask, tint}: the mask to show alone (0/255 for one
+ * class, class colours for several) and the classes' colours over transparency, for the
+ * overlay. */
+export async function maskCanvases(blob, classes, width, height) {
+  const step = viewStep(width, height);
+  const w = Math.ceil(width / step);
+  const h = Math.ceil(height / step);
+  const { values, stride } = await maskValues(blob, step, w, h);
   const mask = canvas(w, h);
   const tint = canvas(w, h);
   const maskData = new ImageData(w, h);
   const tintData = new ImageData(w, h);
   for (let i = 0; i < w * h; i += 1) {
-    const v = values[i * 4];
+    const v = values[i * stride];
     const cls = classes === 1 ? (v ? 1 : 0) : v;
     const colour = cls ? PALETTE[(cls - 1) % PALETTE.length] : [0, 0, 0];
     for (let k = 0; k < 3; k += 1) {
