@@ -1,0 +1,417 @@
+"""Huge images on disk, read by window: a section (one page) or a stack of sections (one TIFF
+page each) whose pixels are never all in memory at once.
+
+`open_section` validates a file from its headers alone (page count, sizes, types, chunk
+layout, chunk offsets against the file's size) before any pixel is decoded, so a truncated
+or lying TIFF is refused up front with an ImageError instead of failing hours into a job.
+`SectionSource.read` then decodes only the TIFF strips or tiles a window overlaps, with
+tifffile's own per-segment decoder (no zarr layer: we need the chunk grid anyway to bound
+memory), and keeps the chunks of the rows last asked for: tiles are taken row by row, so
+each chunk is decoded about once.
+
+Layouts: tiled TIFFs and TIFFs in strips, any compression tifffile decodes, 8/16-bit unsigned
+or 32-bit float, 1 to 4 samples (alpha dropped, as `model.imageio` does). Uncompressed data is
+read by byte offset, so even one strip holding a whole page is read by window. A compressed
+chunk must be decoded whole, so chunks above MAX_CHUNK_BYTES (e.g. one compressed strip
+holding a whole 20000 x 20000 page) are refused with a message asking for a tiled TIFF:
+decoding it would hold the whole page in memory. Other formats (PNG, JPEG, ...) cannot be
+read by window: they are decoded whole under their own, smaller pixel limit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from model.imageio import (
+    TIFF_MAGIC,
+    CorruptImageError,
+    ImageError,
+    ImageTooLargeError,
+    read_image,
+)
+
+# Largest decoded chunk (strip or tile) of a compressed TIFF: a chunk is decoded whole.
+MAX_CHUNK_BYTES = 32 << 20
+# Rows per read of uncompressed strips (a "virtual strip"), whatever the file's own strips.
+_RAW_ROW_BYTES = 1 << 20
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
+
+
+class StackMismatchError(ImageError):
+    """The pages of a stack differ in size, samples or pixel type."""
+
+
+class TooManyPagesError(ImageTooLargeError):
+    """More pages (IFDs) than allowed."""
+
+
+class SectionSource:
+    """A stack of `pages` sections of height x width x channels pixels of `dtype`, read by
+    window. Thread-safe (one lock around the file and the cache)."""
+
+    pages: int
+    height: int
+    width: int
+    channels: int
+    dtype: np.dtype
+
+    def read(self, page: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of `page` as a new (h, w, channels) array in `dtype`."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file (a no-op for decoded images)."""
+
+    def __enter__(self) -> SectionSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pixels(self) -> int:
+        return self.pages * self.height * self.width
+
+
+class ArraySource(SectionSource):
+    """A decoded (H, W, C) image as a one-page source (formats that cannot be read by window)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.pages = 1
+        self.height, self.width, self.channels = image.shape
+        self.dtype = image.dtype
+
+    def read(self, page: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if page != 0:
+            raise IndexError(f"page {page} of a one-page image")
+        return self.image[y0:y1, x0:x1].copy()
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One page's storage: the file's chunks (strips or tiles) of rows x cols pixels, `down`
+    x `across` of them per plane (planes: separately stored samples), `contig` samples per
+    pixel in each; and the rows of one cached chunk, `band`: the file's chunk rows, except
+    for uncompressed strips, which are read by offset in slices of about _RAW_ROW_BYTES."""
+
+    tiled: bool
+    rows: int
+    cols: int
+    down: int
+    across: int
+    planes: int
+    contig: int
+    raw: bool  # uncompressed and byte-aligned
+    band: int
+
+    @property
+    def chunks(self) -> int:
+        return self.planes * self.down * self.across
+
+
+class TiffSource(SectionSource):
+    """A TIFF's pages (the main IFD chain) as a stack, validated by `open_section`."""
+
+    def __init__(self, path: str | Path, max_pixels: int, max_pages: int) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (page, chunk) -> decoded
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except Exception as e:  # tifffile raises many types for corrupt headers
+            raise CorruptImageError(f"cannot read the TIFF header: {e}") from None
+        try:
+            self._current: tifffile.TiffPage | None = None
+            self._validate(max_pixels, max_pages)
+        except BaseException:
+            self._tif.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._tif.close()
+
+    # ----- validation, from the headers only ---------------------------------------------------
+
+    def _validate(self, max_pixels: int, max_pages: int) -> None:
+        tif = self._tif
+        if not tif.pages:
+            raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
+        self._size = os.path.getsize(self.path)
+        first = self._page(0)
+        self.height, self.width, samples, self.dtype = _describe(first, 0)
+        self.channels = samples - 1 if samples in (2, 4) else samples  # alpha is dropped
+        if self.height * self.width > max_pixels:
+            raise ImageTooLargeError(
+                f"page 1 is {self.width}x{self.height} = {self.height * self.width} pixels, "
+                f"more than the limit of {max_pixels}"
+            )
+        self._layout = _layout(first, self.height, self.width)
+        # Walk the IFD chain one page at a time, never past max_pages: a chain that is
+        # endless (or loops) costs at most max_pages + 1 small reads before it is refused, and
+        # a page count claimed anywhere else (ImageJ or OME metadata) is never trusted.
+        page, index = first, 0
+        while True:
+            if index > 0:
+                shape = _describe(page, index)
+                if shape != (self.height, self.width, samples, self.dtype):
+                    raise StackMismatchError(
+                        f"page {index + 1} is {_name(shape)}, page 1 is "
+                        f"{_name((self.height, self.width, samples, self.dtype))}: every page "
+                        "of a stack must have the same size, samples and pixel type"
+                    )
+                if _layout(page, self.height, self.width) != self._layout:
+                    raise StackMismatchError(
+                        f"page {index + 1} is stored in other strips or tiles than page 1"
+                    )
+            self._check_chunks(page, index)
+            index += 1
+            if index * self.height * self.width > max_pixels:
+                raise ImageTooLargeError(
+                    f"the stack's first {index} pages of {self.width}x{self.height} are "
+                    f"already more than the limit of {max_pixels} pixels"
+                )
+            try:
+                page = self._page(index)
+            except IndexError:
+                break
+            if index >= max_pages:
+                raise TooManyPagesError(f"the TIFF has more than {max_pages} pages")
+        self.pages = index
+
+    def _page(self, index: int) -> tifffile.TiffPage:
+        """Page `index` (IndexError past the last), the last one asked for kept: parsing an
+        IFD reads all its strip/tile offsets."""
+        if self._current is not None and self._current.index == index:
+            return self._current
+        try:
+            page = self._tif.pages[index]
+        except IndexError:
+            raise
+        except Exception as e:
+            raise CorruptImageError(f"page {index + 1} cannot be read: {e}") from None
+        if not isinstance(page, tifffile.TiffPage):
+            raise CorruptImageError(f"page {index + 1} is not an image")
+        self._current = page
+        return page
+
+    def _check_chunks(self, page: tifffile.TiffPage, index: int) -> None:
+        """Every chunk's bytes lie inside the file (a truncated file ends early) and, for raw
+        data, are as many as its pixels need; compressed chunks are not absurdly long."""
+        lay = self._layout
+        offsets = np.asarray(page.dataoffsets, np.int64)
+        counts = np.asarray(page.databytecounts, np.int64)
+        if len(offsets) != lay.chunks or len(counts) != lay.chunks:
+            raise CorruptImageError(
+                f"page {index + 1} lists {len(offsets)} strips/tiles, its size needs {lay.chunks}"
+            )
+        present = counts > 0
+        if present.any():
+            end = int((offsets[present] + counts[present]).max())
+            if end > self._size or int(offsets[present].min()) < 0:
+                raise CorruptImageError(
+                    f"page {index + 1}'s pixel data runs past the end of the file "
+                    f"({end} > {self._size} bytes): the TIFF is truncated"
+                )
+        if lay.raw:
+            need = np.full(lay.chunks, lay.rows * lay.cols * self._pixel_bytes, np.int64)
+            if not lay.tiled:  # the last strip holds only the rows that are left
+                tops = np.arange(lay.chunks) % lay.down * lay.rows
+                need = np.minimum(lay.rows, self.height - tops) * lay.cols * self._pixel_bytes
+            if np.any(present & (counts < need)):
+                raise CorruptImageError(
+                    f"page {index + 1} has strips/tiles shorter than their pixels: truncated"
+                )
+        elif counts.size and int(counts.max()) > 2 * MAX_CHUNK_BYTES:
+            raise CorruptImageError(
+                f"page {index + 1} has a compressed strip/tile of {int(counts.max())} bytes"
+            )
+
+    @property
+    def _pixel_bytes(self) -> int:
+        """Bytes of one pixel in one chunk (its contiguous samples)."""
+        return self._layout.contig * self.dtype.itemsize
+
+    # ----- reading -----------------------------------------------------------------------------
+
+    def read(self, page: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if not (0 <= page < self.pages and 0 <= y0 < y1 <= self.height):
+            raise IndexError(f"rows {y0}:{y1} of page {page} are outside the stack")
+        if not 0 <= x0 < x1 <= self.width:
+            raise IndexError(f"columns {x0}:{x1} are outside the page")
+        lay = self._layout
+        out = np.empty((y1 - y0, x1 - x0, lay.planes * lay.contig), self.dtype)
+        with self._lock:
+            first, last = y0 // lay.band, (y1 - 1) // lay.band
+            # Keep one band of chunk rows across the page: tiles come row by row.
+            for key in [k for k in self._cache if k[0] != page or not first <= k[2] <= last]:
+                del self._cache[key]
+            for plane in range(lay.planes):
+                for down in range(first, last + 1):
+                    for across in range(x0 // lay.cols, (x1 - 1) // lay.cols + 1):
+                        chunk = self._chunk(page, plane, down, across)
+                        top, left = down * lay.band, across * lay.cols
+                        ya, yb = max(y0, top), min(y1, top + chunk.shape[0])
+                        xa, xb = max(x0, left), min(x1, left + chunk.shape[1])
+                        src = chunk[ya - top : yb - top, xa - left : xb - left]
+                        planes = slice(plane, plane + 1) if lay.planes > 1 else slice(None)
+                        out[ya - y0 : yb - y0, xa - x0 : xb - x0, planes] = src
+        return out[..., : self.channels]
+
+    def _chunk(self, page: int, plane: int, down: int, across: int) -> np.ndarray:
+        """One cached chunk, (rows, cols, contig samples) in `dtype`."""
+        key = (page, plane, down, across)
+        chunk = self._cache.get(key)
+        if chunk is None:
+            lay = self._layout
+            tiff_page = self._page(page)
+            if lay.raw and not lay.tiled:
+                chunk = self._raw_rows(tiff_page, plane, down * lay.band)
+            else:
+                index = (plane * lay.down + down) * lay.across + across
+                chunk = self._file_chunk(tiff_page, index, down * lay.rows)
+            self._cache[key] = chunk
+        return chunk
+
+    def _raw_rows(self, page: tifffile.TiffPage, plane: int, top: int) -> np.ndarray:
+        """Rows top .. top + band of uncompressed strips, read by offset."""
+        lay = self._layout
+        bottom = min(self.height, top + lay.band)
+        row_bytes = lay.cols * self._pixel_bytes
+        parts = []
+        row = top
+        while row < bottom:
+            strip = row // lay.rows
+            stop = min(bottom, (strip + 1) * lay.rows)
+            index = plane * lay.down + strip
+            offset = int(page.dataoffsets[index]) + (row - strip * lay.rows) * row_bytes
+            if int(page.databytecounts[index]) == 0:
+                parts.append(np.zeros((stop - row) * lay.cols * lay.contig, self.dtype))
+            else:
+                parts.append(self._read(offset, (stop - row) * row_bytes))
+            row = stop
+        return np.concatenate(parts).reshape(bottom - top, lay.cols, lay.contig)
+
+    def _file_chunk(self, page: tifffile.TiffPage, index: int, top: int) -> np.ndarray:
+        lay = self._layout
+        count = int(page.databytecounts[index])
+        rows = lay.rows if lay.tiled else min(lay.rows, self.height - top)
+        if count == 0:  # a sparse file's missing chunk: tifffile's fill value, zero
+            return np.zeros((rows, lay.cols, lay.contig), self.dtype)
+        offset = int(page.dataoffsets[index])
+        if lay.raw:
+            return self._read(offset, rows * lay.cols * self._pixel_bytes).reshape(
+                rows, lay.cols, lay.contig
+            )
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(count)
+        args: dict[str, object] = {}
+        if page.compression in (6, 7, 34892, 33007):  # JPEG: tables in the header
+            args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
+        try:
+            pixels, _, _ = page.decode(data, index, **args)
+        except Exception as e:
+            raise CorruptImageError(
+                f"a strip/tile of page {page.index + 1} is corrupt: {e}"
+            ) from None
+        return np.asarray(pixels)[0].astype(self.dtype, copy=False)  # (rows, cols, contig)
+
+    def _read(self, offset: int, nbytes: int) -> np.ndarray:
+        fh = self._tif.filehandle
+        with fh.lock:
+            fh.seek(offset)
+            data = fh.read(nbytes)
+        if len(data) != nbytes:
+            raise CorruptImageError("the TIFF ends inside its pixel data: truncated")
+        stored = np.dtype(self._tif.byteorder + self.dtype.char)
+        return np.frombuffer(data, stored).astype(self.dtype)  # native order, writable
+
+
+def _describe(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, np.dtype]:
+    """(height, width, samples, dtype, stored sample dtype) of a page, or a clear error."""
+    separate, depth, height, width, contig = page.shaped
+    if depth != 1:
+        raise ImageError(f"page {index + 1} is a 3D volume ({depth} deep), not a section")
+    dtype = page.dtype
+    if dtype is None or np.dtype(dtype) not in _DTYPES:
+        raise ImageError(
+            f"page {index + 1} has {page.bitspersample}-bit pixels of type {dtype}: sections "
+            "must be 8- or 16-bit unsigned or 32-bit float"
+        )
+    samples = separate * contig
+    if not 1 <= samples <= 4:
+        raise ImageError(f"page {index + 1} has {samples} samples per pixel (at most 4)")
+    if height < 1 or width < 1:
+        raise ImageError(f"page {index + 1} has zero size ({width}x{height})")
+    return height, width, samples, np.dtype(dtype)
+
+
+def _layout(page: tifffile.TiffPage, height: int, width: int) -> _Layout:
+    planes, contig = page.shaped[0], page.shaped[4]
+    itemsize = np.dtype(page.dtype).itemsize
+    if page.is_tiled:
+        rows, cols = page.tilelength, page.tilewidth
+    else:
+        rows, cols = min(page.rowsperstrip or height, height), width
+    raw = (
+        page.compression == 1
+        and page.predictor == 1
+        and page.fillorder == 1
+        and page.bitspersample == 8 * itemsize
+    )
+    band = rows
+    chunk_bytes = rows * cols * contig * itemsize
+    if raw and not page.is_tiled:
+        # Uncompressed strips are read by offset in slices of rows, whatever the file's own
+        # strips (one strip may hold a whole page).
+        band = max(1, min(height, _RAW_ROW_BYTES // (cols * contig * itemsize)))
+    elif chunk_bytes > MAX_CHUNK_BYTES:
+        kind = "tiles" if page.is_tiled else "strips"
+        raise ImageError(
+            f"the TIFF stores its pixels in {kind} of {cols}x{rows} pixels "
+            f"({chunk_bytes >> 20} MiB each), which are decoded whole; huge sections are "
+            "read by window, which needs a tiled TIFF (e.g. 512x512 tiles), strips of a "
+            "few rows, or no compression"
+        )
+    return _Layout(
+        tiled=bool(page.is_tiled),
+        rows=rows,
+        cols=cols,
+        down=math.ceil(height / rows),
+        across=math.ceil(width / cols),
+        planes=planes,
+        contig=contig,
+        raw=raw,
+        band=band,
+    )
+
+
+def _name(shape: tuple) -> str:
+    height, width, samples, dtype = shape[:4]
+    extra = f", {samples} samples" if samples != 1 else ""
+    return f"{width}x{height} {dtype}{extra}"
+
+
+def open_section(
+    path: str | Path, *, max_pixels: int, max_pages: int, max_decoded_pixels: int | None = None
+) -> SectionSource:
+    """A stack on disk, validated from its headers: a TIFF is read by window (any number of
+    pages up to `max_pages`, `max_pixels` in all); other formats are decoded whole, at most
+    `max_decoded_pixels` (default: `max_pixels`). Raises ImageError subclasses."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic in TIFF_MAGIC:
+        return TiffSource(path, max_pixels, max_pages)
+    limit = max_pixels if max_decoded_pixels is None else min(max_pixels, max_decoded_pixels)
+    return ArraySource(read_image(str(path), limit))
