@@ -80,6 +80,7 @@ class SectionImage:
         self._bands: dict[int, np.ndarray] = {}  # band index -> (rows, W[, K]) being stitched
         self._band_done = [0] * len(self._rows)  # tiles stitched per band
         self._next_band = 0  # first band not yet written
+        self.max_rows_held = 0  # most output rows being stitched at once (tests)
         self.total = len(plan)
         self.taken = 0
         self.done = 0
@@ -129,6 +130,8 @@ class SectionImage:
         buffer = self._bands.get(band)
         if buffer is None:
             buffer = self._bands[band] = self._new_band(band, rows.stop)
+            held = sum(len(b) for b in self._bands.values())
+            self.max_rows_held = max(self.max_rows_held, held)
         dst = buffer[:, tile.col : tile.col + cols.stop]
         if self.output == "mask":
             # The synchronous service's mask values: 0/255 for one class, else the class.

@@ -120,10 +120,19 @@ class _Layout:
 class TiffSource(SectionSource):
     """A TIFF's pages (the main IFD chain) as a stack, validated by `open_section`."""
 
-    def __init__(self, path: str | Path, max_pixels: int, max_pages: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        max_pixels: int,
+        max_pages: int,
+        max_chunk_bytes: int = MAX_CHUNK_BYTES,
+    ) -> None:
         self.path = Path(path)
+        self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
-        self._cache: dict[tuple[int, int], np.ndarray] = {}  # (page, chunk) -> decoded
+        # (page, plane, chunk row, chunk column) -> decoded chunk, one band of chunk rows
+        self._cache: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self.max_cached_rows = 0  # most image rows held in the cache at once (tests)
         try:
             self._tif = tifffile.TiffFile(self.path)
         except Exception as e:  # tifffile raises many types for corrupt headers
@@ -155,7 +164,7 @@ class TiffSource(SectionSource):
                 f"page 1 is {self.width}x{self.height} = {self.height * self.width} pixels, "
                 f"more than the limit of {max_pixels}"
             )
-        self._layout = _layout(first, self.height, self.width)
+        self._layout = _layout(first, self.height, self.width, self.max_chunk_bytes)
         # Walk the IFD chain one page at a time, never past max_pages: a chain that is
         # endless (or loops) costs at most max_pages + 1 small reads before it is refused, and
         # a page count claimed anywhere else (ImageJ or OME metadata) is never trusted.
@@ -169,7 +178,7 @@ class TiffSource(SectionSource):
                         f"{_name((self.height, self.width, samples, self.dtype))}: every page "
                         "of a stack must have the same size, samples and pixel type"
                     )
-                if _layout(page, self.height, self.width) != self._layout:
+                if _layout(page, self.height, self.width, self.max_chunk_bytes) != self._layout:
                     raise StackMismatchError(
                         f"page {index + 1} is stored in other strips or tiles than page 1"
                     )
@@ -231,7 +240,7 @@ class TiffSource(SectionSource):
                 raise CorruptImageError(
                     f"page {index + 1} has strips/tiles shorter than their pixels: truncated"
                 )
-        elif counts.size and int(counts.max()) > 2 * MAX_CHUNK_BYTES:
+        elif counts.size and int(counts.max()) > 2 * self.max_chunk_bytes:
             raise CorruptImageError(
                 f"page {index + 1} has a compressed strip/tile of {int(counts.max())} bytes"
             )
@@ -265,6 +274,8 @@ class TiffSource(SectionSource):
                         src = chunk[ya - top : yb - top, xa - left : xb - left]
                         planes = slice(plane, plane + 1) if lay.planes > 1 else slice(None)
                         out[ya - y0 : yb - y0, xa - x0 : xb - x0, planes] = src
+            rows = {k[2] for k in self._cache}
+            self.max_cached_rows = max(self.max_cached_rows, len(rows) * lay.band)
         return out[..., : self.channels]
 
     def _chunk(self, page: int, plane: int, down: int, across: int) -> np.ndarray:
@@ -357,7 +368,7 @@ def _describe(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, np.dt
     return height, width, samples, np.dtype(dtype)
 
 
-def _layout(page: tifffile.TiffPage, height: int, width: int) -> _Layout:
+def _layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_bytes: int) -> _Layout:
     planes, contig = page.shaped[0], page.shaped[4]
     itemsize = np.dtype(page.dtype).itemsize
     if page.is_tiled:
@@ -376,7 +387,7 @@ def _layout(page: tifffile.TiffPage, height: int, width: int) -> _Layout:
         # Uncompressed strips are read by offset in slices of rows, whatever the file's own
         # strips (one strip may hold a whole page).
         band = max(1, min(height, _RAW_ROW_BYTES // (cols * contig * itemsize)))
-    elif chunk_bytes > MAX_CHUNK_BYTES:
+    elif chunk_bytes > max_chunk_bytes:
         kind = "tiles" if page.is_tiled else "strips"
         raise ImageError(
             f"the TIFF stores its pixels in {kind} of {cols}x{rows} pixels "
@@ -404,7 +415,12 @@ def _name(shape: tuple) -> str:
 
 
 def open_section(
-    path: str | Path, *, max_pixels: int, max_pages: int, max_decoded_pixels: int | None = None
+    path: str | Path,
+    *,
+    max_pixels: int,
+    max_pages: int,
+    max_decoded_pixels: int | None = None,
+    max_chunk_bytes: int = MAX_CHUNK_BYTES,
 ) -> SectionSource:
     """A stack on disk, validated from its headers: a TIFF is read by window (any number of
     pages up to `max_pages`, `max_pixels` in all); other formats are decoded whole, at most
@@ -412,6 +428,6 @@ def open_section(
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic in TIFF_MAGIC:
-        return TiffSource(path, max_pixels, max_pages)
+        return TiffSource(path, max_pixels, max_pages, max_chunk_bytes)
     limit = max_pixels if max_decoded_pixels is None else min(max_pixels, max_decoded_pixels)
     return ArraySource(read_image(str(path), limit))

@@ -70,12 +70,14 @@ class SectionWriter:
         self.tile = tile
         self.backlog_rows = backlog_rows
         self.rows_written = 0  # rows handed to write_rows, all pages
+        self.rows_taken = 0  # rows the thread has taken from the queue
         self.rows_done = 0  # rows the thread has cut into TIFF tiles and written
         self.max_buffered_rows = 0  # most rows queued or held by the thread at once (tests)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._room = threading.Condition()
         self._error: BaseException | None = None
         self._closed = False
+        self._aborted = False
         self._tiff = tifffile.TiffWriter(self.path, bigtiff=bigtiff)
         self._thread = threading.Thread(target=self._run, name="section-writer", daemon=True)
         self._thread.start()
@@ -99,17 +101,20 @@ class SectionWriter:
         rows = rows.reshape(len(rows), self.width, self.samples).astype(self.dtype, copy=False)
         with self._room:
             self.rows_written += len(rows)
-            self.max_buffered_rows = max(self.max_buffered_rows, self.backlog)
+            buffered = self.rows_written - self.rows_done
+            self.max_buffered_rows = max(self.max_buffered_rows, buffered)
         self._queue.put(rows)
 
     @property
     def backlog(self) -> int:
-        """Rows queued and not yet written."""
-        return self.rows_written - self.rows_done
+        """Rows queued that the thread has not taken yet. (Rows it has taken but not written
+        are fewer than a TIFF tile's: it waits for more to complete a row of tiles, so
+        waiting for those would never end.)"""
+        return self.rows_written - self.rows_taken
 
     def wait_for_room(self) -> None:
-        """Wait while more than `backlog_rows` rows wait to be written (raises the writer's
-        error, if it failed)."""
+        """Wait while more than `backlog_rows` queued rows wait for the thread (raises the
+        writer's error, if it failed)."""
         with self._room:
             self._room.wait_for(lambda: self.backlog <= self.backlog_rows or not self.alive)
         self._raise_error()
@@ -120,7 +125,9 @@ class SectionWriter:
 
     def close(self) -> None:
         """Wait for every row to be written and finish the file. Raises WriterError (and
-        deletes the file) when rows are missing or the thread failed."""
+        deletes the file) when rows are missing or the thread failed; a no-op after abort."""
+        if self._aborted:
+            return
         if self._closed:
             self._raise_error()
             return
@@ -137,6 +144,7 @@ class SectionWriter:
 
     def abort(self) -> None:
         """Stop writing and delete the file (safe to call more than once, and after close)."""
+        self._aborted = True
         if not self._closed:
             self._closed = True
             self._queue.put(_ABORT)
@@ -199,6 +207,9 @@ class SectionWriter:
                 assert isinstance(item, np.ndarray)
                 held.append(item)
                 have += len(item)
+                with self._room:
+                    self.rows_taken += len(item)
+                    self._room.notify_all()
             block = np.concatenate(held) if len(held) > 1 else held[0]
             rows, rest = block[:want], block[want:]
             held, have = ([rest], len(rest)) if len(rest) else ([], 0)
@@ -207,6 +218,5 @@ class SectionWriter:
                 yield tile if self.samples > 1 else tile[..., 0]
             with self._room:
                 self.rows_done += want
-                self._room.notify_all()
         if have:
             raise WriterError("rows beyond the page's height")
