@@ -11,9 +11,11 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
+from model.cli_section import predict_section, wants_stream
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from model.imageio import ImageError, read_image
 from model.precision import PRECISIONS
+from model.section_writer import WriterError
 from model.weights import WeightsError
 
 
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write cell labels by seeded watershed (one-class models): "
         "DIR/<name>.instances.png, 16-bit (a 32-bit .tif beyond 65535 cells)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read by window and write DIR/<name>.tif, a tiled TIFF (with --probabilities: "
+        "DIR/<name>.probabilities.tif instead), in flat memory; automatic for TIFFs over "
+        "100 megapixels a page",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     return p
@@ -109,6 +118,19 @@ def main(argv: list[str] | None = None) -> int:
         for path in bar:
             bar.set_postfix_str(path.name)
             try:
+                if wants_stream(path, args.stream):
+                    if args.tta != 1 or args.instances:
+                        raise ImageError("--tta and --instances need the image in memory")
+                    output = "probabilities" if args.probabilities else "mask"
+                    predict_section(
+                        seg,
+                        path,
+                        args.output_dir,
+                        output=output,
+                        tile_size=args.tile_size,
+                        batch_size=args.batch_size,
+                    )
+                    continue
                 image = read_image(str(path))
                 plan_tiles = args.tta * len(
                     seg.plan(image.shape[0], image.shape[1], args.tile_size)
@@ -128,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         tta=args.tta,
                         on_batch=tiles_bar.update,
                     )
-            except (OSError, ImageError) as e:
+            except (OSError, ImageError, WriterError) as e:
                 failures += 1
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue

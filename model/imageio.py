@@ -42,6 +42,14 @@ class ImageTooLargeError(ImageError):
     """More pixels than allowed (decompression-bomb guard)."""
 
 
+class StackMismatchError(ImageError):
+    """The pages of a stack (a multi-page TIFF) differ in size, samples or pixel type."""
+
+
+class TooManyPagesError(ImageTooLargeError):
+    """More pages (IFDs) than allowed."""
+
+
 def _check_size(height: int, width: int, max_pixels: int | None) -> None:
     if height < 1 or width < 1:
         raise EmptyImageError(f"image has zero size ({height}x{width})")

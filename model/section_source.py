@@ -20,10 +20,8 @@ read by window: they are decoded whole under their own, smaller pixel limit.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,24 +30,18 @@ import tifffile
 from model.imageio import (
     TIFF_MAGIC,
     CorruptImageError,
-    ImageError,
     ImageTooLargeError,
+    StackMismatchError,
+    TooManyPagesError,
     read_image,
 )
-
-# Largest decoded chunk (strip or tile) of a compressed TIFF: a chunk is decoded whole.
-MAX_CHUNK_BYTES = 32 << 20
-# Rows per read of uncompressed strips (a "virtual strip"), whatever the file's own strips.
-_RAW_ROW_BYTES = 1 << 20
-_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
-
-
-class StackMismatchError(ImageError):
-    """The pages of a stack differ in size, samples or pixel type."""
-
-
-class TooManyPagesError(ImageTooLargeError):
-    """More pages (IFDs) than allowed."""
+from model.tiff_layout import (
+    MAX_CHUNK_BYTES,
+    check_chunks,
+    chunk_layout,
+    describe_page,
+    page_name,
+)
 
 
 class SectionSource:
@@ -95,28 +87,6 @@ class ArraySource(SectionSource):
         return self.image[y0:y1, x0:x1].copy()
 
 
-@dataclass(frozen=True)
-class _Layout:
-    """One page's storage: the file's chunks (strips or tiles) of rows x cols pixels, `down`
-    x `across` of them per plane (planes: separately stored samples), `contig` samples per
-    pixel in each; and the rows of one cached chunk, `band`: the file's chunk rows, except
-    for uncompressed strips, which are read by offset in slices of about _RAW_ROW_BYTES."""
-
-    tiled: bool
-    rows: int
-    cols: int
-    down: int
-    across: int
-    planes: int
-    contig: int
-    raw: bool  # uncompressed and byte-aligned
-    band: int
-
-    @property
-    def chunks(self) -> int:
-        return self.planes * self.down * self.across
-
-
 class TiffSource(SectionSource):
     """A TIFF's pages (the main IFD chain) as a stack, validated by `open_section`."""
 
@@ -157,32 +127,35 @@ class TiffSource(SectionSource):
             raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
         self._size = os.path.getsize(self.path)
         first = self._page(0)
-        self.height, self.width, samples, self.dtype = _describe(first, 0)
+        self.height, self.width, samples, self.dtype = describe_page(first, 0)
         self.channels = samples - 1 if samples in (2, 4) else samples  # alpha is dropped
         if self.height * self.width > max_pixels:
             raise ImageTooLargeError(
                 f"page 1 is {self.width}x{self.height} = {self.height * self.width} pixels, "
                 f"more than the limit of {max_pixels}"
             )
-        self._layout = _layout(first, self.height, self.width, self.max_chunk_bytes)
+        self._layout = chunk_layout(first, self.height, self.width, self.max_chunk_bytes)
         # Walk the IFD chain one page at a time, never past max_pages: a chain that is
         # endless (or loops) costs at most max_pages + 1 small reads before it is refused, and
         # a page count claimed anywhere else (ImageJ or OME metadata) is never trusted.
         page, index = first, 0
         while True:
             if index > 0:
-                shape = _describe(page, index)
+                shape = describe_page(page, index)
                 if shape != (self.height, self.width, samples, self.dtype):
                     raise StackMismatchError(
-                        f"page {index + 1} is {_name(shape)}, page 1 is "
-                        f"{_name((self.height, self.width, samples, self.dtype))}: every page "
+                        f"page {index + 1} is {page_name(shape)}, page 1 is "
+                        f"{page_name((self.height, self.width, samples, self.dtype))}: every page "
                         "of a stack must have the same size, samples and pixel type"
                     )
-                if _layout(page, self.height, self.width, self.max_chunk_bytes) != self._layout:
+                if (
+                    chunk_layout(page, self.height, self.width, self.max_chunk_bytes)
+                    != self._layout
+                ):
                     raise StackMismatchError(
                         f"page {index + 1} is stored in other strips or tiles than page 1"
                     )
-            self._check_chunks(page, index)
+            check_chunks(page, index, self._layout, self.height, self._size, self.max_chunk_bytes)
             index += 1
             if index * self.height * self.width > max_pixels:
                 raise ImageTooLargeError(
@@ -212,43 +185,6 @@ class TiffSource(SectionSource):
             raise CorruptImageError(f"page {index + 1} is not an image")
         self._current = page
         return page
-
-    def _check_chunks(self, page: tifffile.TiffPage, index: int) -> None:
-        """Every chunk's bytes lie inside the file (a truncated file ends early) and, for raw
-        data, are as many as its pixels need; compressed chunks are not absurdly long."""
-        lay = self._layout
-        offsets = np.asarray(page.dataoffsets, np.int64)
-        counts = np.asarray(page.databytecounts, np.int64)
-        if len(offsets) != lay.chunks or len(counts) != lay.chunks:
-            raise CorruptImageError(
-                f"page {index + 1} lists {len(offsets)} strips/tiles, its size needs {lay.chunks}"
-            )
-        present = counts > 0
-        if present.any():
-            end = int((offsets[present] + counts[present]).max())
-            if end > self._size or int(offsets[present].min()) < 0:
-                raise CorruptImageError(
-                    f"page {index + 1}'s pixel data runs past the end of the file "
-                    f"({end} > {self._size} bytes): the TIFF is truncated"
-                )
-        if lay.raw:
-            need = np.full(lay.chunks, lay.rows * lay.cols * self._pixel_bytes, np.int64)
-            if not lay.tiled:  # the last strip holds only the rows that are left
-                tops = np.arange(lay.chunks) % lay.down * lay.rows
-                need = np.minimum(lay.rows, self.height - tops) * lay.cols * self._pixel_bytes
-            if np.any(present & (counts < need)):
-                raise CorruptImageError(
-                    f"page {index + 1} has strips/tiles shorter than their pixels: truncated"
-                )
-        elif counts.size and int(counts.max()) > 2 * self.max_chunk_bytes:
-            raise CorruptImageError(
-                f"page {index + 1} has a compressed strip/tile of {int(counts.max())} bytes"
-            )
-
-    @property
-    def _pixel_bytes(self) -> int:
-        """Bytes of one pixel in one chunk (its contiguous samples)."""
-        return self._layout.contig * self.dtype.itemsize
 
     # ----- reading -----------------------------------------------------------------------------
 
@@ -297,7 +233,7 @@ class TiffSource(SectionSource):
         """Rows top .. top + band of uncompressed strips, read by offset."""
         lay = self._layout
         bottom = min(self.height, top + lay.band)
-        row_bytes = lay.cols * self._pixel_bytes
+        row_bytes = lay.cols * self._layout.pixel_bytes
         parts = []
         row = top
         while row < bottom:
@@ -320,7 +256,7 @@ class TiffSource(SectionSource):
             return np.zeros((rows, lay.cols, lay.contig), self.dtype)
         offset = int(page.dataoffsets[index])
         if lay.raw:
-            return self._read(offset, rows * lay.cols * self._pixel_bytes).reshape(
+            return self._read(offset, rows * lay.cols * self._layout.pixel_bytes).reshape(
                 rows, lay.cols, lay.contig
             )
         fh = self._tif.filehandle
@@ -347,71 +283,6 @@ class TiffSource(SectionSource):
             raise CorruptImageError("the TIFF ends inside its pixel data: truncated")
         stored = np.dtype(self._tif.byteorder + self.dtype.char)
         return np.frombuffer(data, stored).astype(self.dtype)  # native order, writable
-
-
-def _describe(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, np.dtype]:
-    """(height, width, samples, dtype, stored sample dtype) of a page, or a clear error."""
-    separate, depth, height, width, contig = page.shaped
-    if depth != 1:
-        raise ImageError(f"page {index + 1} is a 3D volume ({depth} deep), not a section")
-    dtype = page.dtype
-    if dtype is None or np.dtype(dtype) not in _DTYPES:
-        raise ImageError(
-            f"page {index + 1} has {page.bitspersample}-bit pixels of type {dtype}: sections "
-            "must be 8- or 16-bit unsigned or 32-bit float"
-        )
-    samples = separate * contig
-    if not 1 <= samples <= 4:
-        raise ImageError(f"page {index + 1} has {samples} samples per pixel (at most 4)")
-    if height < 1 or width < 1:
-        raise ImageError(f"page {index + 1} has zero size ({width}x{height})")
-    return height, width, samples, np.dtype(dtype)
-
-
-def _layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_bytes: int) -> _Layout:
-    planes, contig = page.shaped[0], page.shaped[4]
-    itemsize = np.dtype(page.dtype).itemsize
-    if page.is_tiled:
-        rows, cols = page.tilelength, page.tilewidth
-    else:
-        rows, cols = min(page.rowsperstrip or height, height), width
-    raw = (
-        page.compression == 1
-        and page.predictor == 1
-        and page.fillorder == 1
-        and page.bitspersample == 8 * itemsize
-    )
-    band = rows
-    chunk_bytes = rows * cols * contig * itemsize
-    if raw and not page.is_tiled:
-        # Uncompressed strips are read by offset in slices of rows, whatever the file's own
-        # strips (one strip may hold a whole page).
-        band = max(1, min(height, _RAW_ROW_BYTES // (cols * contig * itemsize)))
-    elif chunk_bytes > max_chunk_bytes:
-        kind = "tiles" if page.is_tiled else "strips"
-        raise ImageError(
-            f"the TIFF stores its pixels in {kind} of {cols}x{rows} pixels "
-            f"({chunk_bytes >> 20} MiB each), which are decoded whole; huge sections are "
-            "read by window, which needs a tiled TIFF (e.g. 512x512 tiles), strips of a "
-            "few rows, or no compression"
-        )
-    return _Layout(
-        tiled=bool(page.is_tiled),
-        rows=rows,
-        cols=cols,
-        down=math.ceil(height / rows),
-        across=math.ceil(width / cols),
-        planes=planes,
-        contig=contig,
-        raw=raw,
-        band=band,
-    )
-
-
-def _name(shape: tuple) -> str:
-    height, width, samples, dtype = shape[:4]
-    extra = f", {samples} samples" if samples != 1 else ""
-    return f"{width}x{height} {dtype}{extra}"
 
 
 def open_section(

@@ -1,112 +1,38 @@
 """Sections: huge images read from disk by window and written as tiled TIFFs band by band
-give exactly the in-memory result (tiny real UNets, real EM slices); lying, truncated or
-mismatched TIFFs are refused from their headers; failures leave no result file; memory is
-bounded by bands, counted in rows."""
+give exactly the in-memory result (tiny real UNets, real EM slices, every TIFF layout);
+stacks give one page per page; the service's batcher runs section pages unchanged; failures
+leave no result file; memory is bounded by bands, counted in rows. (Refused inputs:
+test_section_files.py.)"""
 
 from __future__ import annotations
 
-import functools
-import struct
-import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-from app_helpers import TILE, save_tiny
 from PIL import Image
+from section_helpers import (
+    LAYOUTS,
+    LIMITS,
+    TILE,
+    assert_same,
+    em,
+    mosaic,
+    seg,
+    seg3,
+    write_tiff,
+)
 
 from conftest import isbi_slice
 from model.engine import Segmenter
-from model.imageio import CorruptImageError, ImageError, ImageTooLargeError
+from model.imageio import CorruptImageError, ImageTooLargeError
 from model.runner import BatchRunner, run_tiles
 from model.section import Cancelled, open_writer, run_section, section_image
-from model.section_source import StackMismatchError, TooManyPagesError, open_section
+from model.section_source import open_section
 from model.section_writer import SectionWriter, WriterError, needs_bigtiff
-from model.tiled_image import Segmentation
 
-LIMITS = {"max_pixels": 10**8, "max_pages": 16}
-TOLERANCE = 1e-5  # README, Precision: tiled vs whole, fp32
-
-
-@pytest.fixture(scope="module")
-def seg(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    return Segmenter.from_weights(
-        save_tiny(tmp_path_factory.mktemp("tiny")), device="cpu", backend="torch"
-    )
-
-
-@pytest.fixture(scope="module")
-def seg3(tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    weights = save_tiny(tmp_path_factory.mktemp("tiny3"), out_channels=3, name="tiny3")
-    return Segmenter.from_weights(weights, device="cpu", backend="torch")
-
-
-def mosaic(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """(H, W) uint8 of real EM slices, mirrored so that neighbours meet at their edges."""
-    rows = []
-    for i in range(-(-height // 512)):
-        row = []
-        for j in range(-(-width // 512)):
-            block = isbi_slice((seed + 3 * i + j) % 4)
-            row.append(block[::-1] if i % 2 else block)
-            row[-1] = row[-1][:, ::-1] if j % 2 else row[-1]
-        rows.append(np.concatenate(row, axis=1))
-    return np.ascontiguousarray(np.concatenate(rows)[:height, :width])
-
-
-def assert_same(out: np.ndarray, ref: Segmentation, seg: Segmenter, output: str) -> None:
-    """A streamed page equals the in-memory result: probabilities within TOLERANCE, masks
-    identical wherever the decision is more than TOLERANCE from a tie."""
-    assert ref.probabilities is not None
-    probs = ref.probabilities
-    if output == "probabilities":
-        streamed = out if out.ndim == 3 else out[..., None]
-        assert streamed.dtype == np.float32
-        assert np.abs(streamed.transpose(2, 0, 1) - probs).max() <= TOLERANCE
-        return
-    assert out.dtype == np.uint8
-    if seg.out_channels == 1:
-        clear = np.abs(probs[0] - seg.card.threshold) > TOLERANCE
-        expected = ref.mask * np.uint8(255)  # the service's mask values
-        assert set(np.unique(out)) <= {0, 255}
-    else:
-        top2 = np.sort(probs, axis=0)[-2:]
-        clear = top2[1] - top2[0] > TOLERANCE
-        expected = ref.mask
-    assert clear.mean() > 0.99
-    assert np.array_equal(out[clear], expected[clear])
-
-
-def write_tiff(path: Path, pages: list[np.ndarray], **options: object) -> Path:
-    with tifffile.TiffWriter(path) as tif:
-        for page in pages:
-            tif.write(page, metadata=None, **options)
-    return path
-
-
-@functools.cache
-def em() -> np.ndarray:
-    """A 700 x 1100 EM mosaic (read when first needed: without the data, tests skip)."""
-    return mosaic(700, 1100)
-
-
-# Pixel type, layout and compression: the image (from the mosaic) and tifffile's options.
-LAYOUTS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict]] = {
-    "tiled-deflate-8bit": (lambda a: a, {"tile": (128, 96), "compression": "zlib"}),
-    "strips-lzw-16bit": (
-        lambda a: a.astype(np.uint16) * 257 + np.uint16(77),
-        {"rowsperstrip": 9, "compression": "lzw"},
-    ),
-    "one-raw-strip-8bit": (lambda a: a, {"rowsperstrip": 700}),
-    "tiled-raw-16bit": (lambda a: a.astype(np.uint16) * 250, {"tile": (64, 64)}),
-    "strips-zstd-float": (
-        lambda a: a.astype(np.float32) / 255,
-        {"rowsperstrip": 16, "compression": "zstd"},
-    ),
-    "tiny-image": (lambda a: a[:37, :23], {}),
-}
+__all__ = ["seg", "seg3"]  # module-scoped fixtures
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -190,101 +116,6 @@ def test_output_is_tiled_compressed_and_bigtiff_only_when_needed(
             assert tif.is_bigtiff == bool(bigtiff)
     assert needs_bigtiff(1, 100_000, 100_000, 1, np.dtype(np.uint8))
     assert not needs_bigtiff(1, 20_000, 20_000, 1, np.dtype(np.uint8))
-
-
-# ----- refused from the headers ---------------------------------------------------------------
-
-
-def test_pages_of_different_sizes_are_refused(tmp_path: Path) -> None:
-    path = write_tiff(tmp_path / "mixed.tif", [em()[:64, :64], em()[:64, :64], em()[:64, :50]])
-    with pytest.raises(StackMismatchError, match=r"page 3 is 50x64 uint8, page 1 is 64x64"):
-        open_section(path, **LIMITS)
-
-
-def test_more_pages_than_allowed_are_refused_after_walking_only_that_many(
-    tmp_path: Path,
-) -> None:
-    path = write_tiff(tmp_path / "many.tif", [em()[:8, :8]] * 40)
-    assert open_section(path, max_pixels=10**6, max_pages=40).pages == 40
-    with pytest.raises(TooManyPagesError, match="more than 10 pages"):
-        open_section(path, max_pixels=10**6, max_pages=10)
-
-
-def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path) -> None:
-    """One IFD whose next-IFD offset points to itself: a chain claiming infinitely many
-    pages. Walking stops at max_pages (or at tifffile's cycle check), in bounded memory."""
-    path = write_tiff(tmp_path / "loop.tif", [em()[:8, :8]])
-    data = bytearray(path.read_bytes())
-    first_ifd = struct.unpack_from("<I", data, 4)[0]
-    tags = struct.unpack_from("<H", data, first_ifd)[0]
-    struct.pack_into("<I", data, first_ifd + 2 + 12 * tags, first_ifd)
-    path.write_bytes(bytes(data))
-    tracemalloc.start()
-    try:
-        for max_pages in (5, 10_000):
-            try:
-                pages = open_section(path, max_pixels=10**9, max_pages=max_pages).pages
-            except TooManyPagesError:
-                continue
-            assert pages <= max_pages
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20
-
-
-def test_page_counts_claimed_in_metadata_are_not_trusted(tmp_path: Path) -> None:
-    """ImageJ's and tifffile's descriptions may claim 10^6 images; only IFDs count."""
-    for description in (
-        "ImageJ=1.11a\nimages=1000000\nslices=1000000\n",
-        '{"shape": [1000000, 32, 32]}',
-    ):
-        path = tmp_path / "claims.tif"
-        tifffile.imwrite(path, em()[:32, :32], description=description, metadata=None)
-        with open_section(path, **LIMITS) as source:
-            assert source.pages == 1
-
-
-def patch_size(path: Path, height: int, width: int) -> None:
-    """Overwrite the first page's ImageLength and ImageWidth (LONG values) in place."""
-    with tifffile.TiffFile(path) as tif:
-        tags = tif.pages[0].tags
-        at = {code: tags[code].valueoffset for code in (256, 257)}
-    data = bytearray(path.read_bytes())
-    struct.pack_into("<I", data, at[256], width)
-    struct.pack_into("<I", data, at[257], height)
-    path.write_bytes(bytes(data))
-
-
-def test_a_header_claiming_a_huge_page_is_refused_before_any_pixel(tmp_path: Path) -> None:
-    path = write_tiff(tmp_path / "huge.tif", [em()[:64, :64]], tile=(16, 16), compression="zlib")
-    patch_size(path, 1_000_000, 1_000_000)
-    with pytest.raises(ImageTooLargeError, match="1000000x1000000"):
-        open_section(path, **LIMITS)
-    # Admitted by the pixel limit, the page still lists far fewer tiles than it claims.
-    with pytest.raises(CorruptImageError, match="tiles, its size needs"):
-        open_section(path, max_pixels=10**12, max_pages=1)
-
-
-@pytest.mark.parametrize("options", [{"tile": (64, 64), "compression": "zlib"}, {}])
-def test_a_truncated_tiff_is_refused_before_inference(options: dict, tmp_path: Path) -> None:
-    path = write_tiff(tmp_path / "cut.tif", [em()[:300, :300]], **options)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(CorruptImageError, match="truncated"):
-        open_section(path, **LIMITS)
-
-
-def test_huge_compressed_chunks_are_refused_with_advice(tmp_path: Path) -> None:
-    path = write_tiff(
-        tmp_path / "strip.tif", [em()[:300, :300]], rowsperstrip=300, compression="zlib"
-    )
-    with pytest.raises(ImageError, match="tiled TIFF"):
-        open_section(path, **LIMITS, max_chunk_bytes=64 * 300)
-    # Uncompressed, the same single strip is read by offset, a slice of rows at a time.
-    raw = write_tiff(tmp_path / "raw.tif", [em()[:300, :300]], rowsperstrip=300)
-    with open_section(raw, **LIMITS, max_chunk_bytes=64 * 300) as source:
-        assert np.array_equal(source.read(0, 100, 200, 5, 9)[..., 0], em()[100:200, 5:9])
 
 
 def test_other_formats_are_decoded_whole_under_their_own_limit(
@@ -383,3 +214,34 @@ def test_streaming_holds_a_few_bands_not_the_image(seg: Segmenter, tmp_path: Pat
         assert writer.max_buffered_rows <= 2 * band + 32
     ref = seg.segment(image[:, :, None], TILE, probabilities=True)
     assert_same(tifffile.imread(tmp_path / "mask.tif"), ref, seg, "mask")
+
+
+@pytest.mark.anyio
+async def test_the_service_batcher_runs_section_pages_unchanged(
+    seg: Segmenter, tmp_path: Path
+) -> None:
+    """The job runner's way: each page a SectionImage in the service's TileBatcher, beside
+    an ordinary in-memory image sharing its batches."""
+    from app.batching import TileBatcher
+
+    pages = [mosaic(150, 230, seed) for seed in range(2)]
+    path = write_tiff(tmp_path / "stack.tif", pages, tile=(32, 32), compression="zlib")
+    batcher = TileBatcher(BatchRunner(seg, 4), lambda: 4, max_wait_s=0.005, max_queue_tiles=999)
+    batcher.start()
+    try:
+        with (
+            open_section(path, **LIMITS) as source,
+            open_writer(tmp_path / "masks.tif", source, seg.out_channels) as writer,
+        ):
+            for page in range(source.pages):
+                section = section_image(seg, source, page, writer, TILE)
+                other = batcher.submit(seg.tiled(pages[0][:50, :60, None], TILE))
+                job = batcher.submit(section)  # type: ignore[arg-type]
+                assert (await batcher.result(job, 600)).page == page
+                await batcher.result(other, 600)
+    finally:
+        await batcher.stop()
+    with tifffile.TiffFile(tmp_path / "masks.tif") as tif:
+        results = [p.asarray() for p in tif.pages]
+    for page, result in zip(pages, results, strict=True):
+        assert_same(result, seg.segment(page[:, :, None], TILE, probabilities=True), seg, "mask")
