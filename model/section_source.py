@@ -233,7 +233,7 @@ class TiffSource(SectionSource):
         """Rows top .. top + band of uncompressed strips, read by offset."""
         lay = self._layout
         bottom = min(self.height, top + lay.band)
-        row_bytes = lay.cols * self._layout.pixel_bytes
+        row_bytes = lay.cols * lay.pixel_bytes
         parts = []
         row = top
         while row < bottom:
@@ -256,13 +256,14 @@ class TiffSource(SectionSource):
             return np.zeros((rows, lay.cols, lay.contig), self.dtype)
         offset = int(page.dataoffsets[index])
         if lay.raw:
-            return self._read(offset, rows * lay.cols * self._layout.pixel_bytes).reshape(
+            return self._read(offset, rows * lay.cols * lay.pixel_bytes).reshape(
                 rows, lay.cols, lay.contig
             )
         fh = self._tif.filehandle
         with fh.lock:
             fh.seek(offset)
             data = fh.read(count)
+        _check_expansion(page.compression, data, lay.rows * lay.cols * lay.pixel_bytes)
         args: dict[str, object] = {}
         if page.compression in (6, 7, 34892, 33007):  # JPEG: tables in the header
             args = {"jpegtables": page.jpegtables, "jpegheader": page.jpegheader}
@@ -283,6 +284,28 @@ class TiffSource(SectionSource):
             raise CorruptImageError("the TIFF ends inside its pixel data: truncated")
         stored = np.dtype(self._tif.byteorder + self.dtype.char)
         return np.frombuffer(data, stored).astype(self.dtype)  # native order, writable
+
+
+def _check_expansion(compression: int, data: bytes, nbytes: int) -> None:
+    """Refuse a chunk that decompresses to more than its pixels (a decompression bomb: a
+    64 KiB deflate stream can hold 64 MiB of zeros). tifffile decodes without an output
+    bound, so the chunk is first decoded into a bounded buffer; codecs whose decoder takes
+    no bound (JPEG, which decodes to the size in its own header, and rarer ones) pass."""
+    decode = tifffile.TIFF.DECOMPRESSORS.get(compression) if compression != 1 else None
+    if decode is None or compression in (6, 7, 34892, 33007):
+        return
+    limit = 2 * nbytes + 4096  # some writers pad their chunks; never a whole page more
+    try:
+        size = len(decode(data, out=limit))
+    except TypeError:
+        return  # this codec takes no output bound
+    except Exception as e:
+        raise CorruptImageError(
+            f"a strip/tile decompresses to more than its {nbytes} bytes of pixels, or is "
+            f"corrupt: {e}"
+        ) from None
+    if size >= limit:  # a decoder that stops at the bound instead of failing (LZW)
+        raise CorruptImageError(f"a strip/tile decompresses to more than its {nbytes} bytes")
 
 
 def open_section(

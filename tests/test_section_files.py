@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,31 @@ def test_unet_predict_streams_huge_tiffs_with_one_line_errors(
     ref = seg.segment(em()[:200, :300, None], 60, probabilities=True)
     clear = np.abs(ref.probabilities[0] - seg.card.threshold) > 1e-5
     assert np.array_equal(mask[clear], ref.mask[clear] * 255)
+
+
+def test_a_decompression_bomb_in_one_tile_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """A 64 x 64 tile whose deflate stream holds 32 MiB: refused when read, without ever
+    holding more than about twice the tile."""
+    good = zlib.compress(np.zeros((64, 64), np.uint8).tobytes())
+    bomb = zlib.compress(bytes(32 << 20), 9)
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(
+        path,
+        iter([good, bomb]),
+        shape=(64, 128),
+        dtype=np.uint8,
+        tile=(64, 64),
+        compression="zlib",
+        metadata=None,
+    )
+    del bomb
+    with open_section(path, **LIMITS) as source:
+        assert source.read(0, 0, 64, 0, 64).max() == 0
+        tracemalloc.start()
+        try:
+            with pytest.raises(CorruptImageError, match="decompresses to more than"):
+                source.read(0, 0, 64, 60, 70)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak < 1 << 20
