@@ -100,8 +100,9 @@ class TiffSource(SectionSource):
         self.path = Path(path)
         self.max_chunk_bytes = max_chunk_bytes
         self._lock = threading.Lock()
-        # (page, plane, chunk row, chunk column) -> decoded chunk, one band of chunk rows
-        self._cache: dict[tuple[int, int, int, int], np.ndarray] = {}
+        # (page, plane, chunk row, chunk column) -> (first image row held, decoded rows):
+        # one band of chunk rows across the page, less the rows above the last window.
+        self._cache: dict[tuple[int, int, int, int], tuple[int, np.ndarray]] = {}
         self.max_cached_rows = 0  # most image rows held in the cache at once (tests)
         try:
             self._tif = tifffile.TiffFile(self.path)
@@ -197,37 +198,51 @@ class TiffSource(SectionSource):
         out = np.empty((y1 - y0, x1 - x0, lay.planes * lay.contig), self.dtype)
         with self._lock:
             first, last = y0 // lay.band, (y1 - 1) // lay.band
-            # Keep one band of chunk rows across the page: tiles come row by row.
-            for key in [k for k in self._cache if k[0] != page or not first <= k[2] <= last]:
-                del self._cache[key]
+            self._forget(page, y0, first, last)
             for plane in range(lay.planes):
                 for down in range(first, last + 1):
                     for across in range(x0 // lay.cols, (x1 - 1) // lay.cols + 1):
-                        chunk = self._chunk(page, plane, down, across)
-                        top, left = down * lay.band, across * lay.cols
+                        top, chunk = self._chunk(
+                            page, plane, down, across, max(y0, down * lay.band)
+                        )
+                        left = across * lay.cols
                         ya, yb = max(y0, top), min(y1, top + chunk.shape[0])
                         xa, xb = max(x0, left), min(x1, left + chunk.shape[1])
                         src = chunk[ya - top : yb - top, xa - left : xb - left]
                         planes = slice(plane, plane + 1) if lay.planes > 1 else slice(None)
                         out[ya - y0 : yb - y0, xa - x0 : xb - x0, planes] = src
-            rows = {k[2] for k in self._cache}
-            self.max_cached_rows = max(self.max_cached_rows, len(rows) * lay.band)
+            rows = {k[2]: len(chunk) for k, (_, chunk) in self._cache.items()}
+            self.max_cached_rows = max(self.max_cached_rows, sum(rows.values()))
         return out[..., : self.channels]
 
-    def _chunk(self, page: int, plane: int, down: int, across: int) -> np.ndarray:
-        """One cached chunk, (rows, cols, contig samples) in `dtype`."""
+    def _forget(self, page: int, y0: int, first: int, last: int) -> None:
+        """Drop cached chunks outside chunk rows first..last, and the rows above y0 of the
+        top ones: tiles come row by row, downwards, so those are not asked for again (a
+        mirrored bottom border that is decodes them anew)."""
+        for key, (top, chunk) in list(self._cache.items()):
+            if key[0] != page or not first <= key[2] <= last:
+                del self._cache[key]
+            elif top < y0:
+                self._cache[key] = (y0, chunk[y0 - top :].copy())
+
+    def _chunk(
+        self, page: int, plane: int, down: int, across: int, need: int
+    ) -> tuple[int, np.ndarray]:
+        """One chunk, (its first row, (rows, cols, contig samples) in `dtype`), holding at
+        least its rows from `need` on."""
         key = (page, plane, down, across)
-        chunk = self._cache.get(key)
-        if chunk is None:
-            lay = self._layout
-            tiff_page = self._page(page)
-            if lay.raw and not lay.tiled:
-                chunk = self._raw_rows(tiff_page, plane, down * lay.band)
-            else:
-                index = (plane * lay.down + down) * lay.across + across
-                chunk = self._file_chunk(tiff_page, index, down * lay.rows)
-            self._cache[key] = chunk
-        return chunk
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] <= need:
+            return cached
+        lay = self._layout
+        tiff_page = self._page(page)
+        if lay.raw and not lay.tiled:
+            chunk = self._raw_rows(tiff_page, plane, down * lay.band)
+        else:
+            index = (plane * lay.down + down) * lay.across + across
+            chunk = self._file_chunk(tiff_page, index, down * lay.rows)
+        self._cache[key] = (down * lay.band, chunk)
+        return self._cache[key]
 
     def _raw_rows(self, page: tifffile.TiffPage, plane: int, top: int) -> np.ndarray:
         """Rows top .. top + band of uncompressed strips, read by offset."""

@@ -28,8 +28,10 @@ TIFF_TILE = 256
 # Classic TIFF addresses 4 GiB with 32-bit offsets. The size is decided before writing,
 # from the raw size (deflate can grow incompressible data a little), with room to spare.
 CLASSIC_TIFF_LIMIT = int(0.9 * 2**32)
-# Queued rows beyond which `wait_for_room` waits for the writer: a few stitched bands.
-DEFAULT_BACKLOG_ROWS = 4096
+# Queued rows beyond which `wait_for_room` waits for the writer. None: the next tile is cut
+# only once the writer has taken every band queued so far, so at most the band it is
+# compressing and one more wait; it compresses a band far faster than the network makes one.
+DEFAULT_BACKLOG_ROWS = 0
 
 _ABORT = object()
 
