@@ -13,10 +13,12 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
+from model.cli_section import predict_section, wants_stream
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from model.imageio import ImageError
 from model.pages import labels_tiff, pages_tiff, read_pages
 from model.precision import PRECISIONS
+from model.section_writer import WriterError
 from model.tiled_image import Segmentation
 from model.weights import WeightsError
 
@@ -107,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write cell labels by seeded watershed (one-class models): "
         "DIR/<name>.instances.png, 16-bit (a 32-bit .tif beyond 65535 cells)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read by window and write DIR/<name>.tif, a tiled TIFF (with --probabilities: "
+        "DIR/<name>.probabilities.tif instead), in flat memory; automatic for TIFFs over "
+        "100 megapixels a page",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     return p
@@ -134,6 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         for path in bar:
             bar.set_postfix_str(path.name)
             try:
+                if wants_stream(path, args.stream):
+                    if args.tta != 1 or args.instances:
+                        raise ImageError("--tta and --instances need the image in memory")
+                    output = "probabilities" if args.probabilities else "mask"
+                    predict_section(
+                        seg,
+                        path,
+                        args.output_dir,
+                        output=output,
+                        tile_size=args.tile_size,
+                        batch_size=args.batch_size,
+                    )
+                    continue
                 # Local files are trusted: no page limit (memory is the user's to spend).
                 pages = read_pages(str(path), max_pages=sys.maxsize)
                 image = pages[0]
@@ -160,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         for page in pages
                     ]
-            except (OSError, ImageError) as e:
+            except (OSError, ImageError, WriterError) as e:
                 failures += 1
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue

@@ -16,7 +16,7 @@ from model.instances import label_instances
 from model.normalize import Normalizer
 from model.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from model.precision import Precision, resolve_precision
-from model.runner import BatchRunner
+from model.runner import BatchRunner, run_tiles
 from model.tiled_image import Segmentation, TiledImage
 from model.tiling import TilePlan, plan_image
 from model.unet import UNet
@@ -184,11 +184,5 @@ class Segmenter:
         """Segment one decoded (H, W, C) image by overlap tiles, `batch_size` tiles per pass.
         Tiles are cut and consumed lazily, so memory stays bounded for huge images."""
         tiled = self.tiled(image, tile_size, probabilities, tta)
-        run = BatchRunner(self, batch_size)
-        while tiled.pending:
-            items = [(tiled, tiled.take()) for _ in range(min(run.limit, tiled.pending))]
-            for (_, tile), (probs, mask) in zip(items, run(items), strict=True):
-                tiled.add(tile, probs, mask)
-            if on_batch is not None:
-                on_batch(len(items))
+        run_tiles(tiled, BatchRunner(self, batch_size), on_batch)
         return tiled.result()

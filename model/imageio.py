@@ -42,6 +42,14 @@ class ImageTooLargeError(ImageError):
     """More pixels than allowed (decompression-bomb guard)."""
 
 
+class StackMismatchError(ImageError):
+    """The pages of a stack (a multi-page TIFF) differ in size, samples or pixel type."""
+
+
+class TooManyPagesError(ImageTooLargeError):
+    """More pages (IFDs) than allowed."""
+
+
 def check_pixels(height: int, width: int, max_pixels: int | None) -> None:
     """Refuse an empty image, or one over `max_pixels` (None: no limit)."""
     if height < 1 or width < 1:

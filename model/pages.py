@@ -28,6 +28,7 @@ from model.imageio import (
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
+    TooManyPagesError,
     check_pixels,
     decode_image,
     standard_dtype,
@@ -37,10 +38,6 @@ DEFAULT_MAX_PAGES = 1000
 # The image count an ImageJ description or an OME-XML header declares.
 _IMAGEJ_COUNTS = ("channels", "slices", "frames")
 _OME_SIZES = re.compile(rb'\bSize([CZT])="(\d+)"')
-
-
-class TooManyPagesError(ImageTooLargeError):
-    """More pages than allowed."""
 
 
 class _TiffComplaints(logging.Handler):

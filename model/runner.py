@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-
-from model.tiled_image import TiledImage
-from model.tiling import Tile
 
 if TYPE_CHECKING:
     from model.engine import Segmenter
@@ -26,9 +23,39 @@ log = logging.getLogger("model.runner")
 
 OOM_PROBE_PASSES = 200
 
+
+class TileImage(Protocol):
+    """What a batch's tiles come from: a `model.tiled_image.TiledImage` (an image in memory)
+    or a `model.section.SectionImage` (a page read from disk by window). Tile references
+    are opaque: whatever `take` hands out goes back to `tile_input` and `add`."""
+
+    @property
+    def pending(self) -> int: ...
+
+    def take(self) -> Any: ...
+
+    def tile_input(self, ref: Any) -> np.ndarray: ...
+
+    def add(self, ref: Any, probabilities: np.ndarray, mask: np.ndarray) -> None: ...
+
+
 # What a batch is made of, and what each of its tiles gives back: (probabilities, mask).
-BatchItem = tuple[TiledImage, Tile]
+BatchItem = tuple[TileImage, Any]
 TileOutput = tuple[np.ndarray, np.ndarray]
+
+
+def run_tiles(
+    image: TileImage, run: BatchRunner, on_batch: Callable[[int], None] | None = None
+) -> None:
+    """Every tile of one image through `run`, `run.limit` tiles per pass, in this thread:
+    the loop of `Segmenter.segment` and of each page of a section. Tiles are taken, cut and
+    stitched a batch at a time, so only one batch of inputs is ever in memory."""
+    while image.pending:
+        items = [(image, image.take()) for _ in range(min(run.limit, image.pending))]
+        for (_, ref), (probs, mask) in zip(items, run(items), strict=True):
+            image.add(ref, probs, mask)
+        if on_batch is not None:
+            on_batch(len(items))
 
 
 class BatchRunner:

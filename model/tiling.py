@@ -102,11 +102,16 @@ class TilePlan:
     def computed_pixels(self) -> int:
         return len(self) * self.tile_size**2
 
-    def extract(self, image: np.ndarray, tile: Tile) -> np.ndarray:
-        """The tile's input window, (C, S, S) in the image's dtype, from an (H, W, C) image."""
+    def input_indices(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """The image rows and columns of the tile's input window, mirrored at the borders."""
         m = self.geometry.margin
         ys = reflect_indices(tile.row - m, tile.row - m + self.input_size, self.height)
         xs = reflect_indices(tile.col - m, tile.col - m + self.input_size, self.width)
+        return ys, xs
+
+    def extract(self, image: np.ndarray, tile: Tile) -> np.ndarray:
+        """The tile's input window, (C, S, S) in the image's dtype, from an (H, W, C) image."""
+        ys, xs = self.input_indices(tile)
         return np.ascontiguousarray(image[ys][:, xs].transpose(2, 0, 1))
 
     def padded_image(self, image: np.ndarray) -> np.ndarray:
