@@ -145,6 +145,7 @@ class JobRunner:
         result = None
         try:
             result = await compute_job(self, record, progress, report)
+            await report()  # the final counts
             state = "done"
         except JobLost:
             log.info("job %s: cancelled or deleted while running; stopped", record.id)

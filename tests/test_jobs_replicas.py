@@ -13,6 +13,8 @@ from app_helpers import em_crop, make_app, running, save_tiny, tiff_bytes
 from postgres_server import PostgresServer
 from test_jobs_api import pages_of, wait_state
 
+pytestmark = pytest.mark.anyio
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
