@@ -34,6 +34,10 @@ log = logging.getLogger("app.jobs")
 POLL_S = 2.0
 SWEEP_S = 60.0
 LEASE_FACTOR = 10  # lease = this many progress intervals: a few missed reports are no loss
+# A job folder the table does not know (its upload was cut off by a crash, or its row was
+# deleted while a result was written) is removed once untouched for this long; an upload in
+# progress touches its file all the time.
+ORPHAN_AGE_S = 3600
 
 
 @dataclass
@@ -187,3 +191,20 @@ class JobRunner:
             await asyncio.to_thread(self.table.delete, job_id)
         if expired:
             log.info("deleted %d job(s) past UNET_JOBS_TTL_H", len(expired))
+        orphans = await asyncio.to_thread(self._orphans, now)
+        for job_id in orphans:
+            await asyncio.to_thread(self.files.remove, job_id)
+        if orphans:
+            log.info("removed %d job folder(s) that no job owns", len(orphans))
+
+    def _orphans(self, now: float) -> list[str]:
+        found = []
+        for job_id in self.files.job_ids():
+            folder = self.files.job_dir(job_id)
+            try:
+                touched = max(p.stat().st_mtime for p in [folder, *folder.iterdir()])
+            except (FileNotFoundError, ValueError):
+                continue
+            if now - touched > ORPHAN_AGE_S and self.table.get(job_id) is None:
+                found.append(job_id)
+        return found

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import time
 from pathlib import Path
 
 import httpx
@@ -244,3 +246,23 @@ async def test_quota_and_limits_are_clear_errors_leaving_no_files(
         assert r.status_code == 422
         dirs = [p for p in (tmp_path / "b" / "jobs").iterdir() if p.is_dir()]
         assert dirs == []
+
+
+async def test_expired_jobs_and_orphan_folders_are_swept_at_start(
+    weights: Path, tmp_path: Path
+) -> None:
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        job = (await submit(client, tiff_bytes(em_crop(0, 0, 0, 80, 80)))).json()
+        assert (await wait_state(client, job["id"]))["state"] == "done"
+    # A folder no job owns, untouched for two hours (an upload cut off by a crash).
+    orphan = tmp_path / "jobs" / ("f" * 32)
+    orphan.mkdir()
+    (orphan / "input.part").write_bytes(b"partial")
+    for path in (orphan / "input.part", orphan):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    async with running_app(jobs_app(weights, tmp_path, jobs_ttl_h=1e-6)) as client:
+        while (await client.get(f"/v1/jobs/{job['id']}")).status_code != 404:
+            await asyncio.sleep(0.01)
+        while orphan.exists():
+            await asyncio.sleep(0.01)
+        assert not (tmp_path / "jobs" / job["id"]).exists()
