@@ -29,8 +29,9 @@ class SqliteJobTable(SqlJobTable):
         # without a lock of our own, and SQLite's own locking already orders the threads.
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._closed = False
+        self._busy = 0  # operations in progress: close() waits for them
         self._create_schema()
 
     def _connection(self) -> sqlite3.Connection:
@@ -54,16 +55,37 @@ class SqliteJobTable(SqlJobTable):
         return conn
 
     @contextmanager
-    def _read(self) -> Iterator[Cursor]:
-        cur = self._connection().cursor()
+    def _using(self) -> Iterator[sqlite3.Connection]:
+        """The thread's connection, counted as in use: a call still running in a worker
+        thread when the service stops (its caller cancelled) must not have its connection
+        closed under it, which crashes the interpreter inside SQLite."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the job table is closed")
+            self._busy += 1
         try:
-            yield cur
+            yield self._connection()
         finally:
-            cur.close()
+            with self._lock:
+                self._busy -= 1
+                self._lock.notify_all()
+
+    @contextmanager
+    def _read(self) -> Iterator[Cursor]:
+        with self._using() as conn:
+            cur = conn.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
 
     @contextmanager
     def _write(self) -> Iterator[Cursor]:
-        conn = self._connection()
+        with self._using() as conn, self._transaction(conn) as cur:
+            yield cur
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection) -> Iterator[Cursor]:
         # IMMEDIATE takes the write lock now (waiting up to the busy timeout), not at the first
         # write: two claimers can then never both read the same queued job, and a read-then-write
         # transaction never fails with "database is locked" halfway through.
@@ -82,6 +104,7 @@ class SqliteJobTable(SqlJobTable):
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._lock.wait_for(lambda: self._busy == 0, timeout=2 * BUSY_TIMEOUT_S)
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
