@@ -380,8 +380,12 @@ def test_compose_gpu_service() -> None:
     assert device["capabilities"] == ["gpu"]
     assert unet["ports"] == ["${UNET_BIND:-127.0.0.1}:${UNET_PUBLISH_PORT:-8000}:8000"]
     assert unet["restart"] in ("always", "unless-stopped", "on-failure")
-    (models,) = unet["volumes"]
-    assert models["read_only"] is True
+    models, jobs = unet["volumes"]
+    assert models["target"] == "/models" and models["read_only"] is True
+    # Section jobs live on a named volume at the image's UNET_JOBS_DIR: they survive
+    # `docker compose down` and re-creation.
+    assert jobs["type"] == "volume" and jobs["source"] in load_compose()["volumes"]
+    assert jobs["target"] == unet["environment"]["UNET_JOBS_DIR"].split(":-")[1].rstrip("}")
 
 
 def test_compose_cpu_profile_and_prometheus() -> None:
