@@ -164,6 +164,14 @@ def result_layout(output: Output, out_channels: int) -> tuple[np.dtype, int]:
     return np.dtype(np.float32), out_channels
 
 
+def result_nbytes(source: SectionSource, output: Output, out_channels: int) -> int:
+    """The result's pixel bytes before compression: an upper bound of its file size, less
+    a little (deflate grows incompressible data by a fraction of a percent, and each page
+    adds its IFD and tile tables), for checking the free disk before a job starts."""
+    dtype, samples = result_layout(output, out_channels)
+    return source.pixels * samples * dtype.itemsize
+
+
 def open_writer(
     path: str | Path,
     source: SectionSource,

@@ -15,6 +15,7 @@ import pytest
 import tifffile
 from section_helpers import LIMITS, em, write_tiff
 
+from model import tiff_layout
 from model.imageio import (
     CorruptImageError,
     ImageError,
@@ -51,7 +52,7 @@ def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path
     path.write_bytes(bytes(data))
     tracemalloc.start()
     try:
-        for max_pages in (5, 10_000):
+        for max_pages in (5, 300):
             try:
                 pages = open_section(path, max_pixels=10**9, max_pages=max_pages).pages
             except TooManyPagesError:
@@ -105,16 +106,21 @@ def test_a_truncated_tiff_is_refused_before_inference(options: dict, tmp_path: P
         open_section(path, **LIMITS)
 
 
-def test_huge_compressed_chunks_are_refused_with_advice(tmp_path: Path) -> None:
+def test_huge_compressed_chunks_are_refused_with_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write_tiff(
         tmp_path / "strip.tif", [em()[:300, :300]], rowsperstrip=300, compression="zlib"
     )
     with pytest.raises(ImageError, match="tiled TIFF"):
         open_section(path, **LIMITS, max_chunk_bytes=64 * 300)
     # Uncompressed, the same single strip is read by offset, a slice of rows at a time.
+    monkeypatch.setattr(tiff_layout, "RAW_ROW_BYTES", 64 * 300)
     raw = write_tiff(tmp_path / "raw.tif", [em()[:300, :300]], rowsperstrip=300)
     with open_section(raw, **LIMITS, max_chunk_bytes=64 * 300) as source:
         assert np.array_equal(source.read(0, 100, 200, 5, 9)[..., 0], em()[100:200, 5:9])
+        assert source.max_cached_rows <= 100 + 2 * 64  # slices of 64 rows, not the strip
+        assert np.array_equal(source.read(0, 0, 300, 0, 300)[..., 0], em()[:300, :300])
 
 
 def test_unet_predict_streams_huge_tiffs_with_one_line_errors(
