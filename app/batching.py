@@ -35,6 +35,7 @@ from app.queued import (
     QueueFullError,
     ShuttingDownError,
     TooManyTilesError,
+    failure_reason,
     take_round_robin,
     wait_for_job,
 )
@@ -265,8 +266,9 @@ class TileBatcher:
         )
         if self.metrics is not None:
             self.metrics.worker_errors.inc()
+        reason = failure_reason(error)
         for job in jobs:
-            self._fail(job, InferenceError(f"inference failed ({type(error).__name__})"))
+            self._fail(job, InferenceError(reason))
 
     def _line(self) -> tuple[list[QueuedImage], int]:
         """The jobs the next batch is taken from, and its size limit: requests' images

@@ -133,11 +133,18 @@ async def _page(runner: JobRunner, image, progress: Progress, current: list) -> 
 async def _streamed(runner, source, output, tmp, progress, current) -> None:
     segmenter = runner.service.segmenter
     tile_sizes = runner.service.info.tile_sizes
-    with open_writer(tmp, source, segmenter.out_channels, output) as writer:
+    writer = await asyncio.to_thread(open_writer, tmp, source, segmenter.out_channels, output)
+    # Closing waits for the last band to be compressed and written: in a thread, as is the
+    # abort (which joins the writer's thread), so the event loop never waits on the disk.
+    try:
         for page in range(source.pages):
             image = section_image(segmenter, source, page, writer, tile_sizes, output)
             progress.tiles_total = image.total * source.pages
             await _page(runner, image, progress, current)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(writer.abort))
+        raise
+    await asyncio.to_thread(writer.close)
 
 
 async def _whole_pages(runner, record, source, tmp, progress, current) -> None:

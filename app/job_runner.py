@@ -23,6 +23,7 @@ from app.job_compute import JobLost, compute_job
 from app.jobfiles import JobFiles
 from app.jobtable import JobRecord, JobTable
 from app.metrics import Metrics
+from app.queued import InferenceError
 from app.service import InferenceService
 from app.settings import Settings
 from model.imageio import ImageError
@@ -154,8 +155,8 @@ class JobRunner:
         except JobLost:
             log.info("job %s: cancelled or deleted while running; stopped", record.id)
             return
-        except ImageError as e:
-            error = str(e)
+        except (ImageError, InferenceError) as e:
+            error = str(e)  # the upload's fault, or a batch's failure (logged by the batcher)
         except asyncio.CancelledError:
             raise
         except Exception as e:

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+from model.imageio import ImageError
 from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import Tile
 
@@ -35,6 +36,15 @@ class ClientGoneError(Exception):
 
 class InferenceError(Exception):
     """A batch failed; only the requests with tiles in that batch see this."""
+
+
+def failure_reason(error: Exception) -> str:
+    """What the requests of a failed batch are told."""
+    # A section's input is read tile by tile, so a chunk broken inside its compressed data
+    # is only found when its tile is cut: that is the upload's fault, and the message says so.
+    if isinstance(error, ImageError):
+        return f"the image could not be read: {error}"
+    return f"inference failed ({type(error).__name__})"
 
 
 class QueuedImage:

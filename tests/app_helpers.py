@@ -66,7 +66,6 @@ def settings(weights: Path, **overrides: object) -> Settings:
         "tile_size": TILE,
         "max_batch_tiles": 8,
         "max_wait_ms": 5,
-        "jobs_dir": weights.parent / "jobs",
         "backend": "torch",
         "device": "cpu",
     }

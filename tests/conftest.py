@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,3 +90,16 @@ def pg_server() -> Iterator[PostgresServer]:
         pytest.skip(reason)
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(autouse=True, scope="session")
+def jobs_dir_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every app a test starts keeps its section jobs in a temporary folder unless the test
+    names one (the default, ./jobs, would be the checkout's)."""
+    previous = os.environ.get("UNET_JOBS_DIR")
+    os.environ["UNET_JOBS_DIR"] = str(tmp_path_factory.mktemp("jobs"))
+    yield
+    if previous is None:
+        del os.environ["UNET_JOBS_DIR"]
+    else:
+        os.environ["UNET_JOBS_DIR"] = previous
