@@ -29,7 +29,7 @@ from model.imageio import ImageError, match_channels
 from model.runner import BatchRunner, run_tiles
 from model.section_source import SectionSource
 from model.section_writer import SectionWriter
-from model.tiling import Tile, TilePlan, plan_image
+from model.tiling import Tile, TileCounts, TilePlan, plan_image
 
 if TYPE_CHECKING:
     from model.engine import Segmenter
@@ -48,7 +48,7 @@ class PageResult:
     tiles: int
 
 
-class SectionImage:
+class SectionImage(TileCounts):
     """Page `page` of `source`, tiled by `plan`, its `output` written to `writer` (whose
     pages before this one must be complete: pages go one after another)."""
 
@@ -91,18 +91,6 @@ class SectionImage:
     @property
     def tile_size(self) -> int:
         return self.plan.tile_size
-
-    @property
-    def pending(self) -> int:
-        return self.total - self.taken
-
-    @property
-    def outstanding(self) -> int:
-        return self.total - self.done
-
-    @property
-    def complete(self) -> bool:
-        return self.done == self.total
 
     def take(self) -> Tile:
         tile = next(self._tiles)

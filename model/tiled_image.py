@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.tiling import Stitcher, Tile, TilePlan
+from model.tiling import Stitcher, Tile, TileCounts, TilePlan
 
 VARIANTS = (1, 8)
 # View k: rotated k % 4 times by 90 degrees, then mirrored left-right when k >= 4.
@@ -44,7 +44,7 @@ def view(array: np.ndarray, k: int, axes: tuple[int, int]) -> np.ndarray:
     return rotated[tuple(index)]
 
 
-class TiledImage:
+class TiledImage(TileCounts):
     """A prepared (H, W, C) image, its tile plan and its stitched outputs. Tiles are handed
     out by `take` in plan order and may come back through `add` in any order."""
 
@@ -97,20 +97,6 @@ class TiledImage:
     def tile_size(self) -> int:
         return self.plan.tile_size
 
-    @property
-    def pending(self) -> int:
-        """Tiles not handed out yet."""
-        return self.total - self.taken
-
-    @property
-    def outstanding(self) -> int:
-        """Tiles not stitched yet."""
-        return self.total - self.done
-
-    @property
-    def complete(self) -> bool:
-        return self.done == self.total
-
     def take(self) -> TileRef:
         ref = next(self._tiles)
         self.taken += 1
@@ -147,7 +133,7 @@ class TiledImage:
 StackRef = tuple[int, TileRef]  # (page, tile of that page)
 
 
-class TiledStack:
+class TiledStack(TileCounts):
     """The pages of a stack (TiledImages of one size, hence one tile size) as one entry of
     the tile queue: the batcher's round-robin then counts the whole stack as one line, so
     a 30-page stack takes no more turns than a single image beside it, while alone it fills
@@ -168,18 +154,6 @@ class TiledStack:
     @property
     def tile_size(self) -> int:
         return self.pages[0].tile_size
-
-    @property
-    def pending(self) -> int:
-        return self.total - self.taken
-
-    @property
-    def outstanding(self) -> int:
-        return self.total - self.done
-
-    @property
-    def complete(self) -> bool:
-        return self.done == self.total
 
     def take(self) -> StackRef:
         while self.pages[self._page].pending == 0:

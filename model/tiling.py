@@ -227,3 +227,26 @@ class Stitcher:
             missing = int((~self._done).sum())
             raise RuntimeError(f"{missing} of {len(self.plan)} tiles were never aggregated")
         return self.output
+
+
+class TileCounts:
+    """The queue's counters of a tile source, from its `total` tiles, those `taken` (handed
+    out) and those `done` (stitched): shared by every kind of TileImage."""
+
+    total: int
+    taken: int
+    done: int
+
+    @property
+    def pending(self) -> int:
+        """Tiles not handed out yet."""
+        return self.total - self.taken
+
+    @property
+    def outstanding(self) -> int:
+        """Tiles not stitched yet."""
+        return self.total - self.done
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
