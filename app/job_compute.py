@@ -169,16 +169,23 @@ async def _whole_pages(runner, record, source, tmp, progress, current) -> None:
                 _page_output, output, pixels, result, labels, service.info.out_channels
             )
             await asyncio.to_thread(
-                writer.write, plane, compression=RESULT_COMPRESSION, tile=(256, 256)
+                writer.write,
+                plane,
+                compression=RESULT_COMPRESSION,
+                tile=(256, 256),
+                photometric="rgb" if output == "overlay" else "minisblack",
+                planarconfig="contig",
             )
 
 
 def _page_output(output: str, pixels, result, labels, out_channels: int) -> np.ndarray:
+    """A page of the result as the streamed results lay it out: (H, W) planes, samples
+    last (RGB, or one per class)."""
     if output == "instances":
         return labels.astype(np.uint32)
     if output == "overlay":
         return overlay_rgb(pixels, result.mask, labels)
     if output == "probabilities":
         probs = result.probabilities
-        return probs[0] if probs.shape[0] == 1 else probs
+        return probs[0] if probs.shape[0] == 1 else np.ascontiguousarray(probs.transpose(1, 2, 0))
     return result.mask * np.uint8(255) if out_channels == 1 else result.mask
