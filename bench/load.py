@@ -80,6 +80,11 @@ class Server:
         text = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(rf"{field_name}:\s+(\d+) kB", text).group(1)) * 1024
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def reset_peak_rss(self) -> None:
         # Writing 5 resets the peak resident set size (VmHWM) to the current one.
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
