@@ -68,7 +68,7 @@ def _complaints() -> Iterator[_TiffComplaints]:
         logger.removeHandler(handler)
 
 
-def _declared_pages(tif: tifffile.TiffFile, max_pages: int) -> int | None:
+def declared_pages(tif: tifffile.TiffFile, max_pages: int) -> int | None:
     """The page count the file's own metadata declares (ImageJ or OME), refusing at once
     a count over the limit and stacks with more than one non-spatial axis."""
     first = tif.pages.first
@@ -137,7 +137,7 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
         with _complaints() as complaints, tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
-            declared = _declared_pages(tif, max_pages)
+            declared = declared_pages(tif, max_pages)
             pages: list[tifffile.TiffPage] = []
             first: tuple[int, int, int, np.dtype] | None = None
             total = 0

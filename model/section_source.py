@@ -35,6 +35,7 @@ from model.imageio import (
     TooManyPagesError,
     read_image,
 )
+from model.pages import declared_pages
 from model.tiff_layout import (
     MAX_CHUNK_BYTES,
     check_chunks,
@@ -136,6 +137,9 @@ class TiffSource(SectionSource):
                 f"more than the limit of {max_pixels}"
             )
         self._layout = chunk_layout(first, self.height, self.width, self.max_chunk_bytes)
+        # The count ImageJ or OME metadata declares is refused at once when over the limit,
+        # and must match the pages found (as for a synchronous stack, model.pages).
+        declared = declared_pages(tif, max_pages)
         # Walk the IFD chain one page at a time, never past max_pages: a chain that is
         # endless (or loops) costs at most max_pages + 1 small reads before it is refused, and
         # a page count claimed anywhere else (ImageJ or OME metadata) is never trusted.
@@ -169,6 +173,10 @@ class TiffSource(SectionSource):
                 break
             if index >= max_pages:
                 raise TooManyPagesError(f"the TIFF has more than {max_pages} pages")
+        if declared is not None and declared not in (1, index):
+            raise CorruptImageError(
+                f"the TIFF declares {declared} pages but holds {index} (truncated or corrupt?)"
+            )
         self.pages = index
 
     def _page(self, index: int) -> tifffile.TiffPage:

@@ -69,6 +69,21 @@ async def wait_state(
         await asyncio.sleep(0.01)
 
 
+async def until(condition, what: str, timeout: float = 120) -> None:
+    """Wait for `condition()` (sync or async) to hold; a bound against a hang only."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        held = condition()
+        if asyncio.iscoroutine(held):
+            held = await held
+        if held:
+            return
+        if loop.time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def pages_of(data: bytes) -> list[np.ndarray]:
     with tifffile.TiffFile(io.BytesIO(data)) as tif:
         return [page.asarray() for page in tif.pages]
@@ -104,9 +119,15 @@ async def test_job_lifecycle_stack_result_equals_each_page_alone(
             assert early.status_code == 409 and "error" in early.json()
             # Progress moves as passes are allowed.
             await stepper.allow(2)
-            moved = await wait_state(client, job["id"], ("running",))
-            while moved["progress"]["tiles_done"] < 2:
+            await wait_state(client, job["id"], ("running",))
+
+            async def progressed() -> bool:
+                nonlocal moved
                 moved = (await client.get(f"/v1/jobs/{job['id']}")).json()
+                return moved["progress"]["tiles_done"] >= 2
+
+            moved: dict = {}
+            await until(progressed, "progress")
             assert 2 <= moved["progress"]["tiles_done"] < moved["progress"]["tiles_total"]
             assert moved["eta_s"] is not None and moved["eta_s"] > 0
             stepper.open()
@@ -162,8 +183,7 @@ async def test_cancel_a_running_job_empties_the_queue(weights: Path, tmp_path: P
             assert r.json()["state"] == "cancelled"
             stepper.open()
             # The worker notices at its next report and drops the job's tiles.
-            while service.batcher.queued_images:
-                await asyncio.sleep(0.01)
+            await until(lambda: not service.batcher.queued_images, "the queue to empty")
         assert await metric(client, "unet_job_tiles_queued") == 0
         assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
         assert not (tmp_path / "jobs" / job["id"]).exists()
@@ -184,8 +204,7 @@ async def test_requests_go_before_queued_job_tiles(weights: Path, tmp_path: Path
             request = asyncio.create_task(
                 client.post("/v1/segment", files={"file": png_bytes(em_crop(1, 0, 0, 60, 60))})
             )
-            while service.batcher.queued_tiles == 0:  # the request's tile is queued
-                await asyncio.sleep(0.01)
+            await until(lambda: service.batcher.queued_tiles, "the request's tile in the queue")
             # The job's pass already waiting for its permit, then the request's: the next
             # job tile waits although it was queued first.
             await stepper.allow(2)
@@ -270,10 +289,12 @@ async def test_expired_jobs_and_orphan_folders_are_swept_at_start(
     for path in (orphan / "input.part", orphan):
         os.utime(path, (time.time() - 7200, time.time() - 7200))
     async with running_app(jobs_app(weights, tmp_path, jobs_ttl_h=1e-6)) as client:
-        while (await client.get(f"/v1/jobs/{job['id']}")).status_code != 404:
-            await asyncio.sleep(0.01)
-        while orphan.exists():
-            await asyncio.sleep(0.01)
+
+        async def expired() -> bool:
+            return (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
+
+        await until(expired, "the finished job to expire")
+        await until(lambda: not orphan.exists(), "the orphan folder to go")
         assert not (tmp_path / "jobs" / job["id"]).exists()
 
 
@@ -309,3 +330,22 @@ async def test_whole_page_outputs_equal_the_synchronous_ones(weights: Path, tmp_
                     expected = np.load(io.BytesIO(sync.content))
                     assert plane.shape == expected.shape
                     np.testing.assert_allclose(plane, expected, rtol=0, atol=1e-5)
+
+
+async def test_lying_stacks_are_refused_before_the_202(weights: Path, tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    pages = np.stack([em_crop(i, 0, 0, 64, 80) for i in range(3)])
+    tifffile.imwrite(buf, pages, imagej=True, metadata={"axes": "ZYX"})
+    honest = buf.getvalue()
+    assert b"images=3\nslices=3" in honest
+    million = honest.replace(b"images=3\nslices=3", b"images=1000000\nslices=1000000")
+    nine = honest.replace(b"images=3\nslices=3", b"images=9\nslices=9")
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        r = await submit(client, million)
+        assert r.status_code == 413 and "declares 1000000 pages" in r.json()["error"]
+        r = await submit(client, nine)
+        assert r.status_code == 422 and "declares 9 pages but holds 3" in r.json()["error"]
+        r = await submit(client, honest)
+        assert r.status_code == 202 and r.json()["input"]["pages"] == 3
+    folders = [p.name for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+    assert folders == [r.json()["id"]]  # the refused uploads left nothing on disk
