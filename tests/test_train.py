@@ -165,12 +165,19 @@ def test_selection_by_instance_rand_error(tiny_data: Path, tmp_path: Path) -> No
     first_card.instances = InstanceParams(seed_threshold=0.6, smoothing=1.0, min_size=0)
     save_weights(load_weights(first)[0], first_card, first)
     out = tmp_path / "tuned.safetensors"
-    run(tiny_data, out, "--init", str(first), "--select", "instances", "--steps", "3")
+    args = ("--init", str(first), "--select", "instances", "--steps", "3", "--snapshots")
+    run(tiny_data, out, *args)
     _, card = load_weights(out)
     history = card.training["validation_history"]
-    assert len(history) == 3 and all(len(entry) == 4 for entry in history)
+    assert len(history) == 3 and all(len(entry) == 5 for entry in history)
     best = min(history, key=lambda entry: entry[3])
     assert card.training["best_step"] == best[0]
     assert card.training["validation_instance_rand_error_at_best"] == best[3]
     assert card.training["selected_by"] == "instance Rand error"
-    assert card.instances == first_card.instances
+    # The card keeps the instance parameters, with the seed threshold that scored best.
+    assert card.instances == first_card.instances.model_copy(update={"seed_threshold": best[4]})
+    # Every validated state is kept beside the best, with its own validation.
+    for step, _, threshold, rand, _ in history:
+        _, snap = load_weights(tmp_path / f"tuned.step{step:05d}.safetensors")
+        assert snap.training["best_step"] == step and snap.threshold == threshold
+        assert snap.training["validation_instance_rand_error_at_best"] == rand

@@ -100,12 +100,18 @@ class Checkpoints:
     whole validation history."""
 
     def __init__(
-        self, card: ModelCard, training: dict[str, Any], out: Path, select: str = "pixel"
+        self,
+        card: ModelCard,
+        training: dict[str, Any],
+        out: Path,
+        select: str = "pixel",
+        snapshots: bool = False,
     ) -> None:
         self.card = card
         self.training = training
         self.out = out
         self.select = select
+        self.snapshots = snapshots
         self.best: tuple[float, Validation, int] = (math.inf, Validation(math.inf, 0.5), 0)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[list[float]] = []
@@ -115,8 +121,11 @@ class Checkpoints:
     ) -> None:
         entry = [step, round(validation.pixel_error, 5), validation.threshold]
         if validation.rand_error is not None:
-            entry.append(round(validation.rand_error, 5))
+            entry += [round(validation.rand_error, 5), validation.seed_threshold]
         self.history.append(entry)
+        if self.snapshots:  # every validated state, to choose among afterwards
+            snapshot = self.out.with_name(f"{self.out.stem}.step{step:05d}{self.out.suffix}")
+            self.save(model, elapsed_s, (validation, step), snapshot)
         key = validation.pixel_error
         if self.select == "instances":
             assert validation.rand_error is not None, "instance selection scores instances"
@@ -124,7 +133,7 @@ class Checkpoints:
         if key < self.best[0]:
             self.best = (key, validation, step)
             self.best_state = copy.deepcopy(model.state_dict())
-            self.save(model, elapsed_s)
+            self.save(model, elapsed_s, (validation, step), self.out)
 
     def finish(
         self, model: torch.nn.Module, steps_run: int, stopped: str, elapsed_s: float
@@ -134,15 +143,24 @@ class Checkpoints:
         model.load_state_dict(self.best_state)
         self.training["stopped"] = stopped
         self.training["steps_run"] = steps_run
-        return self.save(model, elapsed_s)
+        return self.save(model, elapsed_s, self.best[1:], self.out)
 
-    def save(self, model: torch.nn.Module, elapsed_s: float) -> dict[str, Any]:
+    def save(
+        self,
+        model: torch.nn.Module,
+        elapsed_s: float,
+        chosen: tuple[Validation, int],
+        path: Path,
+    ) -> dict[str, Any]:
+        """Write `model` as the checkpoint validated as `chosen` (at its step) to `path`."""
         card = self.card.model_copy(deep=True)
-        _, best, step = self.best
+        best, step = chosen
         card.threshold = best.threshold
         rand = {}
         if best.rand_error is not None:
             rand = {"validation_instance_rand_error_at_best": round(best.rand_error, 5)}
+            if card.instances is not None and best.seed_threshold is not None:
+                card.instances.seed_threshold = best.seed_threshold
         card.training = {
             **self.training,
             "best_step": step,
@@ -155,7 +173,7 @@ class Checkpoints:
         # A copy on the CPU: the state being trained stays on its device.
         cpu = UNet(card.channels, card.out_channels)
         cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        save_weights(cpu, card, self.out)
+        save_weights(cpu, card, path)
         return card.training
 
 

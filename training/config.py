@@ -35,6 +35,7 @@ class TrainConfig:
     jitter: float = 0.1
     val_every: int = 200
     select: str = "pixel"
+    snapshots: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -138,7 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.select,
         help="keep the checkpoint with the lowest validation pixel error, or the lowest Rand "
         "error of its cell instances (cut with the --init card's instance parameters, else "
-        "the defaults; at the best pixel threshold)",
+        "the defaults, with the best of a few seed thresholds; at the best pixel threshold)",
+    )
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also keep every validated checkpoint, as OUT's name + .stepNNNNN",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")

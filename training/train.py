@@ -48,10 +48,10 @@ def train(config: TrainConfig, command: str) -> dict:
     learner = Learner(UNet(channels, 1) if init is None else init[0], config, device)
     card = new_card(config, channels, data, init_card)
     record = provenance(config, command, init_card, data, geometry, learner.precision, device)
-    checkpoints = Checkpoints(card, record, config.out, config.select)
     instances = None
     if config.select == "instances":
-        instances = card.instances or InstanceParams()
+        card.instances = instances = card.instances or InstanceParams()
+    checkpoints = Checkpoints(card, record, config.out, config.select, config.snapshots)
     validator = Validator(learner.kept, card, device, data.val_pairs, instances)
     # Training inputs are normalised as the card says, by the code that serving runs.
     normalize = Normalizer(card.normalization, 1)

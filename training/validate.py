@@ -19,6 +19,10 @@ from training.challenge import segmentation_scores
 from training.data import Pair
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+# Seed thresholds tried when instances are scored: a checkpoint whose probabilities moved
+# is judged by its best seeds, as `unet-eval --tune-instances` would cut its instances,
+# rather than penalised for the seeds of the weights it started from.
+SEED_THRESHOLDS = (0.85, 0.9, 0.95)
 
 
 @contextlib.contextmanager
@@ -40,6 +44,7 @@ class Validation:
     pixel_error: float
     threshold: float
     rand_error: float | None = None
+    seed_threshold: float | None = None
 
 
 class LiveBackend:
@@ -66,7 +71,8 @@ class LiveBackend:
 class Validator:
     """Scores `model`, as it is when called, on the held-out `pairs` with the card's
     normalisation, in fp32; the model's train/eval mode is left as it was found. With
-    `instances`, the instances cut with those parameters are scored too."""
+    `instances`, the instances cut with those parameters are scored too, with the best of
+    its and SEED_THRESHOLDS' seed thresholds."""
 
     def __init__(
         self,
@@ -91,9 +97,21 @@ class Validator:
         error, threshold = best_pixel_error(maps, truths)
         if self.instances is None:
             return Validation(error, threshold)
-        labels = [label_instances(m, threshold, self.instances) for m in maps]
-        rand = segmentation_scores(labels, truths)["rand_error"]
-        return Validation(error, threshold, rand)
+        seeds = sorted({self.instances.seed_threshold, *SEED_THRESHOLDS})
+        rand, seed = min(
+            (self._rand_error(maps, truths, threshold, seed), seed)
+            for seed in seeds
+            if seed > threshold
+        )
+        return Validation(error, threshold, rand, seed)
+
+    def _rand_error(
+        self, maps: list[np.ndarray], truths: list[np.ndarray], threshold: float, seed: float
+    ) -> float:
+        assert self.instances is not None
+        params = self.instances.model_copy(update={"seed_threshold": seed})
+        labels = [label_instances(m, threshold, params) for m in maps]
+        return segmentation_scores(labels, truths)["rand_error"]
 
 
 def probability_maps(segmenter: Segmenter, pairs: list[Pair]) -> list[np.ndarray]:
