@@ -48,7 +48,7 @@ def check_instances(
         raise ApiError(
             413,
             f"cell instances of a {image.shape[1]}x{image.shape[0]} image ({pixels} pixels) "
-            f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (the watershed "
-            "peaks at about 66 bytes per pixel); ask for the mask or probabilities, or "
-            "segment the image in parts",
+            f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (instances "
+            "peak at about 6 bytes per pixel, up to 60 on unusual maps); ask for the mask or "
+            "probabilities, or segment the image in parts",
         )

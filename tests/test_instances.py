@@ -12,11 +12,13 @@ import pytest
 from app_helpers import binary_infer, make_app, metric, png_bytes, running, save_tiny
 from PIL import Image
 from skimage.measure import label
+from skimage.segmentation import watershed
 
+import model.instances
 from conftest import isbi_slice
 from model.cli_predict import main as predict
 from model.engine import DEFAULT_WEIGHTS, Segmenter
-from model.instances import InstanceParams, label_instances
+from model.instances import CORE, InstanceParams, interior_levels, label_instances
 
 
 def cells_image() -> tuple[np.ndarray, int]:
@@ -53,6 +55,76 @@ def test_smoothing_merges_nothing_it_should_not() -> None:
     prob, cells = cells_image()
     params = InstanceParams(seed_threshold=0.9, min_size=16, smoothing=1.0)
     assert label_instances(prob, 0.35, params).max() == cells
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images cut the same objects (ids may differ), 0 alike."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return bool(((a == 0) == (b == 0)).all()) and len(np.unique(pairs[0])) == pairs.shape[1] == len(
+        np.unique(pairs[1])
+    )
+
+
+@pytest.fixture(scope="module")
+def real_map() -> np.ndarray:
+    """The shipped model's probabilities of a real slice: many cells, and regions that
+    hold several seed cores (cells merged through faint membrane)."""
+    seg = Segmenter.from_weights(DEFAULT_WEIGHTS, device="cpu")
+    probs = seg.segment(isbi_slice(22)[:300, :300, None], 308, probabilities=True).probabilities
+    assert probs is not None
+    return probs[0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        InstanceParams(seed_threshold=0.85, smoothing=1.0, min_size=0),
+        InstanceParams(seed_threshold=0.9, smoothing=0.0, min_size=16),
+    ],
+)
+def test_flooding_each_region_alone_equals_one_whole_image_watershed(
+    real_map: np.ndarray, params: InstanceParams
+) -> None:
+    """Regions are flooded one at a time in their bounding boxes, and one-core regions
+    not at all: the cells are exactly those of one watershed of the whole map from all
+    the cores, minus objects under min_size, numbered 1..N."""
+    levels = interior_levels(real_map, 0.35, params)
+    cores = label(levels == CORE, connectivity=1)
+    whole = watershed(CORE - levels, markers=cores, mask=levels > 0)
+    if params.min_size > 1:
+        sizes = np.bincount(whole.ravel())
+        whole[sizes[whole] < params.min_size] = 0
+    labels = label_instances(real_map, 0.35, params)
+    assert labels.dtype == np.uint32
+    assert set(np.unique(labels)) == set(range(int(labels.max()) + 1))
+    assert labels.max() > 30 and same_partition(labels, whole)
+    # Some region above the threshold was split between its cores.
+    regions = label(levels > 0, connectivity=1)
+    core_regions = np.unique(np.stack([cores[cores > 0], regions[cores > 0]]), axis=1)[1]
+    assert np.count_nonzero(np.bincount(core_regions) > 1) >= 1
+
+
+def test_smoothing_strip_by_strip_equals_smoothing_the_whole_map(
+    real_map: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = InstanceParams(seed_threshold=0.85, smoothing=1.5)
+    whole = interior_levels(real_map, 0.35, params)  # one strip: 300 rows < STRIP_ROWS
+    monkeypatch.setattr(model.instances, "STRIP_ROWS", 7)
+    np.testing.assert_array_equal(interior_levels(real_map, 0.35, params), whole)
+    assert (whole == CORE).any() and (whole == 0).any()
+
+
+def test_split_pieces_under_min_size_are_dropped() -> None:
+    """A region with two cores joined through a gap is split; a piece under min_size
+    goes, the other keeps a label, and the labels stay 1..N."""
+    prob = np.full((40, 60), 0.05, np.float32)
+    prob[5:35, 5:35] = 0.95  # a big cell
+    prob[10:14, 35:39] = 0.6  # a faint bridge, flooded half from either end
+    prob[11:13, 39:41] = 0.95  # a tiny core at its end: 4 pixels, about 12 with the bridge
+    labels = label_instances(prob, 0.35, InstanceParams(seed_threshold=0.9, min_size=16))
+    assert labels.max() == 1 and labels[20, 20] == 1 and labels[12, 40] == 0
+    both = label_instances(prob, 0.35, InstanceParams(seed_threshold=0.9, min_size=0))
+    assert both.max() == 2 and both[12, 40] == 2 and both[12, 36] == 1
 
 
 @pytest.mark.anyio

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY_CHANNELS, isbi_pairs
 from model.engine import Segmenter
-from model.weights import load_weights
+from model.instances import InstanceParams
+from model.weights import load_weights, save_weights
 from training.train import main
 
 
@@ -152,3 +153,31 @@ def test_bf16_autocast_and_weight_average(tiny_data: Path, tmp_path: Path) -> No
     w1, w2, avg = (load_file(str(f))["head.weight"].numpy() for f in (first, plain, averaged))
     assert not np.allclose(w1, w2)
     np.testing.assert_allclose(avg, (w1 + w2) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_selection_by_instance_rand_error(tiny_data: Path, tmp_path: Path) -> None:
+    """--select instances keeps the step whose instances score the lowest Rand error, records
+    it beside the pixel error of every validation, and cuts instances with the --init card's
+    parameters (which the checkpoint keeps)."""
+    first = tmp_path / "first.safetensors"
+    run(tiny_data, first)
+    _, first_card = load_weights(first)
+    first_card.instances = InstanceParams(seed_threshold=0.6, smoothing=1.0, min_size=0)
+    save_weights(load_weights(first)[0], first_card, first)
+    out = tmp_path / "tuned.safetensors"
+    args = ("--init", str(first), "--select", "instances", "--steps", "3", "--snapshots")
+    run(tiny_data, out, *args)
+    _, card = load_weights(out)
+    history = card.training["validation_history"]
+    assert len(history) == 3 and all(len(entry) == 5 for entry in history)
+    best = min(history, key=lambda entry: entry[3])
+    assert card.training["best_step"] == best[0]
+    assert card.training["validation_instance_rand_error_at_best"] == best[3]
+    assert card.training["selected_by"] == "instance Rand error"
+    # The card keeps the instance parameters, with the seed threshold that scored best.
+    assert card.instances == first_card.instances.model_copy(update={"seed_threshold": best[4]})
+    # Every validated state is kept beside the best, with its own validation.
+    for step, _, threshold, rand, _ in history:
+        _, snap = load_weights(tmp_path / f"tuned.step{step:05d}.safetensors")
+        assert snap.training["best_step"] == step and snap.threshold == threshold
+        assert snap.training["validation_instance_rand_error_at_best"] == rand

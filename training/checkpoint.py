@@ -18,6 +18,7 @@ from model.weights import ModelCard, save_weights
 from training.batches import TrainingData
 from training.config import TrainConfig
 from training.data import REPO_ROOT
+from training.validate import Validation
 
 
 def new_card(
@@ -29,6 +30,9 @@ def new_card(
     mean, std = data.mean, data.std
     if init_card is not None:
         mean, std = init_card.normalization.mean[0], init_card.normalization.std[0]
+    # The initial weights' instance parameters are the ones validation cuts instances with
+    # (--select instances), so they go with the checkpoints too.
+    instances = None if init_card is None else init_card.instances
     return ModelCard(
         name=config.name,
         description=config.description,
@@ -37,6 +41,7 @@ def new_card(
         class_names=["cell_interior"],
         normalization={"mean": [round(mean, 6)], "std": [round(std, 6)]},
         threshold=0.5,
+        instances=instances,
     )
 
 
@@ -64,6 +69,7 @@ def provenance(
         "batch_size": config.batch_size,
         "bn_momentum": config.bn_momentum,
         "precision": precision,
+        "selected_by": "instance Rand error" if config.select == "instances" else "pixel error",
         "ema_decay": config.ema or None,
         "output_size": config.output_size,
         "input_size": config.output_size + geometry.shrink,
@@ -89,25 +95,45 @@ def provenance(
 
 
 class Checkpoints:
-    """The best validation so far (pixel error, threshold, step), its weights in memory and on
-    disk at `out`, and the whole validation history."""
+    """The best validation so far (by pixel error, or by the instances' Rand error with
+    `select="instances"`), its step, its weights in memory and on disk at `out`, and the
+    whole validation history."""
 
-    def __init__(self, card: ModelCard, training: dict[str, Any], out: Path) -> None:
+    def __init__(
+        self,
+        card: ModelCard,
+        training: dict[str, Any],
+        out: Path,
+        select: str = "pixel",
+        snapshots: bool = False,
+    ) -> None:
         self.card = card
         self.training = training
         self.out = out
-        self.best: tuple[float, float, int] = (math.inf, 0.5, 0)
+        self.select = select
+        self.snapshots = snapshots
+        self.best: tuple[float, Validation, int] = (math.inf, Validation(math.inf, 0.5), 0)
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[list[float]] = []
 
     def record(
-        self, model: torch.nn.Module, step: int, error: float, threshold: float, elapsed_s: float
+        self, model: torch.nn.Module, step: int, validation: Validation, elapsed_s: float
     ) -> None:
-        self.history.append([step, round(error, 5), threshold])
-        if error < self.best[0]:
-            self.best = (error, threshold, step)
+        entry = [step, round(validation.pixel_error, 5), validation.threshold]
+        if validation.rand_error is not None:
+            entry += [round(validation.rand_error, 5), validation.seed_threshold]
+        self.history.append(entry)
+        if self.snapshots:  # every validated state, to choose among afterwards
+            snapshot = self.out.with_name(f"{self.out.stem}.step{step:05d}{self.out.suffix}")
+            self.save(model, elapsed_s, (validation, step), snapshot)
+        key = validation.pixel_error
+        if self.select == "instances":
+            assert validation.rand_error is not None, "instance selection scores instances"
+            key = validation.rand_error
+        if key < self.best[0]:
+            self.best = (key, validation, step)
             self.best_state = copy.deepcopy(model.state_dict())
-            self.save(model, elapsed_s)
+            self.save(model, elapsed_s, (validation, step), self.out)
 
     def finish(
         self, model: torch.nn.Module, steps_run: int, stopped: str, elapsed_s: float
@@ -117,24 +143,37 @@ class Checkpoints:
         model.load_state_dict(self.best_state)
         self.training["stopped"] = stopped
         self.training["steps_run"] = steps_run
-        return self.save(model, elapsed_s)
+        return self.save(model, elapsed_s, self.best[1:], self.out)
 
-    def save(self, model: torch.nn.Module, elapsed_s: float) -> dict[str, Any]:
+    def save(
+        self,
+        model: torch.nn.Module,
+        elapsed_s: float,
+        chosen: tuple[Validation, int],
+        path: Path,
+    ) -> dict[str, Any]:
+        """Write `model` as the checkpoint validated as `chosen` (at its step) to `path`."""
         card = self.card.model_copy(deep=True)
-        error, threshold, step = self.best
-        card.threshold = threshold
+        best, step = chosen
+        card.threshold = best.threshold
+        rand = {}
+        if best.rand_error is not None:
+            rand = {"validation_instance_rand_error_at_best": round(best.rand_error, 5)}
+            if card.instances is not None and best.seed_threshold is not None:
+                card.instances.seed_threshold = best.seed_threshold
         card.training = {
             **self.training,
             "best_step": step,
-            "threshold_tuned_on_validation": threshold,
-            "validation_pixel_error_at_best": round(error, 5),
+            "threshold_tuned_on_validation": best.threshold,
+            "validation_pixel_error_at_best": round(best.pixel_error, 5),
+            **rand,
             "elapsed_min": round(elapsed_s / 60, 1),
             "validation_history": self.history,
         }
         # A copy on the CPU: the state being trained stays on its device.
         cpu = UNet(card.channels, card.out_channels)
         cpu.load_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        save_weights(cpu, card, self.out)
+        save_weights(cpu, card, path)
         return card.training
 
 

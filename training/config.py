@@ -34,6 +34,8 @@ class TrainConfig:
     elastic_grid: int = 3
     jitter: float = 0.1
     val_every: int = 200
+    select: str = "pixel"
+    snapshots: bool = False
     seed: int = 0
     device: str = "auto"
     threads: int = 0
@@ -131,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elastic-grid", type=int, default=d.elastic_grid)
     p.add_argument("--jitter", type=float, default=d.jitter, help="intensity jitter amount")
     p.add_argument("--val-every", type=int, default=d.val_every, help="validate every N steps")
+    p.add_argument(
+        "--select",
+        choices=["pixel", "instances"],
+        default=d.select,
+        help="keep the checkpoint with the lowest validation pixel error, or the lowest Rand "
+        "error of its cell instances (cut with the --init card's instance parameters, else "
+        "the defaults, with the best of a few seed thresholds; at the best pixel threshold)",
+    )
+    p.add_argument(
+        "--snapshots",
+        action="store_true",
+        help="also keep every validated checkpoint, as OUT's name + .stepNNNNN",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     p.add_argument(

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from model.engine import resolve_device
 from model.geometry import Geometry
+from model.instances import InstanceParams
 from model.normalize import Normalizer
 from model.unet import UNet
 from model.weights import ModelCard, WeightsError, load_weights
@@ -47,8 +48,11 @@ def train(config: TrainConfig, command: str) -> dict:
     learner = Learner(UNet(channels, 1) if init is None else init[0], config, device)
     card = new_card(config, channels, data, init_card)
     record = provenance(config, command, init_card, data, geometry, learner.precision, device)
-    checkpoints = Checkpoints(card, record, config.out)
-    validator = Validator(learner.kept, card, device, data.val_pairs)
+    instances = None
+    if config.select == "instances":
+        card.instances = instances = card.instances or InstanceParams()
+    checkpoints = Checkpoints(card, record, config.out, config.select, config.snapshots)
+    validator = Validator(learner.kept, card, device, data.val_pairs, instances)
     # Training inputs are normalised as the card says, by the code that serving runs.
     normalize = Normalizer(card.normalization, 1)
 
@@ -65,12 +69,14 @@ def train(config: TrainConfig, command: str) -> dict:
         loss_avg = loss if loss_avg is None else 0.98 * loss_avg + 0.02 * loss
         out_of_time = time.monotonic() - start >= budget_s
         if step % config.val_every == 0 or step == config.steps or out_of_time:
-            err, thr = validator()
-            checkpoints.record(learner.kept, step, err, thr, time.monotonic() - start)
+            v = validator()
+            checkpoints.record(learner.kept, step, v, time.monotonic() - start)
             best = checkpoints.best
+            rand = "" if v.rand_error is None else f", instance Rand error {v.rand_error:.4f}"
             tqdm.write(
-                f"step {step}: loss {loss_avg:.4f}, val pixel error {err:.4f} at t={thr} "
-                f"(best {best[0]:.4f} @ {best[2]}), {(time.monotonic() - start) / 60:.1f} min",
+                f"step {step}: loss {loss_avg:.4f}, val pixel error {v.pixel_error:.4f} at "
+                f"t={v.threshold}{rand} (best {best[0]:.4f} @ {best[2]}), "
+                f"{(time.monotonic() - start) / 60:.1f} min",
                 file=sys.stderr,
             )
         bar.update(1)

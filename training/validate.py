@@ -1,20 +1,28 @@
 """Validation during training: the best pixel error over a sweep of thresholds on the
 held-out slices, measured with the engine's own tiled inference path (normalisation, tiling,
-stitching) on the weights being trained."""
+stitching) on the weights being trained; optionally also the Rand error of the cell
+instances the service would cut from the same maps (`unet-train --select instances`)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from model.engine import Segmenter
+from model.instances import InstanceParams, label_instances
 from model.weights import ModelCard
+from training.challenge import segmentation_scores
 from training.data import Pair
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+# Seed thresholds tried when instances are scored: a checkpoint whose probabilities moved
+# is judged by its best seeds, as `unet-eval --tune-instances` would cut its instances,
+# rather than penalised for the seeds of the weights it started from.
+SEED_THRESHOLDS = (0.85, 0.9, 0.95)
 
 
 @contextlib.contextmanager
@@ -26,6 +34,17 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         yield model
     finally:
         model.train(was_training)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validation: the best pixel error, its threshold, and, when instances are scored,
+    their Rand error (1 - V_Rand after thinning, training.challenge) at that threshold."""
+
+    pixel_error: float
+    threshold: float
+    rand_error: float | None = None
+    seed_threshold: float | None = None
 
 
 class LiveBackend:
@@ -51,35 +70,69 @@ class LiveBackend:
 
 class Validator:
     """Scores `model`, as it is when called, on the held-out `pairs` with the card's
-    normalisation, in fp32; the model's train/eval mode is left as it was found."""
+    normalisation, in fp32; the model's train/eval mode is left as it was found. With
+    `instances`, the instances cut with those parameters are scored too, with the best of
+    its and SEED_THRESHOLDS' seed thresholds."""
 
     def __init__(
-        self, model: torch.nn.Module, card: ModelCard, device: torch.device, pairs: list[Pair]
+        self,
+        model: torch.nn.Module,
+        card: ModelCard,
+        device: torch.device,
+        pairs: list[Pair],
+        instances: InstanceParams | None = None,
     ) -> None:
         self.model = model
         self.pairs = pairs
+        self.instances = instances
         with evaluating(model):  # Segmenter puts the model it is given in eval mode
             self.segmenter = Segmenter(
                 model, card, device=device, precision="fp32", backend=LiveBackend(model, device)
             )
 
-    def __call__(self) -> tuple[float, float]:
+    def __call__(self) -> Validation:
         with evaluating(self.model):
-            return validate(self.segmenter, self.pairs)
+            maps = probability_maps(self.segmenter, self.pairs)
+        truths = [pair.label.astype(bool) for pair in self.pairs]
+        error, threshold = best_pixel_error(maps, truths)
+        if self.instances is None:
+            return Validation(error, threshold)
+        seeds = sorted({self.instances.seed_threshold, *SEED_THRESHOLDS})
+        rand, seed = min(
+            (self._rand_error(maps, truths, threshold, seed), seed)
+            for seed in seeds
+            if seed > threshold
+        )
+        return Validation(error, threshold, rand, seed)
+
+    def _rand_error(
+        self, maps: list[np.ndarray], truths: list[np.ndarray], threshold: float, seed: float
+    ) -> float:
+        assert self.instances is not None
+        params = self.instances.model_copy(update={"seed_threshold": seed})
+        labels = [label_instances(m, threshold, params) for m in maps]
+        return segmentation_scores(labels, truths)["rand_error"]
 
 
-def validate(segmenter: Segmenter, pairs: list[Pair]) -> tuple[float, float]:
-    """Best pixel error over THRESHOLDS on the validation pairs, and that threshold, using
-    one tile per slice (exact, see model.tiling)."""
-    errors = np.zeros(len(THRESHOLDS))
-    total = 0
+def probability_maps(segmenter: Segmenter, pairs: list[Pair]) -> list[np.ndarray]:
+    """The (H, W) foreground probability of each pair, one tile per slice (exact, see
+    model.tiling)."""
+    maps = []
     for pair in pairs:
         tile = segmenter.geometry.smallest_output_covering(max(pair.label.shape))
         probs = segmenter.segment(pair.image, tile_size=tile, probabilities=True).probabilities
         assert probs is not None
-        truth = pair.label.astype(bool)
+        maps.append(probs[0])
+    return maps
+
+
+def best_pixel_error(maps: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
+    """Best pixel error over THRESHOLDS, the pixels of all maps pooled, and that threshold."""
+    errors = np.zeros(len(THRESHOLDS))
+    total = 0
+    for prob, truth in zip(maps, truths, strict=True):
         for j, t in enumerate(THRESHOLDS):
-            errors[j] += np.count_nonzero((probs[0] > t) != truth)
+            errors[j] += np.count_nonzero((prob > t) != truth)
         total += truth.size
     best = int(np.argmin(errors))
     return float(errors[best] / total), float(THRESHOLDS[best])
