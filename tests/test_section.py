@@ -211,7 +211,10 @@ def test_streaming_holds_a_few_bands_not_the_image(seg: Segmenter, tmp_path: Pat
         band, window = image_.plan.tile_size, image_.plan.input_size
         assert image_.max_rows_held <= 2 * band
         assert source.max_cached_rows <= window + 2 * 32
-        assert writer.max_buffered_rows <= 2 * band + 32
+        # The writer: the bands one batch completes (two here: 4 tiles, 2 a row) waiting, and
+        # the previous batch's still being compressed (the writer thread may lag a batch
+        # behind; the next batch's tiles wait for it), plus one TIFF tile's rows.
+        assert writer.max_buffered_rows <= 2 * 2 * band + 32 < 1500
     ref = seg.segment(image[:, :, None], TILE, probabilities=True)
     assert_same(tifffile.imread(tmp_path / "mask.tif"), ref, seg, "mask")
 
