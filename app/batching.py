@@ -45,8 +45,6 @@ from model.tiling import Tile
 
 log = logging.getLogger("app.batching")
 
-# Background images get full batches once no request has been queued for this long.
-REQUESTS_QUIET_S = 10.0
 
 BatchCallable = Callable[[Sequence[BatchItem]], list[TileOutput]]
 
@@ -75,7 +73,6 @@ class TileBatcher:
         self._active: set[QueuedImage] = set()  # jobs not finished, failed or cancelled
         self._queued_tiles = 0  # foreground (request) tiles only: the queue limit's count
         self._background_tiles = 0
-        self._last_request = -math.inf  # when the last request's image was queued
         self._arriving = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -172,8 +169,6 @@ class TileBatcher:
                 )
             if self._queued_tiles + n > self.max_queue_tiles:
                 raise QueueFullError(self.retry_after())
-        if not background:
-            self._last_request = time.monotonic()
         job = QueuedImage(image, asyncio.get_running_loop(), background=background)
         self._active.add(job)
         self._ready.append(job)
@@ -278,14 +273,10 @@ class TileBatcher:
 
     def _line(self) -> tuple[list[QueuedImage], int]:
         """The jobs the next batch is taken from, and its size limit: requests' images
-        whenever any wait, else background images, in small batches while requests are
-        coming in (a request then waits for one small batch at most) and in full ones once
-        none has come for REQUESTS_QUIET_S (on a CPU a full batch is a few % faster a tile)."""
+        whenever any wait, else background images in batches of their own (small) limit."""
         foreground = [job for job in self._ready if not job.background]
         if foreground:
             return foreground, self.batch_limit()
-        if time.monotonic() - self._last_request > REQUESTS_QUIET_S:
-            return list(self._ready), self.batch_limit()
         return list(self._ready), self.background_batch_limit()
 
     async def _next_batch(self) -> int:

@@ -125,10 +125,10 @@ class Settings(BaseSettings):
     job_batch_tiles: int = Field(
         0,
         ge=0,
-        description="Most tiles of a section job in one forward pass while requests are "
-        "coming in (jobs run only when no request's tiles wait, and a request then waits for "
-        "at most this batch; after 10 s without requests jobs get full batches); 0 = by "
-        "device: 1 on a CPU, half the batch limit on CUDA.",
+        description="Most tiles of a section job in one forward pass (jobs run only when no "
+        "request's tiles wait, and a request then waits for at most this batch; on a CPU a "
+        "batch of 2 tiles also holds about 300 MB more than one of 1); 0 = by device: 1 on "
+        "a CPU, half the batch limit on CUDA.",
     )
     job_progress_s: float = Field(
         1.0,
