@@ -107,6 +107,7 @@ async def test_job_lifecycle_stack_result_equals_each_page_alone(
             job = r.json()
             assert r.headers["location"] == f"/v1/jobs/{job['id']}"
             assert job["state"] in ("queued", "running")
+            assert job["progress"]["tiles_total"] == 3 * 9  # known from the start: 3x3 a page
             assert job["input"] | {"bytes": 0} == {
                 "name": "stack.tif",
                 "media_type": "image/tiff",

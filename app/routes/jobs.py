@@ -23,6 +23,7 @@ from app.service import image_error
 from app.upload_stream import StreamedUpload
 from model.imageio import ImageError
 from model.tiled_image import VARIANTS
+from model.tiling import plan_image
 
 router = APIRouter(tags=["section jobs"])
 
@@ -134,6 +135,13 @@ async def create_job(
         finished_at=None,
         updated_at=now,
         pages_total=source.pages,
+        tiles_total=source.pages
+        * tta
+        * len(
+            plan_image(
+                source.height, source.width, service.segmenter.geometry, service.info.tile_sizes
+            )
+        ),
     )
     await asyncio.to_thread(runner.table.create, record)
     runner.wake()
