@@ -12,6 +12,7 @@ from PIL import Image
 
 from model.instances import label_colours
 from model.pages import labels_tiff, pages_tiff
+from model.tiled_image import mask_pixels
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
@@ -48,18 +49,13 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
-    """One class: 0/255, so the file is viewable; several: the class index."""
-    return mask * np.uint8(255) if out_channels == 1 else mask
-
-
 def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
-    return png_bytes(Image.fromarray(_mask_pixels(mask, out_channels), mode="L"))
+    return png_bytes(Image.fromarray(mask_pixels(mask, out_channels), mode="L"))
 
 
 def mask_tiff(masks: Sequence[np.ndarray], out_channels: int) -> bytes:
     """A stack's masks as one multi-page 8-bit TIFF, each page as mask_png's pixels."""
-    return pages_tiff([_mask_pixels(mask, out_channels) for mask in masks])
+    return pages_tiff([mask_pixels(mask, out_channels) for mask in masks])
 
 
 def instances_tiff(labels: Sequence[np.ndarray]) -> bytes:

@@ -24,7 +24,7 @@ import tifffile
 from app.encoding import overlay_rgb
 from model.section import open_writer, section_image
 from model.section_source import SectionSource, open_section
-from model.tiled_image import Segmentation
+from model.tiled_image import Segmentation, mask_pixels
 
 if TYPE_CHECKING:
     from app.job_runner import JobRunner, Progress
@@ -74,14 +74,12 @@ async def compute_job(
     output = record.params["output"]
     tta = int(record.params.get("tta", 1))
     source = await asyncio.to_thread(open_input, runner.files.input_path(record.id), settings)
-    progress.pages_total = source.pages
-    current: list = []  # the page image being computed, for progress reports
 
     async def compute(tmp: Path) -> None:
         if streamed(output, tta):
-            await _streamed(runner, source, output, tmp, progress, current)
+            await _streamed(runner, source, output, tmp, progress)
         else:
-            await _whole_pages(runner, record, source, tmp, progress, current)
+            await _whole_pages(runner, record, source, tmp, progress)
 
     files = runner.files
     tmp = await asyncio.to_thread(files.result_part, record.id)
@@ -92,7 +90,6 @@ async def compute_job(
             if done:
                 task.result()
                 break
-            _count(progress, current)
             await report()
         await asyncio.to_thread(files.commit_result, record.id)
     except BaseException:
@@ -104,33 +101,26 @@ async def compute_job(
         raise
     finally:
         source.close()
-    progress.pages_done = source.pages
-    path = runner.files.result_path(record.id)
+    path = files.result_path(record.id)
     return ResultFile(path.stat().st_size, "image/tiff", f"{output}.tif")
 
 
-def _count(progress: Progress, current: list) -> None:
-    """Tiles done so far: finished pages' plus the current page's."""
-    if current:
-        image, before = current[0]
-        progress.tiles_done = before + image.done
-
-
-async def _page(runner: JobRunner, image, progress: Progress, current: list) -> Segmentation:
-    """One page image through the tile queue as a background image."""
+async def _page(runner: JobRunner, image, progress: Progress) -> Segmentation:
+    """One page image through the tile queue as a background image; the progress counts
+    its tiles as they are stitched."""
     queued = runner.service.submit_background(image)
-    current[:] = [(image, progress.tiles_done)]
+    progress.page = image
     try:
         result = await queued.future
     finally:
         runner.service.batcher.cancel(queued)
-    progress.tiles_done = current[0][1] + image.total
-    current.clear()
+        progress.page = None
+    progress.finished_tiles += image.total
     progress.pages_done += 1
     return result
 
 
-async def _streamed(runner, source, output, tmp, progress, current) -> None:
+async def _streamed(runner, source, output, tmp, progress) -> None:
     segmenter = runner.service.segmenter
     tile_sizes = runner.service.info.tile_sizes
     writer = await asyncio.to_thread(open_writer, tmp, source, segmenter.out_channels, output)
@@ -139,15 +129,14 @@ async def _streamed(runner, source, output, tmp, progress, current) -> None:
     try:
         for page in range(source.pages):
             image = section_image(segmenter, source, page, writer, tile_sizes, output)
-            progress.tiles_total = image.total * source.pages
-            await _page(runner, image, progress, current)
+            await _page(runner, image, progress)
     except BaseException:
         await asyncio.shield(asyncio.to_thread(writer.abort))
         raise
     await asyncio.to_thread(writer.close)
 
 
-async def _whole_pages(runner, record, source, tmp, progress, current) -> None:
+async def _whole_pages(runner, record, source, tmp, progress) -> None:
     service = runner.service
     output = record.params["output"]
     tta = int(record.params.get("tta", 1))
@@ -159,9 +148,7 @@ async def _whole_pages(runner, record, source, tmp, progress, current) -> None:
             image = await asyncio.to_thread(
                 service.segmenter.tiled, pixels, service.info.tile_sizes, probabilities, tta
             )
-            if page == 0:
-                progress.tiles_total = image.total * source.pages
-            result = await _page(runner, image, progress, current)
+            result = await _page(runner, image, progress)
             labels = None
             if by_instance:
                 labels = await asyncio.to_thread(service.segmenter.instances, result.probabilities)
@@ -188,4 +175,4 @@ def _page_output(output: str, pixels, result, labels, out_channels: int) -> np.n
     if output == "probabilities":
         probs = result.probabilities
         return probs[0] if probs.shape[0] == 1 else np.ascontiguousarray(probs.transpose(1, 2, 0))
-    return result.mask * np.uint8(255) if out_channels == 1 else result.mask
+    return mask_pixels(result.mask, out_channels)

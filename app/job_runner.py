@@ -27,6 +27,7 @@ from app.queued import InferenceError
 from app.service import InferenceService
 from app.settings import Settings
 from model.imageio import ImageError
+from model.tiling import TileCounts
 
 log = logging.getLogger("app.jobs")
 
@@ -43,10 +44,15 @@ ORPHAN_AGE_S = 3600
 
 @dataclass
 class Progress:
-    tiles_done: int = 0
     tiles_total: int = 0
-    pages_done: int = 0
     pages_total: int = 0
+    pages_done: int = 0
+    finished_tiles: int = 0  # of the pages done
+    page: TileCounts | None = None  # the page being computed
+
+    @property
+    def tiles_done(self) -> int:
+        return self.finished_tiles + (self.page.done if self.page is not None else 0)
 
 
 class JobRunner:

@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -440,34 +441,31 @@ def section_scaling(run: Run) -> None:
     )
 
 
-def section_liveness(run: Run) -> None:
-    run.report.add("## Liveness under the largest requests")
+def add_module_section(run: Run, title: str, module: ModuleType, lines: list[str]) -> None:
+    """A section from a benchmark module: its title, its docstring's first paragraph and
+    the Markdown lines its measurement produced."""
+    run.report.add(f"## {title}")
     run.report.add()
-    run.report.add(liveness.__doc__.split("\n\n")[0].replace("\n", " "))
+    run.report.add(module.__doc__.split("\n\n")[0].replace("\n", " "))
     run.report.add()
-    for line in liveness.markdown(liveness.measure(run.quick)):
+    for line in lines:
         run.report.add(line)
     run.report.add()
+
+
+def section_liveness(run: Run) -> None:
+    rows = liveness.markdown(liveness.measure(run.quick))
+    add_module_section(run, "Liveness under the largest requests", liveness, rows)
 
 
 def section_outputs(run: Run) -> None:
-    run.report.add("## What cell instances and test-time augmentation cost")
-    run.report.add()
-    run.report.add(outputs.__doc__.split("\n\n")[0].replace("\n", " "))
-    run.report.add()
-    for line in outputs.markdown(outputs.measure(3 if run.quick else 7, run.weights)):
-        run.report.add(line)
-    run.report.add()
+    rows = outputs.markdown(outputs.measure(3 if run.quick else 7, run.weights))
+    add_module_section(run, "What cell instances and test-time augmentation cost", outputs, rows)
 
 
 def section_stack(run: Run) -> None:
-    run.report.add("## A stack, synchronously")
-    run.report.add()
-    run.report.add(stack.__doc__.split("\n\n")[0].replace("\n", " "))
-    run.report.add()
-    for line in stack.markdown(stack.measure(2 if run.quick else 5, run.weights)):
-        run.report.add(line)
-    run.report.add()
+    rows = stack.markdown(stack.measure(2 if run.quick else 5, run.weights))
+    add_module_section(run, "A stack, synchronously", stack, rows)
 
 
 def write_plots(run: Run, out_dir: Path) -> None:

@@ -19,13 +19,12 @@ from model.imageio import ImageError
 from model.pages import labels_tiff, pages_tiff, read_pages
 from model.precision import PRECISIONS
 from model.section_writer import WriterError
-from model.tiled_image import Segmentation
+from model.tiled_image import Segmentation, mask_pixels
 from model.weights import WeightsError
 
 
 def mask_to_png(mask: np.ndarray, out_channels: int) -> Image.Image:
-    """One class: 0/255, so the file is viewable; several: the class index."""
-    return Image.fromarray(mask * np.uint8(255) if out_channels == 1 else mask, mode="L")
+    return Image.fromarray(mask_pixels(mask, out_channels), mode="L")
 
 
 def write_instances(labels: np.ndarray, stem: Path) -> Path:

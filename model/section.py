@@ -29,6 +29,7 @@ from model.imageio import ImageError, match_channels
 from model.runner import BatchRunner, run_tiles
 from model.section_source import SectionSource
 from model.section_writer import SectionWriter
+from model.tiled_image import mask_pixels
 from model.tiling import Tile, TileCounts, TilePlan, plan_image
 
 if TYPE_CHECKING:
@@ -122,8 +123,7 @@ class SectionImage(TileCounts):
             self.max_rows_held = max(self.max_rows_held, held)
         dst = buffer[:, tile.col : tile.col + cols.stop]
         if self.output == "mask":
-            # The synchronous service's mask values: 0/255 for one class, else the class.
-            dst[...] = mask[rows, cols] * np.uint8(255) if self._classes == 1 else mask[rows, cols]
+            dst[...] = mask_pixels(mask[rows, cols], self._classes)
         else:
             dst[...] = probabilities[:, rows, cols].transpose(1, 2, 0)
         self._band_done[band] += 1

@@ -34,6 +34,12 @@ class Segmentation:
     probabilities: np.ndarray | None  # (K, H, W) float32, when asked for
 
 
+def mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
+    """A mask as every output file stores it: one class 0/255, so the file is viewable;
+    several, the class index."""
+    return mask * np.uint8(255) if out_channels == 1 else mask
+
+
 def view(array: np.ndarray, k: int, axes: tuple[int, int]) -> np.ndarray:
     """The k-th dihedral view of `array` over two axes, as a numpy view (no copy)."""
     rotated = np.rot90(array, k % 4, axes=axes)
