@@ -11,7 +11,9 @@ import torch
 from training.losses import (
     border_weight_map,
     class_balance_weights,
+    membrane_cldice,
     nearest_two_cell_distances,
+    soft_skeleton,
     weighted_bce,
 )
 
@@ -80,3 +82,50 @@ def test_border_weight_peaks_on_the_gap_between_touching_cells() -> None:
 def test_border_weight_without_cells_is_the_class_weight() -> None:
     label = np.zeros((8, 8), np.uint8)
     assert np.all(border_weight_map(label, class_balance=False) == 1)
+
+
+def split_cells(height: int = 40, width: int = 40) -> torch.Tensor:
+    """(1, 1, H, W) cell-interior target: two cells split by a 5-px vertical membrane."""
+    y = torch.ones(1, 1, height, width)
+    y[..., :, 18:23] = 0
+    return y
+
+
+def test_soft_skeleton_of_a_band_is_its_centre_line() -> None:
+    band = 1 - split_cells()
+    skeleton = soft_skeleton(band, iterations=5)
+    # One pixel wide, on the band's middle column, the whole height.
+    assert torch.equal(skeleton[0, 0].nonzero()[:, 1].unique(), torch.tensor([20]))
+    assert skeleton.sum().item() == 40
+
+
+def test_membrane_cldice_counts_gaps_and_spurious_lines() -> None:
+    y = split_cells()
+    exact = (2 * y - 1) * 20  # confident logits: interior positive
+    assert membrane_cldice(exact, y).item() == pytest.approx(0, abs=1e-3)
+    # A gap of 10 rows in the membrane (the two cells merge): 10 of the true centre line's 40
+    # pixels are missed. With the loss's smoothing term of 1: sensitivity 31/41, and the
+    # predicted centre line (30 px) lies all on true membrane, precision 31/31.
+    gap = exact.clone()
+    gap[..., 15:25, 18:23] = 20
+    sensitivity = 31 / 41
+    expected = 1 - 2 * sensitivity / (1 + sensitivity)
+    assert membrane_cldice(gap, y).item() == pytest.approx(expected, abs=1e-3)
+    # A spurious 1-px membrane across both cells (a split): its centre line is not on true
+    # membrane; the loss rises, and less than for a line as long as the whole membrane.
+    spurious = exact.clone()
+    spurious[..., 20, :] = -20
+    loss = membrane_cldice(spurious, y).item()
+    assert 0.1 < loss < 1
+
+
+def test_membrane_cldice_gradient_closes_a_gap() -> None:
+    y = split_cells()
+    logits = ((2 * y - 1) * 2).clone()
+    logits[..., 15:25, 18:23] = 2.0  # a gap, not saturated
+    logits.requires_grad_()
+    membrane_cldice(logits, y).backward()
+    # Descent lowers the interior logit inside the gap (toward membrane) ...
+    assert logits.grad[0, 0, 20, 20] > 0
+    # ... and leaves the pixels far inside the cells alone.
+    assert logits.grad[0, 0, 20, 5].abs() < 1e-6

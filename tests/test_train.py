@@ -83,6 +83,18 @@ def test_training_is_deterministic_on_cpu(tiny_data: Path, tmp_path: Path) -> No
     assert any(not np.array_equal(ta[n].numpy(), tc[n].numpy()) for n in ta)
 
 
+def test_skeleton_loss_changes_the_training(tiny_data: Path, tmp_path: Path) -> None:
+    """--skeleton-weight adds the membranes' clDice term: the same seed trains different
+    weights with it, and the card's loss says so."""
+    plain, skeleton = tmp_path / "plain.safetensors", tmp_path / "skeleton.safetensors"
+    run(tiny_data, plain, "--val-every", "2")
+    run(tiny_data, skeleton, "--val-every", "2", "--skeleton-weight", "0.5")
+    _, card = load_weights(skeleton)
+    assert "0.5 x membrane clDice" in card.training["loss"]
+    tp, ts = load_file(str(plain)), load_file(str(skeleton))
+    assert not np.array_equal(tp["head.weight"].numpy(), ts["head.weight"].numpy())
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -91,6 +103,7 @@ def test_training_is_deterministic_on_cpu(tiny_data: Path, tmp_path: Path) -> No
         (["--val-slices", "0-2"], "nothing left to train on"),
         (["--val-slices", "7"], "out of range"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--skeleton-weight", "-1"], "--skeleton-weight must be >= 0"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(

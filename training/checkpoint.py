@@ -80,7 +80,8 @@ def provenance(
             f" + border weight w0={config.border_weight} sigma={config.border_sigma}"
             if config.border_weight > 0
             else ""
-        ),
+        )
+        + (f" + {config.skeleton_weight} x membrane clDice" if config.skeleton_weight > 0 else ""),
         "augmentation": {
             "elastic_sigma_px": config.elastic_sigma,
             "elastic_grid": config.elastic_grid,

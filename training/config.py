@@ -30,6 +30,7 @@ class TrainConfig:
     border_weight: float = 0.0
     border_sigma: float = 5.0
     class_balance: bool = False
+    skeleton_weight: float = 0.0
     elastic_sigma: float = 10.0
     elastic_grid: int = 3
     jitter: float = 0.1
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError("--ema must be in [0, 1)")
         if not 0 < self.bn_momentum <= 1:
             raise ValueError("--bn-momentum must be in (0, 1]")
+        if self.skeleton_weight < 0:
+            raise ValueError("--skeleton-weight must be >= 0")
         if self.time_budget_min is not None and self.time_budget_min <= 0:
             raise ValueError("--time-budget-min must be positive")
 
@@ -127,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--border-sigma", type=float, default=d.border_sigma)
     p.add_argument("--class-balance", action="store_true", help="class-frequency weights w_c")
+    p.add_argument(
+        "--skeleton-weight",
+        type=float,
+        default=d.skeleton_weight,
+        help="add this times the membranes' clDice loss (gaps in membrane centre lines, which "
+        "merge cells, and spurious lines, which split them); 0 = off",
+    )
     p.add_argument(
         "--elastic-sigma", type=float, default=d.elastic_sigma, help="px; 0 = no deformation"
     )

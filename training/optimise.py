@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from model.precision import Precision, autocast, resolve_precision
 from model.unet import UNet
 from training.config import TrainConfig
-from training.losses import weighted_bce
+from training.losses import membrane_cldice, weighted_bce
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -31,6 +31,7 @@ class Learner:
                 module.momentum = config.bn_momentum
         self.optimiser = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.device = device
+        self.skeleton_weight = config.skeleton_weight
         precision = resolve_precision(config.precision, device)
         # `auto` on a GPU without bf16 resolves to fp16, which would need loss scaling.
         self.precision: Precision = "fp32" if precision == "fp16" else precision
@@ -58,6 +59,8 @@ class Learner:
         with autocast(self.precision, self.device):
             logits = self.model(x)  # (N, 1, h, w)
         loss = weighted_bce(logits.float(), y, weight)
+        if self.skeleton_weight > 0:
+            loss = loss + self.skeleton_weight * membrane_cldice(logits.float(), y)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
