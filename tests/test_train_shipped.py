@@ -55,12 +55,18 @@ def test_unet_eval_reproduces_the_card_metrics(card: ModelCard, tmp_path: Path) 
 
 
 def test_shipped_model_keeps_its_measured_accuracy(card: ModelCard) -> None:
-    # The issue's target is 0.06; the shipped model measures 0.0785 (see weights/README.md).
-    # This guards against shipping a worse model: predicting "cell interior" everywhere
-    # scores 0.21 on these slices.
-    overall = card.metrics["overall"]
-    assert overall["pixel_error"] <= 0.08
-    assert overall["rand_error"] <= 0.2
+    """Guards against shipping a worse model, on the scores #13 defines: the challenge's
+    pixel error, and the Rand error of the served cell instances no worse than the model
+    before these weights (0.0425 on these slices; see weights/README.md). The plain
+    mismatch is bounded too: predicting "cell interior" everywhere scores 0.21 on these
+    slices. (The one-threshold Rand error of connected components is not bounded: a single
+    gap in a membrane moves it by 0.05, and the served instances do not use it.)"""
+    metrics = card.metrics
+    assert metrics["overall"]["pixel_error"] <= 0.08
+    assert metrics["challenge"]["pixel_error"] <= 0.05
+    assert metrics["instances"]["rand_error"] < 0.0425
+    assert card.instances is not None
+    assert metrics["instances"]["params"] == card.instances.model_dump()
 
 
 def test_card_records_bf16_agreement_with_fp32(card: ModelCard) -> None:
