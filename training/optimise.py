@@ -58,9 +58,11 @@ class Learner:
             group["lr"] = lr
         with autocast(self.precision, self.device):
             logits = self.model(x)  # (N, 1, h, w)
-        loss = weighted_bce(logits.float(), y, weight)
+        # The losses in fp32 whatever the forward pass ran in (a bf16 copy made once).
+        logits = logits.float()
+        loss = weighted_bce(logits, y, weight)
         if self.skeleton_weight > 0:
-            loss = loss + self.skeleton_weight * membrane_cldice(logits.float(), y)
+            loss = loss + self.skeleton_weight * membrane_cldice(logits, y)
         self.optimiser.zero_grad(set_to_none=True)
         loss.backward()
         self.optimiser.step()
