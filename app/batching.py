@@ -32,9 +32,8 @@ from app.metrics import Metrics
 from app.queued import (
     InferenceError,
     QueuedImage,
-    QueueFullError,
     ShuttingDownError,
-    TooManyTilesError,
+    check_room,
     failure_reason,
     take_round_robin,
     wait_for_job,
@@ -159,16 +158,7 @@ class TileBatcher:
             raise ShuttingDownError("the server is not accepting work")
         n = image.total
         if not background:
-            if n > self.max_queue_tiles:
-                size = image.tile_size
-                pages = image.pages if isinstance(image, TiledStack) else None
-                what = f"the stack of {len(pages)} pages" if pages else "the image"
-                raise TooManyTilesError(
-                    f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
-                    f"({self.max_queue_tiles}; raise UNET_MAX_QUEUE_TILES)"
-                )
-            if self._queued_tiles + n > self.max_queue_tiles:
-                raise QueueFullError(self.retry_after())
+            check_room(image, self._queued_tiles, self.max_queue_tiles, self.retry_after)
         job = QueuedImage(image, asyncio.get_running_loop(), background=background)
         self._active.add(job)
         self._ready.append(job)
@@ -237,9 +227,7 @@ class TileBatcher:
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_tiles.set(self._queued_tiles)
-            self.metrics.queue_images.set(len(self._active))
-            self.metrics.job_tiles_queued.set(self._background_tiles)
+            self.metrics.set_queue(self._queued_tiles, len(self._active), self._background_tiles)
 
     async def _run(self) -> None:
         while True:
@@ -305,12 +293,9 @@ class TileBatcher:
         served = take_round_robin(line, size, limit, picks)
         now = time.monotonic()
         for job in served:
-            job.batches += 1
-            job.waiting_since = now
-            if job.first_batch_at is None:
-                job.first_batch_at = now
-                if self.metrics is not None and not job.background:
-                    self.metrics.queue_wait.observe(now - job.accepted_at)
+            first = job.mark_served(now)
+            if first and self.metrics is not None and not job.background:
+                self.metrics.queue_wait.observe(job.queue_s)
         served_set = set(served)
         self._ready = deque(
             [job for job in self._ready if job not in served_set]
@@ -325,10 +310,7 @@ class TileBatcher:
         elapsed = time.monotonic() - start
         self._seconds_per_tile = 0.8 * self._seconds_per_tile + 0.2 * elapsed / len(picks)
         if self.metrics is not None:
-            self.metrics.forward_passes.inc()
-            self.metrics.tiles.inc(len(picks))
-            self.metrics.batch_tiles.observe(len(picks))
-            self.metrics.forward_seconds.observe(elapsed)
+            self.metrics.observe_batch(len(picks), elapsed)
         for (job, tile), (probabilities, mask) in zip(picks, outputs, strict=True):
             if not job.active:  # cancelled or timed out while its batch ran
                 continue

@@ -91,6 +91,19 @@ class Metrics:
         self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)
         self._device_gauges = False
 
+    def observe_batch(self, tiles: int, seconds: float) -> None:
+        """One forward pass of the inference worker: `tiles` tiles in `seconds`."""
+        self.forward_passes.inc()
+        self.tiles.inc(tiles)
+        self.batch_tiles.observe(tiles)
+        self.forward_seconds.observe(seconds)
+
+    def set_queue(self, tiles: int, images: int, background_tiles: int) -> None:
+        """The tile queue's depth: requests' tiles and images, and section jobs' tiles."""
+        self.queue_tiles.set(tiles)
+        self.queue_images.set(images)
+        self.job_tiles_queued.set(background_tiles)
+
     def add_device_memory(self, stats: Callable[[], dict[str, int] | None]) -> None:
         """Memory gauges for the inference device, read from `stats()` at each scrape (the
         engine's `memory_stats`: allocated, reserved and peak bytes, or None on a CPU)."""

@@ -47,6 +47,25 @@ def failure_reason(error: Exception) -> str:
     return f"inference failed ({type(error).__name__})"
 
 
+def check_room(
+    image: TiledImage | TiledStack, queued: int, limit: int, retry_after: Callable[[], int]
+) -> None:
+    """Refuse a request's image (or stack: all its pages' tiles count) that the tile queue,
+    holding `queued` of at most `limit` tiles, has no room for: TooManyTilesError when it
+    could never fit, QueueFullError (with a Retry-After) when it does not fit now."""
+    n = image.total
+    if n > limit:
+        size = image.tile_size
+        pages = image.pages if isinstance(image, TiledStack) else None
+        what = f"the stack of {len(pages)} pages" if pages else "the image"
+        raise TooManyTilesError(
+            f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
+            f"({limit}; raise UNET_MAX_QUEUE_TILES)"
+        )
+    if queued + n > limit:
+        raise QueueFullError(retry_after())
+
+
 class QueuedImage:
     """One request's image (or stack of pages, as one entry) in the queue: the TiledImage
     or TiledStack, its future and its timings."""
@@ -68,6 +87,15 @@ class QueuedImage:
         self.finished_at: float | None = None
         self.batches = 0  # batches that held at least one of its tiles
         self.active = True
+
+    def mark_served(self, now: float) -> bool:
+        """Note that a batch took tiles of this image at `now`; True for its first batch."""
+        self.batches += 1
+        self.waiting_since = now
+        first = self.first_batch_at is None
+        if first:
+            self.first_batch_at = now
+        return first
 
     @property
     def queue_s(self) -> float:
