@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from app.events import wait_event
 from app.metrics import Metrics
 from app.queued import (
     InferenceError,
@@ -99,9 +100,7 @@ class TileBatcher:
                 self._queued_tiles,
                 timeout,
             )
-            try:
-                await asyncio.wait_for(self._idle.wait(), timeout)
-            except TimeoutError:
+            if not await wait_event(self._idle, timeout):
                 finished = False
                 log.warning("drain timeout: abandoning %d image(s)", len(self._active))
         await self.stop()
@@ -283,8 +282,7 @@ class TileBatcher:
             if head.background or available >= limit or wait <= 0 or self._arriving == 0:
                 return size
             self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+            await wait_event(self._wakeup, wait)
 
     def _pick(self, size: int, picks: list[tuple[QueuedImage, Tile]]) -> None:
         """Fill `picks` round-robin (see `take_round_robin`); served jobs move to the back

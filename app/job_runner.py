@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from app.events import wait_event
 from app.job_compute import JobLost, compute_job
 from app.jobfiles import JobFiles
 from app.jobtable import JobRecord, JobTable
@@ -120,8 +121,7 @@ class JobRunner:
                 await self.refresh_metrics()
                 if record is None:
                     self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), POLL_S)
+                    await wait_event(self._wakeup, POLL_S)
                     continue
                 await self._execute(record)
                 await self.refresh_metrics()
