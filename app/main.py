@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is read from UNET_* environment variables (see the README); the options below "
         "override them.",
     )
-    p.add_argument("--host", help="bind address (UNET_HOST, default 0.0.0.0)")
+    p.add_argument("--host", help="bind address (UNET_HOST, default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (UNET_PORT, default 8000)")
     p.add_argument("--weights", help="weights file (UNET_WEIGHTS)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (UNET_DEVICE)")

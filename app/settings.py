@@ -148,7 +148,12 @@ class Settings(BaseSettings):
         "name on Kubernetes). A replica restarted under the same name resumes its own "
         "interrupted jobs at once; others wait for the job's lease to expire.",
     )
-    host: str = "0.0.0.0"
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address. Loopback by default, because the API is open unless "
+        "api_key is set; the container images set 0.0.0.0 (their port is published on the "
+        "host's loopback by compose, or reached through a Service on Kubernetes).",
+    )
     port: int = Field(8000, ge=0, le=65535)
     log_level: LogLevel = "info"
     drain_timeout_s: float = Field(

@@ -171,3 +171,49 @@ def test_a_tile_narrower_than_the_stride_stops_startup_naming_the_smallest(
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "cannot start" in lines[0], lines
     assert "UNET_TILE_SIZE=4" in lines[0] and "smallest legal tile: 20" in lines[0], lines
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_unet_serve_listens_on_loopback_unless_told(tmp_path: Path) -> None:
+    """Outside a container the API (open unless a key is set) is not offered to the network:
+    without UNET_HOST the server binds 127.0.0.1 only."""
+    weights = save_tiny(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "UNET_HOST"}
+    env |= {"UNET_WEIGHTS": str(weights), "UNET_PORT": str(port)}
+    proc = subprocess.Popen(
+        command(), env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    log: list[bytes] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+
+        def ready() -> bool:
+            assert proc.poll() is None, b"".join(log).decode()
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+            except httpx.TransportError:
+                return False
+            return r.status_code == 200
+
+        wait_for(ready, 120, "readiness")
+        assert f"Uvicorn running on http://127.0.0.1:{port}".encode() in b"".join(log)
+        address = outward_address()
+        if address is not None:  # a machine with a network interface besides loopback
+            with pytest.raises(OSError), socket.create_connection((address, port), timeout=5):
+                pass
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    reader.join(timeout=5)
