@@ -472,10 +472,13 @@ def test_compose_settings_are_the_service_defaults(stages: dict[str, Stage]) -> 
     given = {
         name: interpolation_default(env[f"UNET_{name.upper()}"]) for name in Settings.model_fields
     }
-    # The deliberate differences: the weights baked into the image, and its jobs volume.
+    # The deliberate differences: the weights baked into the image, its jobs volume, and
+    # every interface inside the container (compose publishes the port on loopback).
     image_env = " ".join(stages["cuda"].all("ENV"))
     assert f"UNET_WEIGHTS={given.pop('weights')}" in image_env
     assert f"UNET_JOBS_DIR={given.pop('jobs_dir')}" in image_env
+    assert f"UNET_HOST={given.pop('host')}" in image_env
+    assert defaults.host == "127.0.0.1"
     parsed = Settings(_env_file=None, **given)
     for name in given:
         assert getattr(parsed, name) == getattr(defaults, name), name
