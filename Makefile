@@ -34,7 +34,7 @@ defined_extras = $(shell $(PYTHON) -c 'import sys, tomllib; \
 	extras = tomllib.load(open("pyproject.toml", "rb"))["project"].get("optional-dependencies", {}); \
 	print(*(e for e in sys.argv[1:] if e in extras))' $(DEV_EXTRAS))
 
-.PHONY: install serve test lint format lock image-check
+.PHONY: install serve test lint format lock image-check compose-check
 
 # The locked tree first, every file checked against its hash. It holds torch's own dependencies
 # too, so installing torch next adds torch alone (and, for a CUDA build, its CUDA libraries);
@@ -87,3 +87,9 @@ lock:
 # docker-compose.yml or the dependencies.
 image-check: install
 	deploy/image-check
+
+# Runs docker-compose.yml with podman and podman-compose: the CPU service and Prometheus up
+# and healthy, a request through the published port, jobs across down + up, a clean down,
+# and plain `up` on a machine without a GPU (deploy/compose-check). Slow; not part of CI.
+compose-check: install
+	deploy/compose-check

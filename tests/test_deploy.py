@@ -388,6 +388,43 @@ def test_compose_gpu_service() -> None:
     assert jobs["target"] == unet["environment"]["UNET_JOBS_DIR"].split(":-")[1].rstrip("}")
 
 
+@pytest.mark.parametrize("devices", [[], ["nvidiactl", "nvidia0"], ["dxg"]])
+def test_compose_gpu_check_says_what_a_machine_without_a_gpu_runs(
+    tmp_path: Path, devices: list[str]
+) -> None:
+    """Plain `docker compose up` is the GPU service; it waits for gpu-check, which fails with
+    the CPU command on a machine without NVIDIA device nodes instead of the engine's driver
+    error. (deploy/compose-check runs it for real.)"""
+    services = load_compose()["services"]
+    check = services["gpu-check"]
+    assert services["unet"]["depends_on"] == {
+        "gpu-check": {"condition": "service_completed_successfully"}
+    }
+    assert "deploy" not in check and "profiles" not in check
+    assert check["image"] == services["unet"]["image"]  # nothing more to pull or build
+    assert check["build"] == services["unet"]["build"]
+    assert check["network_mode"] == "none"
+    (dev,) = check["volumes"]
+    assert (dev["source"], dev["target"], dev["read_only"]) == ("/dev", "/host/dev", True)
+    python, flag, script = check["entrypoint"]
+    assert (python, flag) == ("python", "-c")
+    host_dev = tmp_path / "dev"
+    host_dev.mkdir()
+    for name in devices:
+        (host_dev / name).touch()
+    run = subprocess.run(
+        [sys.executable, "-c", script.replace("/host/dev/", f"{host_dev}/")],
+        capture_output=True,
+        text=True,
+    )
+    if devices:
+        assert run.returncode == 0 and "starting the GPU service" in run.stdout, run
+    else:
+        assert run.returncode == 1
+        assert "docker compose up unet-cpu" in run.stderr and "no NVIDIA GPU" in run.stderr
+        assert "docker compose up unet-cpu" in readme_section("Run with Docker")
+
+
 def test_compose_cpu_profile_and_prometheus() -> None:
     services = load_compose()["services"]
     cpu = services["unet-cpu"]
@@ -454,9 +491,9 @@ def test_readme_compose_commands_start_what_they_say() -> None:
     ]
     started = {command: compose_up_services(command) for command in commands}
     assert started == {
-        "docker compose up": {"unet"},
+        "docker compose up": {"unet", "gpu-check"},
         "docker compose up unet-cpu": {"unet-cpu"},
-        "docker compose --profile monitoring up": {"unet", "prometheus"},
+        "docker compose --profile monitoring up": {"unet", "gpu-check", "prometheus"},
         "docker compose up unet-cpu prometheus": {"unet-cpu", "prometheus"},
     }
     # The CPU commands start nothing that reserves a GPU.
