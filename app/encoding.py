@@ -1,5 +1,5 @@
 """Response bodies: mask PNG, probabilities .npy, overlay PNG; for a stack of pages, the
-same as multi-page TIFFs and an .npy with a leading page axis."""
+same as (D, H, W) TIFF volumes (model.tiff_volume) and an .npy with a leading page axis."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import io
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from model.instances import label_colours
-from model.pages import labels_tiff, pages_tiff
+from model.tiff_volume import labels_bytes, volume_bytes
 from model.tiled_image import mask_pixels
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
@@ -54,13 +53,14 @@ def mask_png(mask: np.ndarray, out_channels: int) -> bytes:
 
 
 def mask_tiff(masks: Sequence[np.ndarray], out_channels: int) -> bytes:
-    """A stack's masks as one multi-page 8-bit TIFF, each page as mask_png's pixels."""
-    return pages_tiff([mask_pixels(mask, out_channels) for mask in masks])
+    """A stack's masks as one (D, H, W) 8-bit TIFF volume, each page as mask_png's pixels."""
+    return volume_bytes([mask_pixels(mask, out_channels) for mask in masks])
 
 
 def instances_tiff(labels: Sequence[np.ndarray]) -> bytes:
-    """A stack's (H, W) uint32 labels as one multi-page TIFF (see model.pages.labels_tiff)."""
-    return labels_tiff(labels)
+    """A stack's (H, W) uint32 labels as one (D, H, W) TIFF volume, 16-bit while the ids
+    fit (see model.tiff_volume.labels_bytes)."""
+    return labels_bytes(labels)
 
 
 def probabilities_npy_pages(pages: Sequence[np.ndarray]) -> bytes:
@@ -74,13 +74,11 @@ def probabilities_npy_pages(pages: Sequence[np.ndarray]) -> bytes:
 
 def instances_image(labels: np.ndarray) -> tuple[bytes, str, str]:
     """(H, W) uint32 labels -> (bytes, media type, file name): a 16-bit PNG while the ids
-    fit (most viewers open it), else a 32-bit TIFF."""
+    fit (most viewers open it), else a one-page 32-bit TIFF volume."""
     if labels.size == 0 or int(labels.max()) <= 0xFFFF:
         image = Image.fromarray(labels.astype(np.uint16))
         return png_bytes(image), "image/png", "instances.png"
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, labels.astype(np.uint32), compression="zlib")
-    return buf.getvalue(), "image/tiff", "instances.tif"
+    return labels_bytes([labels]), "image/tiff", "instances.tif"
 
 
 def probabilities_npy(probabilities: np.ndarray) -> bytes:
@@ -110,9 +108,9 @@ def overlay_tiff(
     masks: Sequence[np.ndarray],
     labels: Sequence[np.ndarray] | None = None,
 ) -> bytes:
-    """A stack's overlays as one multi-page RGB TIFF, each page as overlay_png's pixels
-    (each page stretched for display on its own, as if sent alone)."""
-    return pages_tiff(
+    """A stack's overlays as one (D, H, W, 3) RGB TIFF volume, each page as overlay_png's
+    pixels (each page stretched for display on its own, as if sent alone)."""
+    return volume_bytes(
         [
             overlay_rgb(image, mask, None if labels is None else labels[i])
             for i, (image, mask) in enumerate(zip(images, masks, strict=True))

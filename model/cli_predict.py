@@ -1,6 +1,7 @@
 """`unet-predict IMAGE... --output-dir DIR`: offline segmentation on the service's engine.
-A multi-page TIFF is a stack: every page is segmented as if alone and the outputs are
-multi-page TIFFs (DIR/<name>.tif, .instances.tif) and an .npy with a leading page axis."""
+A multi-page TIFF is a stack: every page is segmented as if alone and the outputs are (D, H, W)
+TIFF volumes (DIR/<name>.tif, .instances.tif; model.tiff_volume) and an .npy with a leading
+page axis."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 from tqdm import tqdm
 
 from model.cli_section import predict_section, wants_stream
 from model.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from model.imageio import ImageError
-from model.pages import labels_tiff, pages_tiff, read_pages
+from model.pages import read_pages
 from model.precision import PRECISIONS
 from model.section_writer import WriterError
+from model.tiff_volume import labels_bytes, volume_bytes
 from model.tiled_image import Segmentation, mask_pixels
 from model.weights import WeightsError
 
@@ -34,18 +35,18 @@ def write_instances(labels: np.ndarray, stem: Path) -> Path:
         Image.fromarray(labels.astype(np.uint16)).save(path)
     else:
         path = stem.with_name(stem.name + ".tif")
-        tifffile.imwrite(path, labels, compression="zlib")
+        path.write_bytes(labels_bytes([labels]))
     return path
 
 
 def write_stack(
     results: list[Segmentation], seg: Segmenter, args: argparse.Namespace, stem: Path
 ) -> None:
-    """A stack's outputs, pages in order: STEM.tif masks (pixels as the one-page PNG's),
-    STEM.npy (D, H, W) or (D, K, H, W), STEM.instances.tif (each page labelled on its own;
-    16-bit while the ids fit, as the service sends them)."""
+    """A stack's outputs, pages in order: STEM.tif (D, H, W) masks (pixels as the one-page
+    PNG's), STEM.npy (D, H, W) or (D, K, H, W), STEM.instances.tif (D, H, W) (each page
+    labelled on its own; 16-bit while the ids fit, as the service sends them)."""
     masks = [np.asarray(mask_to_png(r.mask, seg.out_channels)) for r in results]
-    stem.with_name(stem.name + ".tif").write_bytes(pages_tiff(masks))
+    stem.with_name(stem.name + ".tif").write_bytes(volume_bytes(masks))
     probs = [r.probabilities for r in results if r.probabilities is not None]
     if args.probabilities and probs:
         np.save(
@@ -53,7 +54,7 @@ def write_stack(
             np.stack([p[0] if len(p) == 1 else p for p in probs]),
         )
     if args.instances and probs:
-        labels = labels_tiff([seg.instances(p) for p in probs])
+        labels = labels_bytes([seg.instances(p) for p in probs])
         stem.with_name(stem.name + ".instances.tif").write_bytes(labels)
 
 

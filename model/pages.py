@@ -1,5 +1,5 @@
-"""Stacks: decoding an upload into its pages, each (H, W, C), and writing pages back as one
-multi-page TIFF. A non-TIFF image, or a one-page TIFF, is a stack of one page.
+"""Stacks: decoding an upload into its pages, each (H, W, C). A non-TIFF image, or a one-page
+TIFF, is a stack of one page. (Pages are written back as one volume by model.tiff_volume.)
 
 A TIFF's pages are a chain of headers (IFDs), each pointing at the next, so a crafted file
 can claim or chain any number of them. The chain is therefore walked one header at a time
@@ -17,7 +17,7 @@ import logging
 import re
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import tifffile
@@ -238,36 +238,10 @@ def read_pages(
         return decode_pages(f.read(), max_pixels, max_pages)
 
 
-def labels_tiff(labels: Sequence[np.ndarray]) -> bytes:
-    """A stack's (H, W) cell labels (each page labelled on its own) as one multi-page TIFF:
-    16-bit while every page's ids fit (as the one-page PNG), else 32-bit."""
-    top = max((int(page.max()) for page in labels if page.size), default=0)
-    dtype = np.uint16 if top <= 0xFFFF else np.uint32
-    return pages_tiff([page.astype(dtype) for page in labels])
-
-
-def pages_tiff(pages: Sequence[np.ndarray], *, rgb: bool = False) -> bytes:
-    """Pages of one shape and dtype, each (H, W) (or (H, W, 3) with `rgb`), as one
-    multi-page TIFF, zlib level 1 (as fast as the PNGs; masks compress well at any level)."""
-    buf = io.BytesIO()
-    with tifffile.TiffWriter(buf) as tif:
-        for page in pages:
-            tif.write(
-                np.ascontiguousarray(page),
-                photometric="rgb" if rgb else "minisblack",
-                compression="zlib",
-                compressionargs={"level": 1},
-                contiguous=False,
-            )
-    return buf.getvalue()
-
-
 __all__ = [
     "DEFAULT_MAX_PAGES",
     "EmptyImageError",
     "TooManyPagesError",
     "decode_pages",
-    "labels_tiff",
-    "pages_tiff",
     "read_pages",
 ]

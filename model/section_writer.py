@@ -1,12 +1,13 @@
-"""A section's result written as it is stitched: a tiled, compressed TIFF, one page per input
-page, fed rows in order and never holding a whole page.
+"""A section's result written as it is stitched: a tiled, compressed TIFF volume (one page per
+input page, one series with ImageJ metadata: model.tiff_volume), fed rows in order and never
+holding a whole page.
 
 tifffile's `TiffWriter.write` accepts an iterator of tiles and writes each as it comes (its
-offsets go into the IFD afterwards), so a thread runs one `write` per page over an iterator
-that takes the stitched rows from a queue and cuts them into TIFF tiles. The producer
-(`write_rows`, from the stitching side) never blocks: it only queues; `wait_for_room` is
-the backpressure, called by whoever produces the next rows (the tile cutter, in the inference
-thread, so the service's event loop never waits for the disk).
+offsets go into the IFDs afterwards), so a thread runs one `write` for all pages over an
+iterator that takes the stitched rows from a queue and cuts them into TIFF tiles. The
+producer (`write_rows`, from the stitching side) never blocks: it only queues;
+`wait_for_room` is the backpressure, called by whoever produces the next rows (the tile
+cutter, in the inference thread, so the service's event loop never waits for the disk).
 
 Failures: an error in the thread (disk full, ...) is raised by the next `write_rows`,
 `wait_for_room` or `close`; `abort` (and leaving the `with` block by an exception) stops the
@@ -22,12 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import tifffile
+
+from model.tiff_volume import Volume, open_volume, write_volume
 
 TIFF_TILE = 256
-# Classic TIFF addresses 4 GiB with 32-bit offsets. The size is decided before writing,
-# from the raw size (deflate can grow incompressible data a little), with room to spare.
-CLASSIC_TIFF_LIMIT = int(0.9 * 2**32)
 # Queued rows beyond which `wait_for_room` waits for the writer. None: the next tile is cut
 # only once the writer has taken every band queued so far, so at most the band it is
 # compressing and one more wait; it compresses a band far faster than the network makes one.
@@ -42,13 +41,14 @@ class WriterError(RuntimeError):
 
 def needs_bigtiff(pages: int, height: int, width: int, samples: int, dtype: np.dtype) -> bool:
     """Whether a result of this shape may exceed a classic TIFF's 4 GiB."""
-    return pages * height * width * samples * np.dtype(dtype).itemsize > CLASSIC_TIFF_LIMIT
+    return Volume(pages, height, width, dtype, samples).needs_bigtiff()
 
 
 class SectionWriter:
-    """Writes `pages` pages of height x width (x samples) `dtype` pixels to `path` as a tiled,
-    deflate-compressed TIFF (BigTIFF when `bigtiff`, default: when the size needs it). Rows
-    arrive in order through `write_rows`, page after page; `close` finishes the file."""
+    """Writes `pages` pages of height x width (x samples) `dtype` pixels (RGB colour with
+    `rgb`) to `path` as a tiled, deflate-compressed TIFF volume (BigTIFF when `bigtiff`,
+    default: when the size needs it). Rows arrive in order through `write_rows`, page after
+    page; `close` finishes the file."""
 
     def __init__(
         self,
@@ -59,16 +59,15 @@ class SectionWriter:
         width: int,
         dtype: np.dtype | type,
         samples: int = 1,
+        rgb: bool = False,
         bigtiff: bool | None = None,
         tile: int = TIFF_TILE,
         backlog_rows: int = DEFAULT_BACKLOG_ROWS,
     ) -> None:
         self.path = Path(path)
         self.pages, self.height, self.width, self.samples = pages, height, width, samples
-        self.dtype = np.dtype(dtype)
-        if bigtiff is None:
-            bigtiff = needs_bigtiff(pages, height, width, samples, self.dtype)
-        self.bigtiff = bigtiff
+        self.volume = Volume(pages, height, width, np.dtype(dtype), samples, rgb)
+        self.dtype = self.volume.dtype
         self.tile = tile
         self.backlog_rows = backlog_rows
         self.rows_written = 0  # rows handed to write_rows, all pages
@@ -80,7 +79,7 @@ class SectionWriter:
         self._error: BaseException | None = None
         self._closed = False
         self._aborted = False
-        self._tiff = tifffile.TiffWriter(self.path, bigtiff=bigtiff)
+        self._tiff = open_volume(self.path, self.volume, bigtiff)
         self._thread = threading.Thread(target=self._run, name="section-writer", daemon=True)
         self._thread.start()
 
@@ -175,21 +174,7 @@ class SectionWriter:
     def _run(self) -> None:
         try:
             with self._tiff as tif:
-                shape = (self.height, self.width, self.samples)
-                for _ in range(self.pages):
-                    tif.write(
-                        self._tiles(),
-                        shape=shape if self.samples > 1 else shape[:2],
-                        dtype=self.dtype,
-                        tile=(self.tile, self.tile),
-                        photometric="minisblack",
-                        planarconfig="contig" if self.samples > 1 else None,
-                        compression="zlib",
-                        # Floats compress far better with the floating-point predictor.
-                        predictor=self.dtype.kind == "f",
-                        maxworkers=1,  # one tile at a time: no read-ahead of the iterator
-                        metadata=None,
-                    )
+                write_volume(tif, self._tiles(), self.volume, tile=self.tile)
         except BaseException as e:  # reported to the producer; the file is deleted
             self._error = e
         finally:
@@ -197,7 +182,12 @@ class SectionWriter:
                 self._room.notify_all()
 
     def _tiles(self) -> Iterator[np.ndarray]:
-        """One page's TIFF tiles, row of tiles by row of tiles, from the queued rows."""
+        """Every page's TIFF tiles, page by page and row of tiles by row of tiles, from the
+        queued rows."""
+        for _ in range(self.pages):
+            yield from self._page_tiles()
+
+    def _page_tiles(self) -> Iterator[np.ndarray]:
         held: list[np.ndarray] = []
         have = 0
         for top in range(0, self.height, self.tile):

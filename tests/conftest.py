@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 from postgres_server import PostgresServer, postgres_server, why_not
@@ -56,6 +58,19 @@ def isbi_slice(index: int = 0) -> np.ndarray:
     if not path.is_file():
         pytest.skip(f"ISBI data not found at {ISBI}")
     return np.asarray(Image.open(path))
+
+
+def read_volume(data: bytes | Path) -> np.ndarray:
+    """A TIFF as napari and scikit-image read it (`tifffile.imread`), after checking that it is
+    one series whose ImageJ hyperstack description makes its pages the slices of one stack,
+    as Fiji opens it."""
+    with tifffile.TiffFile(io.BytesIO(data) if isinstance(data, bytes) else data) as tif:
+        assert tif.is_imagej and len(tif.series) == 1
+        meta = tif.imagej_metadata or {}
+        pages = len(tif.pages)
+        assert meta["images"] == pages and int(meta.get("slices", 1)) == pages
+        assert "channels" not in meta and "frames" not in meta
+    return tifffile.imread(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
 def isbi_pairs(folder: Path, indices: list[int], box: tuple[int, int, int, int]) -> Path:

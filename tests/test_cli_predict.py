@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
-from conftest import isbi_slice
+from conftest import isbi_slice, read_volume
 from model.cli_predict import main
 from model.engine import Segmenter
 
@@ -47,6 +48,28 @@ def test_writes_masks_and_probabilities(tiny_weights: Path, images: list[Path], 
         # The tile size changes the work, not the result.
         other_tiles = seg.segment(image[..., None], tile_size=36).mask
         assert np.array_equal(other_tiles[decided], expected.mask[decided])
+
+
+def test_a_stack_gives_imagej_volumes_each_page_as_if_alone(
+    tiny_weights: Path, tmp_path: Path
+) -> None:
+    pages = [isbi_slice(i)[:70, :90] for i in range(3)]
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "stack.tif", np.stack(pages), photometric="minisblack")
+    singles = []
+    for i, page in enumerate(pages):
+        singles.append(tmp_path / "in" / f"page{i}.png")
+        Image.fromarray(page).save(singles[-1])
+    out = tmp_path / "out"
+    argv = ["-o", str(out), "--weights", str(tiny_weights), "--tile-size", "60", "--instances"]
+    assert main([str(tmp_path / "in" / "stack.tif"), *map(str, singles), *argv]) == 0
+    masks = read_volume(out / "stack.tif")
+    labels = read_volume(out / "stack.instances.tif")
+    assert masks.shape == labels.shape == (3, 70, 90)
+    assert masks.dtype == np.uint8 and labels.dtype == np.uint16
+    for i in range(3):
+        assert np.array_equal(masks[i], np.asarray(Image.open(out / f"page{i}.png")))
+        assert np.array_equal(labels[i], np.asarray(Image.open(out / f"page{i}.instances.png")))
 
 
 def test_bad_image_is_reported_and_the_rest_still_done(

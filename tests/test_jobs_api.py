@@ -27,6 +27,9 @@ from app_helpers import (
 from app_helpers import running as running_app
 from PIL import Image
 
+from app import job_compute
+from conftest import read_volume
+
 pytestmark = pytest.mark.anyio
 
 FINAL = ("done", "failed", "cancelled")
@@ -331,6 +334,76 @@ async def test_whole_page_outputs_equal_the_synchronous_ones(weights: Path, tmp_
                     expected = np.load(io.BytesIO(sync.content))
                     assert plane.shape == expected.shape
                     np.testing.assert_allclose(plane, expected, rtol=0, atol=1e-5)
+
+
+async def sync_pages(client: httpx.AsyncClient, pages, **params) -> np.ndarray:
+    """Each page sent alone to /v1/segment, its answers stacked."""
+    answers = []
+    for page in pages:
+        r = await client.post("/v1/segment", params=params, files={"file": png_bytes(page)})
+        assert r.status_code == 200, r.text
+        if r.headers["content-type"] == "application/octet-stream":
+            answers.append(np.load(io.BytesIO(r.content)))
+        else:
+            answers.append(np.asarray(Image.open(io.BytesIO(r.content))))
+    return np.stack(answers)
+
+
+async def test_every_stack_result_is_one_imagej_volume(weights: Path, tmp_path: Path) -> None:
+    """What tifffile.imread (scikit-image, napari) and Fiji open: the whole (D, H, W) volume,
+    streamed or computed page by page, each page as that page sent alone."""
+    pages = [em_crop(5, 0, 0, 90, 110), em_crop(6, 5, 5, 90, 110)]
+    cases = [
+        ({"output": "mask"}, np.uint8),
+        ({"output": "probabilities"}, np.float32),
+        ({"output": "instances"}, np.uint16),  # ids that fit: 16-bit, as /v1/segment's
+        ({"output": "overlay"}, np.uint8),
+        ({"output": "mask", "tta": 8}, np.uint8),
+    ]
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        threshold = service_of(client._transport.app).info.threshold  # type: ignore[attr-defined]
+        for params, dtype in cases:
+            r = await submit(client, tiff_bytes(*pages), **params)
+            assert r.status_code == 202, r.text
+            done = await wait_state(client, r.json()["id"])
+            assert done["state"] == "done", done
+            volume = read_volume((await client.get(done["result"]["url"])).content)
+            assert volume.dtype == dtype, params
+            expected = await sync_pages(client, pages, **params)
+            assert volume.shape == expected.shape == (2, 90, 110, 3)[: expected.ndim], params
+            if params["output"] == "probabilities":
+                np.testing.assert_allclose(volume, expected, rtol=0, atol=1e-5)
+                continue
+            # Equal wherever float noise (the README's 1e-5) cannot flip the decision.
+            tta = {"tta": params["tta"]} if "tta" in params else {}
+            probs = await sync_pages(client, pages, output="probabilities", **tta)
+            clear = np.abs(probs - threshold) > 1e-5
+            if params["output"] == "instances":
+                np.testing.assert_array_equal(volume, expected)  # as a one-page job's
+            else:
+                np.testing.assert_array_equal(volume[clear], expected[clear], err_msg=str(params))
+            job_dir = tmp_path / "jobs" / done["id"]
+            assert not (job_dir / job_compute.LABELS_SPOOL).exists()
+
+
+async def test_cell_ids_beyond_16_bits_keep_the_32_bit_spool(
+    weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose largest id needs 32 bits gives its 32-bit spool as the result, still one
+    ImageJ volume with the ids exact (a page of 65536 cells is not made here: the choice of
+    type is forced instead)."""
+    pages = [em_crop(5, 0, 0, 90, 110), em_crop(6, 5, 5, 90, 110)]
+    async with running_app(jobs_app(weights, tmp_path)) as client:
+        r = await submit(client, tiff_bytes(*pages), output="instances")
+        done = await wait_state(client, r.json()["id"])
+        sixteen = read_volume((await client.get(done["result"]["url"])).content)
+        monkeypatch.setattr(job_compute, "labels_dtype", lambda top: np.dtype(np.uint32))
+        r = await submit(client, tiff_bytes(*pages), output="instances")
+        done = await wait_state(client, r.json()["id"])
+        assert done["state"] == "done", done
+        volume = read_volume((await client.get(done["result"]["url"])).content)
+    assert sixteen.dtype == np.uint16 and volume.dtype == np.uint32
+    np.testing.assert_array_equal(volume, sixteen)
 
 
 async def test_lying_stacks_are_refused_before_the_202(weights: Path, tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from model.imageio import (
     ImageTooLargeError,
     decode_image,
 )
-from model.pages import TooManyPagesError, decode_pages, pages_tiff
+from model.pages import TooManyPagesError, decode_pages
+from model.tiff_volume import volume_bytes
 
 
 def ifd_offsets(data: bytes) -> list[int]:
@@ -141,9 +142,9 @@ def test_hyperstacks_with_two_extra_axes_are_refused_clearly() -> None:
     assert len(decode_pages(buf.getvalue())) == 4
 
 
-def test_pages_tiff_round_trips() -> None:
+def test_volume_bytes_round_trip() -> None:
     pages = [em_crop(i, 0, 0, 20, 30) for i in range(3)]
-    out = decode_pages(pages_tiff(pages))
+    out = decode_pages(volume_bytes(pages))
     assert all(np.array_equal(o[..., 0], p) for o, p in zip(out, pages, strict=True))
 
 

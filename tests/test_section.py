@@ -24,7 +24,7 @@ from section_helpers import (
     write_tiff,
 )
 
-from conftest import isbi_slice
+from conftest import isbi_slice, read_volume
 from model.engine import Segmenter
 from model.imageio import CorruptImageError, ImageTooLargeError
 from model.runner import BatchRunner, run_tiles
@@ -99,6 +99,31 @@ def test_a_stack_gives_one_result_page_per_page_in_order(seg: Segmenter, tmp_pat
         )
     assert seen[-1][0] == seen[-1][1] and seen[-1][2] == 3
     assert [s[0] for s in seen] == sorted(s[0] for s in seen)
+
+
+def test_a_stacks_result_is_one_volume_imagej_opens_as_a_stack(
+    seg: Segmenter, seg3: Segmenter, tmp_path: Path
+) -> None:
+    """tifffile.imread (scikit-image, napari) reads the whole (D, H, W) result, Fiji a stack
+    of D slices. Several classes a pixel have no ImageJ hyperstack: one (D, H, W, K) series."""
+    pages = [mosaic(120, 150, seed) for seed in range(3)]
+    path = write_tiff(tmp_path / "stack.tif", pages, tile=(64, 64), compression="zlib")
+    for model in (seg, seg3):
+        refs = [model.segment(p[:, :, None], TILE, probabilities=True) for p in pages]
+        for output in ("mask", "probabilities"):
+            out = tmp_path / f"{model.out_channels}-{output}.tif"
+            with open_section(path, **LIMITS) as source:
+                run_section(model, source, out, output=output, tile_sizes=TILE)
+            if model is seg3 and output == "probabilities":
+                with tifffile.TiffFile(out) as tif:
+                    assert not tif.is_imagej and len(tif.series) == 1
+                volume = tifffile.imread(out)
+                assert volume.shape == (3, 120, 150, 3)
+            else:
+                volume = read_volume(out)
+                assert volume.shape == (3, 120, 150)
+            for page, ref in zip(volume, refs, strict=True):
+                assert_same(page, ref, model, output)
 
 
 def test_output_is_tiled_compressed_and_bigtiff_only_when_needed(
@@ -217,6 +242,33 @@ def test_streaming_holds_a_few_bands_not_the_image(seg: Segmenter, tmp_path: Pat
         assert writer.max_buffered_rows <= 2 * 2 * band + 32 < 1500
     ref = seg.segment(image[:, :, None], TILE, probabilities=True)
     assert_same(tifffile.imread(tmp_path / "mask.tif"), ref, seg, "mask")
+
+
+def test_a_stack_is_written_in_one_series_holding_bands_not_pages(
+    seg: Segmenter, tmp_path: Path
+) -> None:
+    """All pages go through one `TiffWriter.write` (one series): the writer still holds a
+    few bands at a time, never a page."""
+    pages = [mosaic(900, 120, seed) for seed in range(3)]
+    path = write_tiff(tmp_path / "tall.tif", pages, tile=(32, 32), compression="zlib")
+    with open_section(path, **LIMITS) as source:
+        writer = SectionWriter(
+            tmp_path / "masks.tif",
+            pages=3,
+            height=900,
+            width=120,
+            dtype=np.uint8,
+            tile=32,
+            backlog_rows=1,
+        )
+        with writer:
+            for page in range(source.pages):
+                run_tiles(section_image(seg, source, page, writer, TILE), BatchRunner(seg, 4))
+    band = seg.plan(900, 120, TILE).tile_size
+    assert writer.max_buffered_rows <= 2 * 2 * band + 32 < 900  # as for one tall page
+    masks = read_volume(tmp_path / "masks.tif")
+    for page, mask in zip(pages, masks, strict=True):
+        assert_same(mask, seg.segment(page[:, :, None], TILE, probabilities=True), seg, "mask")
 
 
 @pytest.mark.anyio

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from section_helpers import LIMITS, em, write_tiff
+from section_helpers import LIMITS, assert_same, em, write_tiff
 
+from conftest import read_volume
 from model import tiff_layout
 from model.imageio import (
     CorruptImageError,
@@ -155,6 +156,28 @@ def test_unet_predict_streams_huge_tiffs_with_one_line_errors(
     ref = seg.segment(em()[:200, :300, None], 60, probabilities=True)
     clear = np.abs(ref.probabilities[0] - seg.card.threshold) > 1e-5
     assert np.array_equal(mask[clear], ref.mask[clear] * 255)
+
+
+def test_unet_predict_streams_a_stack_into_one_imagej_volume(
+    tiny_weights: Path, tmp_path: Path
+) -> None:
+    from model.cli_predict import main
+    from model.engine import Segmenter
+
+    pages = [em()[:200, :300], em()[100:300, 50:350]]
+    stack = write_tiff(tmp_path / "stack.tif", pages, tile=(64, 64), compression="zlib")
+    out = tmp_path / "out"
+    argv = ["--stream", "-o", str(out), "--weights", str(tiny_weights), "--tile-size", "60"]
+    assert main([str(stack), *argv]) == 0
+    assert main([str(stack), *argv, "--probabilities"]) == 0
+    masks = read_volume(out / "stack.tif")
+    probs = read_volume(out / "stack.probabilities.tif")
+    assert masks.shape == probs.shape == (2, 200, 300)
+    seg = Segmenter.from_weights(tiny_weights, device="cpu")
+    for page, mask, prob in zip(pages, masks, probs, strict=True):
+        ref = seg.segment(page[:, :, None], 60, probabilities=True)
+        assert_same(mask, ref, seg, "mask")
+        assert_same(prob, ref, seg, "probabilities")
 
 
 def test_a_decompression_bomb_in_one_tile_is_refused_in_bounded_memory(tmp_path: Path) -> None:

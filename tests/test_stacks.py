@@ -28,6 +28,7 @@ from app_helpers import (
 )
 from PIL import Image
 
+from conftest import read_volume
 from model.cli_predict import main as predict
 
 pytestmark = pytest.mark.anyio
@@ -81,6 +82,20 @@ async def test_v1_a_stack_in_gives_the_same_pages_out_each_as_if_alone(weights: 
             if output == "instances":
                 # Each page labelled on its own: every page's ids start at 1.
                 assert got.dtype == np.uint16 and all(page.max() >= 1 for page in got)
+
+
+async def test_a_stack_answer_is_one_imagej_volume(weights: Path) -> None:
+    """What scikit-image, napari (tifffile.imread) and Fiji open: the whole (D, H, W) stack,
+    not its first page; every page as that page sent alone."""
+    async with running(make_app(weights, max_batch_tiles=1)) as client:
+        for output, dtype in (("mask", np.uint8), ("instances", np.uint16), ("overlay", np.uint8)):
+            r = await segment(client, tiff_bytes(*PAGES), output)
+            assert r.status_code == 200, (output, r.text)
+            volume = read_volume(r.content)
+            alone = [await segment(client, png_bytes(p), output, "p.png") for p in PAGES]
+            expected = np.stack([one_page(a) for a in alone])
+            assert volume.shape == (3, 70, 90, 3)[: expected.ndim] and volume.dtype == dtype
+            np.testing.assert_array_equal(volume, expected, err_msg=output)
 
 
 async def test_a_one_page_tiff_is_answered_as_before(weights: Path) -> None:

@@ -69,8 +69,10 @@ async def create_job(
     caller: Caller,
     output: Output = Query(  # noqa: B008
         Output.mask,
-        description="As for /v1/segment, written as TIFF: `mask` (uint8, 0/255 for one "
-        "class), `probabilities` (float32), `instances` (uint32 cell ids) or `overlay` (RGB). "
+        description="As for /v1/segment, written as one (D, H, W) TIFF volume with ImageJ "
+        "metadata: `mask` (uint8, 0/255 for one class), `probabilities` (float32; (D, H, W, K) "
+        "without ImageJ metadata for several classes), `instances` (cell ids, uint16 while "
+        "they fit, else uint32) or `overlay` (RGB). "
         "`instances`, `overlay` and `tta=8` compute each page whole, so each page must fit "
         "the synchronous limits (UNET_MAX_INSTANCE_PIXELS, UNET_MAX_PIXELS).",
     ),

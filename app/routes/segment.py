@@ -100,9 +100,9 @@ REQUEST_BODY = {
     description="Upload one image; get its segmentation mask. Large images are cut into "
     "overlap tiles whose results are stitched exactly (the result equals one pass over the "
     "whole image), and the tiles share forward passes with other requests' tiles. A "
-    "multi-page TIFF (a stack) gives every page's result, as a multi-page TIFF (mask, "
-    "instances, overlay) or an .npy with a leading page axis (probabilities); each page "
-    "equals that page sent alone.",
+    "multi-page TIFF (a stack) gives every page's result, as one (D, H, W) TIFF volume with "
+    "ImageJ hyperstack metadata (mask, instances, overlay) or an .npy with a leading page "
+    "axis (probabilities); each page equals that page sent alone.",
     dependencies=[Depends(require_api_key)],
     responses=RESPONSES,
     openapi_extra={"requestBody": REQUEST_BODY},
@@ -117,9 +117,9 @@ async def segment(
         "`overlay`: RGB PNG of the mask tinted over the image. "
         "`instances`: cell labels (0 = background/membrane, 1..N = cells) from a seeded "
         "watershed of the probabilities, as a 16-bit PNG (a 32-bit TIFF beyond 65535 cells). "
-        "For a stack of D pages: multi-page TIFFs (8-bit mask, RGB overlay, 16-bit instances "
-        "or 32-bit beyond 65535 cells, each page labelled on its own) and probabilities "
-        "(D, H, W) or (D, K, H, W).",
+        "For a stack of D pages: (D, H, W) TIFF volumes with ImageJ metadata (8-bit mask, "
+        "RGB overlay (D, H, W, 3), 16-bit instances or 32-bit beyond 65535 cells, each page "
+        "labelled on its own) and probabilities (D, H, W) or (D, K, H, W).",
     ),
     colour: Literal["classes", "instances"] | None = Query(
         None,
