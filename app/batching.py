@@ -34,11 +34,13 @@ from app.queued import (
     InferenceError,
     QueuedImage,
     ShuttingDownError,
+    UnreadableImageError,
     check_room,
     failure_reason,
     take_round_robin,
     wait_for_job,
 )
+from model.imageio import ImageError
 from model.runner import BatchItem, TileOutput
 from model.tiled_image import Segmentation, TiledImage, TiledStack
 from model.tiling import Tile
@@ -244,19 +246,25 @@ class TileBatcher:
 
     def _fail_batch(self, batch: list[tuple[QueuedImage, Tile]], error: Exception) -> None:
         jobs = list(dict.fromkeys(job for job, _ in batch))
-        log.error(
-            "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
-            len(batch),
-            type(error).__name__,
-            error,
-            len(jobs),
-            exc_info=error,
-        )
-        if self.metrics is not None:
-            self.metrics.worker_errors.inc()
         reason = failure_reason(error)
+        # A section job's tile cut from a corrupt file: the upload's fault, not the worker's.
+        unreadable = isinstance(error, ImageError)
+        if unreadable:
+            log.warning("a batch of %d tile(s) failed: %s", len(batch), reason)
+        else:
+            log.error(
+                "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
+                len(batch),
+                type(error).__name__,
+                error,
+                len(jobs),
+                exc_info=error,
+            )
+            if self.metrics is not None:
+                self.metrics.worker_errors.inc()
+        failure = UnreadableImageError if unreadable else InferenceError
         for job in jobs:
-            self._fail(job, InferenceError(reason))
+            self._fail(job, failure(reason))
 
     def _line(self) -> tuple[list[QueuedImage], int]:
         """The jobs the next batch is taken from, and its size limit: requests' images

@@ -24,7 +24,7 @@ from app.job_compute import JobLost, compute_job
 from app.jobfiles import JobFiles
 from app.jobtable import JobRecord, JobTable
 from app.metrics import Metrics
-from app.queued import InferenceError
+from app.queued import InferenceError, UnreadableImageError
 from app.service import InferenceService
 from app.settings import Settings
 from model.imageio import ImageError
@@ -73,6 +73,9 @@ class JobRunner:
         self.worker = settings.worker_name()
         self.lease_s = settings.job_progress_s * LEASE_FACTOR
         self._wakeup = asyncio.Event()
+        # Held by a submission while it checks the room for its result and records the job
+        # (routes/jobs.py), so that two submissions here never both take the last room.
+        self.admission = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
 
@@ -152,22 +155,21 @@ class JobRunner:
             if not still_ours:
                 raise JobLost(record.id)
 
-        state, error = "failed", None
+        state, error, reason = "failed", None, None
         result = None
         try:
             result = await compute_job(self, record, progress, report)
             await report()  # the final counts
             state = "done"
-        except JobLost:
-            log.info("job %s: cancelled or deleted while running; stopped", record.id)
-            return
-        except (ImageError, InferenceError) as e:
-            error = str(e)  # the upload's fault, or a batch's failure (logged by the batcher)
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.exception("job %s failed", record.id)
-            error = f"inference failed ({type(e).__name__}); see the server log"
+            if isinstance(e, JobLost) or not await self._still_ours(record.id):
+                # Cancelled, deleted or taken over while it ran: whatever that did to its
+                # files (a deletion removes them under it) is no failure.
+                await self._lost(record.id)
+                return
+            reason, error = _failure(record.id, e)
         elapsed = time.monotonic() - started
         finished = await asyncio.to_thread(
             self.table.finish,
@@ -180,10 +182,23 @@ class JobRunner:
             result_name=result.name if result else None,
         )
         if not finished:  # cancelled or deleted in the last moments: nobody wants the file
-            await asyncio.to_thread(self.files.remove, record.id)
+            await self._lost(record.id)
             return
         self.metrics.job_duration.labels(state).observe(elapsed)
+        if reason is not None:
+            self.metrics.job_failures.labels(reason).inc()
         log.info("job %s: %s after %.1f s%s", record.id, state, elapsed, f": {error}" * bool(error))
+
+    async def _still_ours(self, job_id: str) -> bool:
+        record = await asyncio.to_thread(self.table.get, job_id)
+        return record is not None and record.state == "running" and record.worker == self.worker
+
+    async def _lost(self, job_id: str) -> None:
+        """The job stopped being this replica's while it ran. A deleted one's folder goes
+        (writing its result may have made it again); one taken over keeps its files."""
+        log.info("job %s: cancelled, deleted or taken over while running; stopped", job_id)
+        if await asyncio.to_thread(self.table.get, job_id) is None:
+            await asyncio.to_thread(self.files.remove, job_id)
 
     async def _sweep_if_due(self) -> None:
         now = time.time()
@@ -215,3 +230,13 @@ class JobRunner:
             if now - touched > ORPHAN_AGE_S and self.table.get(job_id) is None:
                 found.append(job_id)
         return found
+
+
+def _failure(job_id: str, error: Exception) -> tuple[str, str]:
+    """(metric reason, the job's error message) of a job that failed while still ours."""
+    if isinstance(error, ImageError | UnreadableImageError):
+        return "input", str(error)  # the upload's fault: its message says what is wrong
+    if isinstance(error, InferenceError):
+        return "inference", str(error)  # a batch's failure, logged by the batcher
+    log.error("job %s failed", job_id, exc_info=error)
+    return "error", f"inference failed ({type(error).__name__}); see the server log"

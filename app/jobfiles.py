@@ -1,5 +1,8 @@
 """The job API's files on disk: one folder per job under UNET_JOBS_DIR holding its `input` and
-its `result`, under a size quota for the whole folder.
+its `result`, under a size quota for the whole folder. A job's result is written long after
+its upload is accepted, so its room is kept from the start: the results that unfinished
+jobs will write (their reservations, JobTable.reserved) count as used, under the quota and
+against the disk's free space, until they are written.
 
 Uploads are streamed to disk in pieces of about a MiB, written off the event loop, so a job's
 input is never held in memory whatever its size. A refused or broken upload (over its size
@@ -15,9 +18,9 @@ import contextlib
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from app.errors import ApiError
 
@@ -28,6 +31,14 @@ WRITE_PIECE = 1 << 20
 # upload, so uploads to other jobs (on this replica or another sharing the volume) are seen.
 RECOUNT_EVERY = 64 << 20
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+class DiskUsage(NamedTuple):
+    """As shutil.disk_usage answers: bytes."""
+
+    total: int
+    used: int
+    free: int
 
 
 class UploadTooLarge(ApiError):
@@ -42,17 +53,44 @@ class UploadTooLarge(ApiError):
         self.limit_bytes = limit_bytes
 
 
-class JobStorageFull(ApiError):
-    """507: the jobs folder's quota has no room for this upload."""
+def size_text(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} bytes"
 
-    def __init__(self, used_bytes: int, quota_bytes: int) -> None:
+
+class JobStorageFull(ApiError):
+    """507: the upload, and the result its job will write, would not fit: under the jobs
+    folder's quota, or on its disk. `used_bytes` is what everything else takes there, the
+    results that unfinished jobs have yet to write included."""
+
+    def __init__(
+        self,
+        upload_bytes: int,
+        used_bytes: int,
+        limit_bytes: int,
+        *,
+        result_bytes: int | None = None,
+        on_disk: bool = False,
+        so_far: bool = False,
+    ) -> None:
+        what = f"this upload ({size_text(upload_bytes)}{' so far' if so_far else ''})"
+        if result_bytes is not None:
+            what += f" and its result ({size_text(result_bytes)})"
+        where = (
+            "on the disk of the jobs folder"
+            if on_disk
+            else "in the job storage (UNET_JOBS_QUOTA_GB)"
+        )
         super().__init__(
             507,
-            f"job storage is full: {used_bytes} of {quota_bytes} bytes used; delete finished "
-            "jobs or wait for them to expire",
+            f"{what} would not fit {where}: {size_text(used_bytes)} of "
+            f"{size_text(limit_bytes)} used, with the results of unfinished jobs; delete "
+            "finished jobs or wait for them to expire",
         )
         self.used_bytes = used_bytes
-        self.quota_bytes = quota_bytes
+        self.limit_bytes = limit_bytes
 
 
 def _fsync(path: Path) -> None:
@@ -83,6 +121,8 @@ class JobFiles:
             raise ValueError(f"the jobs quota must be positive, not {quota_bytes}")
         self.root = Path(root)
         self.quota_bytes = quota_bytes
+        # The disk's size and free space (a test may put a smaller disk in its place).
+        self.disk_usage: Callable[[Path], DiskUsage] = shutil.disk_usage
         self.root.mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
@@ -106,19 +146,58 @@ class JobFiles:
                 if e.is_dir(follow_symlinks=False) and JOB_ID.fullmatch(e.name)
             )
 
-    def used_bytes(self) -> int:
+    def used_bytes(self, reserved: Mapping[str, int] | None = None) -> int:
         """Bytes in all files under the root, partial uploads and the SQLite job table
-        included (it lives there by default)."""
+        included (it lives there by default), and what the results `reserved` (job id ->
+        reserved bytes, JobTable.reserved) have yet to write."""
         total = 0
         for folder, _, names in os.walk(self.root):
             for name in names:
                 with contextlib.suppress(FileNotFoundError):  # removed while counting
                     total += os.lstat(os.path.join(folder, name)).st_size
+        return total + self.unwritten_bytes(reserved or {})
+
+    def unwritten_bytes(self, reserved: Mapping[str, int]) -> int:
+        """What the reserved results have yet to write: each reservation less what its
+        result holds so far (a running job's result grows into its reservation)."""
+        total = 0
+        for job_id, nbytes in reserved.items():
+            written = 0
+            for name in ("result.part", "result"):
+                with contextlib.suppress(FileNotFoundError):
+                    written = max(written, os.stat(self.job_dir(job_id) / name).st_size)
+            total += max(0, nbytes - written)
         return total
 
     def free_bytes(self) -> int:
         """Room left under the quota (negative when over it)."""
         return self.quota_bytes - self.used_bytes()
+
+    def check_room(self, upload_bytes: int, result_bytes: int, reserved: Mapping[str, int]) -> None:
+        """Whether a job whose upload (`upload_bytes`, on disk now) is received can start:
+        its result must fit beside everything else, under the quota and on the disk, the
+        results that the `reserved` jobs have yet to write counted as written. Raises
+        JobStorageFull (507). Blocking (it counts the folder)."""
+        others = self.used_bytes(reserved) - upload_bytes
+        if others + upload_bytes + result_bytes > self.quota_bytes:
+            raise JobStorageFull(upload_bytes, others, self.quota_bytes, result_bytes=result_bytes)
+        disk = self.disk_usage(self.root)
+        pending = self.unwritten_bytes(reserved)
+        if result_bytes + pending > disk.free:
+            others = disk.total - disk.free - upload_bytes + pending
+            raise JobStorageFull(
+                upload_bytes, others, disk.total, result_bytes=result_bytes, on_disk=True
+            )
+
+    def _check_disk(self, upload_bytes: int, reserved: Mapping[str, int], so_far: bool) -> None:
+        """The upload's bytes still to come (all of `upload_bytes` when declared, none when
+        counted so far) must leave the reserved results their room on the disk."""
+        disk = self.disk_usage(self.root)
+        pending = self.unwritten_bytes(reserved)
+        coming = 0 if so_far else upload_bytes
+        if coming + pending > disk.free:
+            used = disk.total - disk.free + pending - (upload_bytes if so_far else 0)
+            raise JobStorageFull(upload_bytes, used, disk.total, on_disk=True, so_far=so_far)
 
     async def receive(
         self,
@@ -127,19 +206,23 @@ class JobFiles:
         max_bytes: int,
         *,
         expected_bytes: int | None = None,
+        reserved: Mapping[str, int] | None = None,
     ) -> int:
         """Stream an upload to the job's `input`; returns its size. `expected_bytes` (the
         declared Content-Length, when there is one) lets a too-large upload or a full store be
-        refused before a byte is read. Raises UploadTooLarge (413) or JobStorageFull (507),
-        and on any failure removes what it wrote."""
+        refused before a byte is read; `reserved` (JobTable.reserved) are the results that
+        unfinished jobs have yet to write, which count as written. Raises UploadTooLarge
+        (413) or JobStorageFull (507), and on any failure removes what it wrote."""
+        reserved = reserved or {}
         final = self.input_path(job_id)
         part = final.with_name("input.part")
-        counted = await asyncio.to_thread(self.used_bytes)
+        counted = await asyncio.to_thread(self.used_bytes, reserved)
         if expected_bytes is not None:
             if expected_bytes > max_bytes:
                 raise UploadTooLarge(max_bytes)
             if counted + expected_bytes > self.quota_bytes:
-                raise JobStorageFull(counted, self.quota_bytes)
+                raise JobStorageFull(expected_bytes, counted, self.quota_bytes)
+            await asyncio.to_thread(self._check_disk, expected_bytes, reserved, False)
         final.parent.mkdir(parents=True, exist_ok=True)
         # Opened here, not in a thread: a cancellation can then never leave a file behind
         # that a thread created after the cleanup below.
@@ -159,9 +242,10 @@ class JobFiles:
                     buffer, buffered = [], 0
                 if over or since_count >= RECOUNT_EVERY:
                     # Count again before refusing: other jobs may have been deleted meanwhile.
-                    counted, since_count = await asyncio.to_thread(self.used_bytes), 0
+                    counted, since_count = await asyncio.to_thread(self.used_bytes, reserved), 0
                     if counted > self.quota_bytes:
-                        raise JobStorageFull(counted - size, self.quota_bytes)
+                        raise JobStorageFull(size, counted - size, self.quota_bytes, so_far=True)
+                    await asyncio.to_thread(self._check_disk, size, reserved, True)
             await asyncio.to_thread(_write, f, buffer)
             await asyncio.to_thread(_finish, f, part, final)
             return size

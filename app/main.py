@@ -24,7 +24,7 @@ from app.job_runner import JobRunner
 from app.jobfiles import JobFiles
 from app.jobtable import open_job_table
 from app.metrics import Metrics
-from app.routes import health_metrics, jobs, segment, v2, v2_infer, web
+from app.routes import health_metrics, job_access, jobs, segment, v2, v2_infer, web
 from app.service import InferenceService, State, load_segmenter
 from app.settings import Settings
 from app.uploads import ARRIVED
@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
     app.include_router(jobs.router)
+    app.include_router(job_access.router)
     app.include_router(v2.router)
     app.include_router(v2_infer.router)
     app.include_router(health_metrics.router)

@@ -60,7 +60,10 @@ class Metrics:
             registry=r,
         )
         self.worker_errors = Counter(
-            "unet_worker_errors", "Batches that failed (their requests got 500).", registry=r
+            "unet_worker_errors",
+            "Batches that failed in the worker (their requests got 500; a section job's page "
+            "that cannot be read is not counted here, see unet_job_failures_total).",
+            registry=r,
         )
         self.queue_tiles = Gauge(
             "unet_queue_tiles", "Tiles accepted and not yet computed (queue depth).", registry=r
@@ -86,6 +89,14 @@ class Metrics:
             "by final state.",
             ["state"],
             buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.job_failures = Counter(
+            "unet_job_failures",
+            "Section jobs failed on this replica, by reason: input (the upload could not be "
+            "read: a corrupt strip or tile, NaN pixels), inference (a batch failed, also "
+            "counted in unet_worker_errors_total), error (anything else, in the log).",
+            ["reason"],
             registry=r,
         )
         self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)

@@ -38,6 +38,11 @@ class InferenceError(Exception):
     """A batch failed; only the requests with tiles in that batch see this."""
 
 
+class UnreadableImageError(InferenceError):
+    """A batch failed because a tile of an image read from disk (a section job's page)
+    could not be read: the upload's fault, not the worker's."""
+
+
 def failure_reason(error: Exception) -> str:
     """What the requests of a failed batch are told."""
     # A section's input is read tile by tile, so a chunk broken inside its compressed data

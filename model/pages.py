@@ -5,19 +5,15 @@ A TIFF's pages are a chain of headers (IFDs), each pointing at the next, so a cr
 can claim or chain any number of them. The chain is therefore walked one header at a time
 and the walk stops as soon as the page count or the pixels counted so far pass the limits:
 no pixel is decoded, and nothing is allocated for pages beyond the limits. Every page is
-checked (size, pixel type, channels) before any is decoded. A chain that ends in a bad
-offset or loops back (a truncated or corrupt file) is an error, not a shorter stack.
+checked (size, pixel type, channels, tile or strip shape) before any is decoded. A chain
+that ends in a bad offset or loops back (a truncated or corrupt file) is an error, not a
+shorter stack: `model.tiff_chain`, which the section jobs' reader walks with too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
-import logging
 import re
-import struct
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 import tifffile
@@ -33,39 +29,13 @@ from model.imageio import (
     decode_image,
     standard_dtype,
 )
+from model.tiff_chain import PageChain
+from model.tiff_layout import check_chunk_shape
 
 DEFAULT_MAX_PAGES = 1000
 # The image count an ImageJ description or an OME-XML header declares.
 _IMAGEJ_COUNTS = ("channels", "slices", "frames")
 _OME_SIZES = re.compile(rb'\bSize([CZT])="(\d+)"')
-
-
-class _TiffComplaints(logging.Handler):
-    """Collects what tifffile logs as errors in this thread: it reports a chain that points
-    past the end of the file or loops back as a log line and returns fewer pages, which for
-    an upload means a truncated or corrupt file."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.thread = threading.get_ident()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        # Only complaints about the chain of pages: others (an odd tag) are harmless.
-        if record.thread == self.thread and "TiffPages" in message:
-            self.messages.append(message)
-
-
-@contextlib.contextmanager
-def _complaints() -> Iterator[_TiffComplaints]:
-    handler = _TiffComplaints()
-    logger = logging.getLogger("tifffile")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
 
 
 def declared_pages(tif: tifffile.TiffFile, max_pages: int) -> int | None:
@@ -101,18 +71,6 @@ def declared_pages(tif: tifffile.TiffFile, max_pages: int) -> int | None:
     return declared
 
 
-def _next_page_offset(data: bytes, tif: tifffile.TiffFile, page: tifffile.TiffPage) -> int:
-    """Where the chain goes after `page`, read from the bytes themselves (0: nowhere), so a
-    chain that tifffile stopped following (an offset past the end) is not taken for its end
-    whatever the logging configuration lets through."""
-    fmt = tif.tiff
-    (entries,) = struct.unpack_from(fmt.tagnoformat, data, page.offset)
-    at = page.offset + fmt.tagnosize + entries * fmt.tagsize
-    if at + fmt.offsetsize > len(data):
-        return -1  # the header itself is cut off
-    return struct.unpack_from(fmt.offsetformat, data, at)[0]
-
-
 def _page_array(page: tifffile.TiffPage) -> np.ndarray:
     """One page as (H, W, C): the sample axis last, anything else of length 1 dropped."""
     arr = page.asarray()
@@ -134,25 +92,23 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
     """The pages of a multi-page TIFF, or None for a one-page TIFF (left to decode_image,
     so one page decodes exactly as it always has)."""
     try:
-        with _complaints() as complaints, tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with PageChain() as chain, tifffile.TiffFile(io.BytesIO(data)) as tif:
             if not tif.pages:
                 raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
             declared = declared_pages(tif, max_pages)
             pages: list[tifffile.TiffPage] = []
             first: tuple[int, int, int, np.dtype] | None = None
             total = 0
-            seen: set[int] = set()
             # Walk the chain one header at a time; never len(tif.pages), which walks it all.
             for index, page in enumerate(tif.pages, start=1):
                 if index > max_pages:
                     raise TooManyPagesError(
                         f"the TIFF has more than the limit of {max_pages} pages"
                     )
-                if page.offset in seen:  # tifffile's iterator follows a loop forever
-                    raise CorruptImageError(f"the TIFF's chain of pages loops at page {index}")
-                seen.add(page.offset)
+                chain.visit(page, index)
                 if getattr(page, "is_reduced", False) and pages:
                     continue  # a thumbnail or preview after the image, not a page of it
+                check_chunk_shape(page, index - 1)
                 height, width, channels, dtype = _describe(page)
                 if first is None:  # one page alone gets decode_image's own words
                     check_pixels(height, width, max_pixels)
@@ -174,12 +130,7 @@ def _tiff_pages(data: bytes, max_pixels: int | None, max_pages: int) -> list[np.
                         f"pixels, more than the limit of {max_pixels} (all pages count)"
                     )
                 pages.append(page)
-            if complaints.messages or _next_page_offset(data, tif, page) != 0:
-                said = f" ({complaints.messages[0]})" if complaints.messages else ""
-                raise CorruptImageError(
-                    f"the TIFF is truncated or corrupt after page {len(pages)}: its chain of "
-                    f"pages points past the end of the file{said}"
-                )
+            chain.check_end(tif, page, len(pages))
             if declared is not None and declared not in (1, len(pages)):
                 raise CorruptImageError(
                     f"the TIFF declares {declared} pages but holds {len(pages)} (truncated "

@@ -152,12 +152,27 @@ def result_layout(output: Output, out_channels: int) -> tuple[np.dtype, int]:
     return np.dtype(np.float32), out_channels
 
 
-def result_nbytes(source: SectionSource, output: Output, out_channels: int) -> int:
-    """The result's pixel bytes before compression: an upper bound of its file size, less
-    a little (deflate grows incompressible data by a fraction of a percent, and each page
-    adds its IFD and tile tables), for checking the free disk before a job starts."""
-    dtype, samples = result_layout(output, out_channels)
-    return source.pixels * samples * dtype.itemsize
+# Bytes per pixel of the results app.job_compute computes page by page, whole: cell ids are
+# spooled as uint32 and, at the end, copied as uint16 beside the spool (6 at the peak); RGB.
+WHOLE_PAGE_PIXEL_BYTES = {"instances": 6, "overlay": 3}
+# Room for a result file's own structure: its header and metadata, and each page's header.
+FILE_OVERHEAD = 64 << 10
+PAGE_OVERHEAD = 4 << 10
+
+
+def result_nbytes(source: SectionSource, output: str, out_channels: int) -> int:
+    """The most bytes the result file for `source` takes, for keeping room for it before a
+    job starts: its pixel bytes (mask 1 a pixel, probabilities 4 a class, instances 6,
+    overlay 3) and what compression and the file's structure can add. Deflate grows
+    incompressible data by well under 1/256 and tiles' offset tables take 16 bytes a tile,
+    so the 1/256 margin covers both; each page adds its header."""
+    if output in OUTPUTS:
+        dtype, samples = result_layout(output, out_channels)  # type: ignore[arg-type]
+        per_pixel = samples * dtype.itemsize
+    else:
+        per_pixel = WHOLE_PAGE_PIXEL_BYTES[output]
+    pixel_bytes = source.pixels * per_pixel
+    return pixel_bytes + pixel_bytes // 256 + source.pages * PAGE_OVERHEAD + FILE_OVERHEAD
 
 
 def open_writer(

@@ -36,6 +36,7 @@ from model.imageio import (
     read_image,
 )
 from model.pages import declared_pages
+from model.tiff_chain import PageChain
 from model.tiff_layout import (
     MAX_CHUNK_BYTES,
     check_chunks,
@@ -105,16 +106,17 @@ class TiffSource(SectionSource):
         # one band of chunk rows across the page, less the rows above the last window.
         self._cache: dict[tuple[int, int, int, int], tuple[int, np.ndarray]] = {}
         self.max_cached_rows = 0  # most image rows held in the cache at once (tests)
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-        except Exception as e:  # tifffile raises many types for corrupt headers
-            raise CorruptImageError(f"cannot read the TIFF header: {e}") from None
-        try:
-            self._current: tifffile.TiffPage | None = None
-            self._validate(max_pixels, max_pages)
-        except BaseException:
-            self._tif.close()
-            raise
+        with PageChain() as chain:
+            try:
+                self._tif = tifffile.TiffFile(self.path)
+            except Exception as e:  # tifffile raises many types for corrupt headers
+                raise CorruptImageError(f"cannot read the TIFF header: {e}") from None
+            try:
+                self._current: tifffile.TiffPage | None = None
+                self._validate(chain, max_pixels, max_pages)
+            except BaseException:
+                self._tif.close()
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -123,7 +125,7 @@ class TiffSource(SectionSource):
 
     # ----- validation, from the headers only ---------------------------------------------------
 
-    def _validate(self, max_pixels: int, max_pages: int) -> None:
+    def _validate(self, chain: PageChain, max_pixels: int, max_pages: int) -> None:
         tif = self._tif
         if not tif.pages:
             raise CorruptImageError("the TIFF has no readable pages (truncated or corrupt?)")
@@ -141,10 +143,12 @@ class TiffSource(SectionSource):
         # and must match the pages found (as for a synchronous stack, model.pages).
         declared = declared_pages(tif, max_pages)
         # Walk the IFD chain one page at a time, never past max_pages: a chain that is
-        # endless (or loops) costs at most max_pages + 1 small reads before it is refused, and
-        # a page count claimed anywhere else (ImageJ or OME metadata) is never trusted.
+        # endless costs at most max_pages + 1 small reads before it is refused, and a page
+        # count claimed anywhere else (ImageJ or OME metadata) is never trusted. A chain that
+        # loops or is cut short is refused as model.pages refuses it (model.tiff_chain).
         page, index = first, 0
         while True:
+            chain.visit(page, index + 1)
             if index > 0:
                 shape = describe_page(page, index)
                 if shape != (self.height, self.width, samples, self.dtype):
@@ -170,6 +174,7 @@ class TiffSource(SectionSource):
             try:
                 page = self._page(index)
             except IndexError:
+                chain.check_end(tif, page, index)
                 break
             if index >= max_pages:
                 raise TooManyPagesError(f"the TIFF has more than {max_pages} pages")

@@ -47,8 +47,26 @@ class Layout:
         return self.planes * self.down * self.across
 
 
+def check_chunk_shape(page: tifffile.TiffPage, index: int) -> None:
+    """The page's tiles or strips have a size: a TileWidth, TileLength or RowsPerStrip of 0
+    (which tifffile reads without complaint, and divides by, or takes a TileWidth of 0 for
+    strips) is a corrupt header."""
+    if 322 in page.tags or 323 in page.tags:  # TileWidth, TileLength
+        dims = (page.tilewidth, page.tilelength, page.tiledepth)
+        if min(dims) < 1:
+            depth = f"x{dims[2]}" if dims[2] != 1 else ""
+            raise CorruptImageError(
+                f"page {index + 1} declares tiles of {dims[0]}x{dims[1]}{depth} pixels: the "
+                "TIFF is corrupt"
+            )
+    elif page.rowsperstrip < 1:
+        raise CorruptImageError(
+            f"page {index + 1} declares strips of {page.rowsperstrip} rows: the TIFF is corrupt"
+        )
+
+
 def describe_page(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, np.dtype]:
-    """(height, width, samples, dtype, stored sample dtype) of a page, or a clear error."""
+    """(height, width, samples, dtype) of a page, or a clear error."""
     separate, depth, height, width, contig = page.shaped
     if depth != 1:
         raise ImageError(f"page {index + 1} is a 3D volume ({depth} deep), not a section")
@@ -63,6 +81,7 @@ def describe_page(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, n
         raise ImageError(f"page {index + 1} has {samples} samples per pixel (at most 4)")
     if height < 1 or width < 1:
         raise ImageError(f"page {index + 1} has zero size ({width}x{height})")
+    check_chunk_shape(page, index)
     return height, width, samples, np.dtype(dtype)
 
 
@@ -72,7 +91,7 @@ def chunk_layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_byt
     if page.is_tiled:
         rows, cols = page.tilelength, page.tilewidth
     else:
-        rows, cols = min(page.rowsperstrip or height, height), width
+        rows, cols = min(page.rowsperstrip, height), width
     raw = (
         page.compression == 1
         and page.predictor == 1

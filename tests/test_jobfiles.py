@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from app.errors import ApiError, install_error_handlers
-from app.jobfiles import WRITE_PIECE, JobFiles, JobStorageFull, UploadTooLarge
+from app.jobfiles import WRITE_PIECE, DiskUsage, JobFiles, JobStorageFull, UploadTooLarge
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20
@@ -86,10 +86,11 @@ async def test_a_full_store_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
     with pytest.raises(JobStorageFull) as e:
         await files.receive("second", chunks(2 * MiB // CHUNK), max_bytes=10 * MiB)
     assert e.value.status == 507
-    assert (e.value.used_bytes, e.value.quota_bytes) == (2 * MiB, 3 * MiB)
+    assert (e.value.used_bytes, e.value.limit_bytes) == (2 * MiB, 3 * MiB)
     assert e.value.message == (
-        "job storage is full: 2097152 of 3145728 bytes used; delete finished jobs or wait "
-        "for them to expire"
+        "this upload (1.1 MiB so far) would not fit in the job storage (UNET_JOBS_QUOTA_GB): "
+        "2.0 MiB of 3.0 MiB used, with the results of unfinished jobs; delete finished jobs "
+        "or wait for them to expire"
     )
     assert files_under(tmp_path) == ["first", "first/input"]
     # Declared: refused at once.
@@ -99,6 +100,65 @@ async def test_a_full_store_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
     # Exactly up to the quota fits.
     await files.receive("second", chunks(MiB // CHUNK), max_bytes=10 * MiB)
     assert files.used_bytes() == files.quota_bytes and files.free_bytes() == 0
+
+
+async def test_results_not_written_yet_hold_their_room(tmp_path: Path) -> None:
+    files = JobFiles(tmp_path, quota_bytes=10 * MiB)
+    await files.receive("a", chunks(2 * MiB // CHUNK), max_bytes=10 * MiB)
+    # a's job reserved 3 MiB for its result: counted whole before a byte of it is written,
+    # then what is still to come, and once the result passes its reservation, the file.
+    assert files.used_bytes({"a": 3 * MiB}) == 5 * MiB
+    part = files.result_part("a")
+    part.write_bytes(bytes(MiB))
+    assert files.used_bytes({"a": 3 * MiB}) == 5 * MiB
+    part.write_bytes(bytes(MiB // 2))  # a result smaller than reserved, so far
+    assert files.used_bytes({"a": 3 * MiB}) == 5 * MiB
+    part.write_bytes(bytes(4 * MiB))
+    assert files.used_bytes({"a": 3 * MiB}) == 6 * MiB
+    part.unlink()
+    # An upload counts the reservations: 2 MiB on disk + 3 reserved + 6 arriving > 10.
+    with pytest.raises(JobStorageFull, match=r"this upload \(5\.\d MiB so far\)"):
+        await files.receive(
+            "b", chunks(6 * MiB // CHUNK), max_bytes=10 * MiB, reserved={"a": 3 * MiB}
+        )
+    await files.receive("b", chunks(2 * MiB // CHUNK), max_bytes=10 * MiB, reserved={"a": 3 * MiB})
+    # b's result must fit too: 2 + 2 + 3 reserved + 4 > 10.
+    with pytest.raises(JobStorageFull) as e:
+        files.check_room(2 * MiB, 4 * MiB, {"a": 3 * MiB})
+    assert e.value.message == (
+        "this upload (2.0 MiB) and its result (4.0 MiB) would not fit in the job storage "
+        "(UNET_JOBS_QUOTA_GB): 5.0 MiB of 10.0 MiB used, with the results of unfinished jobs; "
+        "delete finished jobs or wait for them to expire"
+    )
+    files.check_room(2 * MiB, 3 * MiB, {"a": 3 * MiB})  # exactly up to the quota fits
+    files.check_room(2 * MiB, 4 * MiB, {})  # a's result written (or a gone): room again
+
+
+async def test_the_disk_must_hold_the_results_to_come(tmp_path: Path) -> None:
+    files = JobFiles(tmp_path, quota_bytes=100 * MiB)
+    await files.receive("a", chunks(MiB // CHUNK), max_bytes=10 * MiB)
+    # A disk with 5 MiB free, where a's result will still take 3 MiB.
+    files.disk_usage = lambda root: DiskUsage(total=50 * MiB, used=45 * MiB, free=5 * MiB)
+    reserved = {"a": 3 * MiB}
+    files.check_room(MiB, 2 * MiB, reserved)
+    with pytest.raises(JobStorageFull) as e:
+        files.check_room(MiB, 2 * MiB + 1, reserved)
+    assert e.value.message.startswith(
+        "this upload (1.0 MiB) and its result (2.0 MiB) would not fit on the disk of the jobs "
+        "folder: 47.0 MiB of 50.0 MiB used"
+    )
+    # A declared upload that would eat into the reserved room is refused before it is read.
+    read = []
+
+    async def never() -> AsyncIterator[bytes]:
+        read.append(True)
+        yield b"x"
+
+    with pytest.raises(JobStorageFull, match="on the disk"):
+        await files.receive(
+            "b", never(), max_bytes=10 * MiB, expected_bytes=2 * MiB + 1, reserved=reserved
+        )
+    assert read == [] and files.job_ids() == ["a"]
 
 
 async def test_room_freed_during_an_upload_is_used(tmp_path: Path) -> None:
@@ -213,7 +273,7 @@ async def test_errors_reach_the_client_as_json(tmp_path: Path) -> None:
             assert ok.status_code == 200 and ok.json() == {"bytes": 2 * MiB}
         full = await client.post("/upload/c", content=expected(24))
         assert full.status_code == 507
-        assert full.json() == {"error": JobStorageFull(4 * MiB, 5 * MiB).message}
+        assert full.json() == {"error": JobStorageFull(24 * CHUNK, 4 * MiB, 5 * MiB).message}
     assert files.job_ids() == ["a", "b"]
     # The app's own error handler renders them: they are ApiErrors.
     assert issubclass(JobStorageFull, ApiError) and issubclass(UploadTooLarge, ApiError)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from app.jobtable import JobExists, JobRecord, JobTable, open_job_table
 from app.jobtable.postgres import redact
+from app.jobtable.schema import SCHEMA_VERSION
 from app.jobtable.sql import COLUMNS, TABLE, interrupted
 from app.settings import Settings
 
@@ -110,6 +111,63 @@ def test_list_by_owner_newest_first(table: JobTable) -> None:
     assert [j.id for j in table.list("nobody")] == []
     assert [j.id for j in table.list(None, all_owners=True)] == ["j4", "j3", "j2", "j1", "j0"]
     assert [j.id for j in table.list("x", all_owners=True, limit=2)] == ["j4", "j3"]
+
+
+def test_list_pages_through_the_jobs_by_state(table: JobTable, clock: Clock) -> None:
+    # Two pairs created in the same instant: the id orders them, and a page may end
+    # between the two of a pair.
+    times = [T0, T0 + 1, T0 + 1, T0 + 2, T0 + 2.5, T0 + 2.5, T0 + 3]
+    for i, created in enumerate(times):
+        table.create(job(f"j{i}", created_at=created, owner="x"))
+    table.create(job("other", created_at=T0 + 2, owner="y"))
+    newest_first = ["j6", "j5", "j4", "j3", "j2", "j1", "j0"]
+    assert [j.id for j in table.list("x")] == newest_first
+    for size in (1, 2, 3, 7):
+        seen: list[str] = []
+        before = None
+        while page := table.list("x", limit=size, before=before):
+            seen += [j.id for j in page]
+            before = (page[-1].created_at, page[-1].id)
+        assert seen == newest_first, size
+    assert [j.id for j in table.list("x", before=(T0 + 2.5, "j5"))] == newest_first[2:]
+    # By state: the claimed one (the oldest) is running, one finished, the rest queued.
+    assert table.claim("w", lease_s=60, max_attempts=3) is not None
+    assert table.cancel("j3") is not None
+    assert [j.id for j in table.list("x", states=["running"])] == ["j0"]
+    both = table.list("x", states=["running", "cancelled"], limit=1)
+    assert [j.id for j in both] == ["j3"]
+    assert [j.id for j in table.list("x", states=["running", "cancelled"])] == ["j3", "j0"]
+    assert table.list("x", states=["done"]) == []
+    assert [j.id for j in table.list("y", states=["queued"])] == ["other"]
+
+
+def test_each_attempt_starts_its_clock_and_its_progress_anew(table: JobTable, clock: Clock) -> None:
+    table.create(job("a"))
+    clock.advance(10)
+    first = table.claim("w1", lease_s=60, max_attempts=3)
+    assert first is not None
+    assert first.started_at == first.attempt_started_at == T0 + 10
+    assert table.progress(
+        "a", "w1", tiles_done=90, tiles_total=100, pages_done=2, pages_total=3, lease_s=60
+    )
+    clock.advance(3000)  # w1's replica died long ago; another takes the job
+    second = table.claim("w2", lease_s=60, max_attempts=3)
+    assert second is not None
+    assert second.started_at == T0 + 10  # the first start, kept
+    assert second.attempt_started_at == T0 + 3010
+    assert (second.tiles_done, second.pages_done) == (0, 0)
+    assert (second.tiles_total, second.pages_total) == (100, 3)
+
+
+def test_reservations_are_held_by_unfinished_jobs_only(table: JobTable) -> None:
+    for i, reserved in enumerate([100, 200, 300, 0, 500]):
+        table.create(job(f"j{i}", created_at=T0 + i, reserved_bytes=reserved))
+    assert table.reserved() == {"j0": 100, "j1": 200, "j2": 300, "j4": 500}
+    assert table.claim("w", lease_s=60, max_attempts=3) is not None  # j0 runs: still held
+    assert table.finish("j0", "w", "done", result_bytes=80)
+    assert table.cancel("j1") is not None
+    assert table.reserved() == {"j2": 300, "j4": 500}
+    assert table.get("j0").reserved_bytes == 100  # type: ignore[union-attr]  # as reserved
 
 
 def test_claim_progress_finish(table: JobTable, clock: Clock) -> None:
@@ -287,6 +345,67 @@ def test_every_record_field_has_its_column(url: str, table: JobTable) -> None:
         with psycopg.connect(url) as conn:
             names = [c.name for c in conn.execute(f"SELECT * FROM {TABLE}").description or []]
     assert tuple(names) == COLUMNS
+
+
+# The table as version 1 of the schema made it, before attempt_started_at and reserved_bytes.
+SCHEMA_V1 = (
+    f"""CREATE TABLE {TABLE} (
+        id TEXT PRIMARY KEY, owner TEXT,
+        state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        params TEXT NOT NULL, input_name TEXT NOT NULL, input_bytes BIGINT NOT NULL,
+        input_type TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL,
+        started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL, tiles_total BIGINT NOT NULL DEFAULT 0,
+        tiles_done BIGINT NOT NULL DEFAULT 0, pages_total BIGINT NOT NULL DEFAULT 0,
+        pages_done BIGINT NOT NULL DEFAULT 0, result_bytes BIGINT NOT NULL DEFAULT 0,
+        result_type TEXT, result_name TEXT, error TEXT, worker TEXT,
+        lease_until DOUBLE PRECISION, attempts INTEGER NOT NULL DEFAULT 0
+    )""",
+    f"CREATE TABLE {TABLE}_schema (version INTEGER NOT NULL)",
+    f"INSERT INTO {TABLE}_schema VALUES (1)",
+    f"""INSERT INTO {TABLE} (id, owner, state, params, input_name, input_bytes, input_type,
+        created_at, started_at, updated_at, tiles_total, tiles_done, worker, lease_until,
+        attempts)
+        VALUES ('old', NULL, 'running', '{{"output": "mask"}}', 's.tif', 1000, 'image/tiff',
+        {T0}, {T0 + 5}, {T0 + 9}, 40, 12, 'w1', {T0 + 60}, 1)""",
+)
+
+
+def test_a_table_of_the_previous_version_is_upgraded_in_place(url: str, clock: Clock) -> None:
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite://")).parent.mkdir(parents=True, exist_ok=True)
+    for statement in SCHEMA_V1:
+        raw_sql(url, statement)
+    for _ in range(2):  # upgraded once; opening it again changes nothing
+        table = open_job_table(url, clock=clock)
+        try:
+            old = table.get("old")
+            assert old is not None and (old.state, old.tiles_done, old.started_at) == (
+                "running",
+                12,
+                T0 + 5,
+            )
+            assert (old.attempt_started_at, old.reserved_bytes) == (None, 0)
+            assert table.reserved() == {}
+        finally:
+            table.close()
+    table = open_job_table(url, clock=clock)
+    try:
+        table.create(job("new", created_at=T0 + 1, reserved_bytes=77))
+        assert table.reserved() == {"new": 77}
+        clock.advance(100)  # the old job's lease ran out: it is claimed with the new columns
+        resumed = table.claim("w2", lease_s=60, max_attempts=3)
+        assert resumed is not None and resumed.id == "old"
+        assert (resumed.started_at, resumed.attempt_started_at) == (T0 + 5, clock.now)
+    finally:
+        table.close()
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite://")) as conn:
+            versions = conn.execute(f"SELECT version FROM {TABLE}_schema").fetchall()
+    else:
+        with psycopg.connect(url) as conn:
+            versions = conn.execute(f"SELECT version FROM {TABLE}_schema").fetchall()
+    assert [tuple(v) for v in versions] == [(SCHEMA_VERSION,)]
 
 
 def test_schema_from_a_newer_service_is_refused(url: str, table: JobTable) -> None:

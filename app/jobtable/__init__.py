@@ -8,17 +8,18 @@ synchronous and safe to call from several threads at once; the service calls the
 `asyncio.to_thread`.
 
 A job's way through the table: `create` (queued) -> `claim` by one worker (running, with a
-lease that `progress` renews) -> `finish` (done or failed), or `cancel` (cancelled) at any
-time before that. A worker that dies stops renewing its lease; once the lease has expired the
-job may be claimed again, and a job interrupted `max_attempts` times is failed with the reason
-instead of being tried forever. A worker that stops cleanly `release`s its jobs, which does not
-count as an attempt.
+lease that `progress` renews; each claim is an attempt, whose progress starts from 0) ->
+`finish` (done or failed), or `cancel` (cancelled) at any time before that. A worker that
+dies stops renewing its lease; once the lease has expired the job may be claimed again, and
+a job interrupted `max_attempts` times is failed with the reason instead of being tried
+forever. A worker that stops cleanly `release`s its jobs, which does not count as an attempt.
+(`app/jobtable/schema.py` creates the table, and upgrades one of an earlier version.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -57,6 +58,10 @@ class JobRecord:
     worker: str | None = None
     lease_until: float | None = None
     attempts: int = 0
+    # When the running attempt began (started_at is the first attempt's start).
+    attempt_started_at: float | None = None
+    # Result bytes held in the jobs folder's quota while the job is queued or running.
+    reserved_bytes: int = 0
 
 
 class JobExists(ValueError):
@@ -70,10 +75,18 @@ class JobTable(Protocol):
     def get(self, job_id: str) -> JobRecord | None: ...
 
     def list(
-        self, owner: str | None, *, all_owners: bool = False, limit: int = 1000
+        self,
+        owner: str | None,
+        *,
+        all_owners: bool = False,
+        limit: int = 1000,
+        states: Sequence[JobState] = (),
+        before: tuple[float, str] | None = None,
     ) -> list[JobRecord]:
         """This owner's jobs (owner None: the jobs without an owner), or everyone's with
-        all_owners, newest first."""
+        all_owners, newest first (by created_at, then id): at most `limit`, only those in
+        `states` when given, only those after `before` = (created_at, id) in that order
+        (the next page after a page's last job)."""
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> JobRecord | None:
         """Take the oldest queued job, or running one whose lease has expired, for this
@@ -131,6 +144,10 @@ class JobTable(Protocol):
 
     def stored_bytes(self) -> int:
         """Input plus result bytes of every job in the table."""
+
+    def reserved(self) -> dict[str, int]:
+        """Job id -> reserved_bytes of the queued and running jobs that reserve any: their
+        results, not written yet, that the quota keeps room for."""
 
     def close(self) -> None: ...
 

@@ -1,7 +1,7 @@
 """The job table's SQL and record mapping, shared by SQLite and PostgreSQL: a backend only says
 how to get a cursor inside a transaction (`_read`, `_write`) and how its driver spells
-placeholders. The statements use the subset both databases understand the same way
-(`BIGINT` and `DOUBLE PRECISION` have the intended affinities in SQLite)."""
+placeholders. The statements use the subset both databases understand the same way; the
+schema and its upgrades are in `schema.py`."""
 
 from __future__ import annotations
 
@@ -9,52 +9,15 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import fields
 from typing import Any, Literal, Protocol
 
-from app.jobtable import FINISHED_STATES, JOB_STATES, Clock, JobExists, JobRecord
+from app.jobtable import FINISHED_STATES, JOB_STATES, Clock, JobExists, JobRecord, JobState
+from app.jobtable.schema import COLUMNS, MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLE
 
-# A new JobRecord field needs its column in SCHEMA, a step in _create_schema that adds it to
-# tables of an older version (ALTER TABLE ... ADD COLUMN), and the next SCHEMA_VERSION.
-SCHEMA_VERSION = 1
-TABLE = "unet_jobs"
-COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
+UNFINISHED = "state IN ('queued', 'running')"
 
-_states = ", ".join(f"'{s}'" for s in JOB_STATES)
 _finished = ", ".join(f"'{s}'" for s in FINISHED_STATES)
-
-SCHEMA = (
-    f"""CREATE TABLE IF NOT EXISTS {TABLE} (
-        id TEXT PRIMARY KEY,
-        owner TEXT,
-        state TEXT NOT NULL CHECK (state IN ({_states})),
-        params TEXT NOT NULL,
-        input_name TEXT NOT NULL,
-        input_bytes BIGINT NOT NULL,
-        input_type TEXT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        updated_at DOUBLE PRECISION NOT NULL,
-        tiles_total BIGINT NOT NULL DEFAULT 0,
-        tiles_done BIGINT NOT NULL DEFAULT 0,
-        pages_total BIGINT NOT NULL DEFAULT 0,
-        pages_done BIGINT NOT NULL DEFAULT 0,
-        result_bytes BIGINT NOT NULL DEFAULT 0,
-        result_type TEXT,
-        result_name TEXT,
-        error TEXT,
-        worker TEXT,
-        lease_until DOUBLE PRECISION,
-        attempts INTEGER NOT NULL DEFAULT 0
-    )""",
-    # claim() scans by state and age, list() by owner and age, the TTL sweep by finish time.
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_by_state ON {TABLE} (state, created_at)",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_by_owner ON {TABLE} (owner, created_at)",
-    f"CREATE INDEX IF NOT EXISTS {TABLE}_by_finish ON {TABLE} (finished_at)",
-    f"CREATE TABLE IF NOT EXISTS {TABLE}_schema (version INTEGER NOT NULL)",
-)
 
 
 class Cursor(Protocol):
@@ -129,11 +92,19 @@ class SqlJobTable(ABC):
             found = row[0] if row else None
             if found is None:
                 self._run(cur, f"INSERT INTO {TABLE}_schema VALUES (?)", (SCHEMA_VERSION,))
-            elif found > SCHEMA_VERSION:
+                return
+            if found > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"the job table has schema version {found}, written by a newer version "
                     f"of the service; this one knows up to version {SCHEMA_VERSION}"
                 )
+            # A table of an earlier version: its upgrades, in the same transaction (and under
+            # the same lock) as the check, so two replicas starting at once upgrade it once.
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version]:
+                    self._run(cur, statement)
+            if found < SCHEMA_VERSION:
+                self._run(cur, f"UPDATE {TABLE}_schema SET version = ?", (SCHEMA_VERSION,))
 
     def _get(self, cur: Cursor, job_id: str) -> JobRecord | None:
         row = self._run(cur, f"{SELECT} WHERE id = ?", (job_id,)).fetchone()
@@ -160,16 +131,32 @@ class SqlJobTable(ABC):
             return self._get(cur, job_id)
 
     def list(
-        self, owner: str | None, *, all_owners: bool = False, limit: int = 1000
+        self,
+        owner: str | None,
+        *,
+        all_owners: bool = False,
+        limit: int = 1000,
+        states: Sequence[JobState] = (),
+        before: tuple[float, str] | None = None,
     ) -> list[JobRecord]:
-        order = "ORDER BY created_at DESC, id DESC LIMIT ?"
+        where: list[str] = []
+        params: list[Any] = []
+        if not all_owners:
+            where.append("owner IS NULL" if owner is None else "owner = ?")
+            params += [] if owner is None else [owner]
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params += list(states)
+        if before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [before[0], before[0], before[1]]
+        condition = f" WHERE {' AND '.join(where)}" if where else ""
         with self._read() as cur:
-            if all_owners:
-                self._run(cur, f"{SELECT} {order}", (limit,))
-            elif owner is None:
-                self._run(cur, f"{SELECT} WHERE owner IS NULL {order}", (limit,))
-            else:
-                self._run(cur, f"{SELECT} WHERE owner = ? {order}", (owner, limit))
+            self._run(
+                cur,
+                f"{SELECT}{condition} ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*params, limit),
+            )
             return [to_record(row) for row in cur.fetchall()]
 
     def claim(self, worker: str, lease_s: float, max_attempts: int) -> JobRecord | None:
@@ -199,9 +186,10 @@ class SqlJobTable(ABC):
             self._run(
                 cur,
                 f"UPDATE {TABLE} SET state = 'running', worker = ?, lease_until = ?,"
-                " attempts = attempts + 1, started_at = COALESCE(started_at, ?), updated_at = ?"
+                " attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+                " attempt_started_at = ?, tiles_done = 0, pages_done = 0, updated_at = ?"
                 " WHERE id = ?",
-                (worker, now + lease_s, now, now, job.id),
+                (worker, now + lease_s, now, now, now, job.id),
             )
             return self._get(cur, job.id)
 
@@ -251,7 +239,7 @@ class SqlJobTable(ABC):
             self._run(
                 cur,
                 f"UPDATE {TABLE} SET state = 'cancelled', finished_at = ?, updated_at = ?,"
-                " lease_until = NULL WHERE id = ? AND state IN ('queued', 'running')",
+                f" lease_until = NULL WHERE id = ? AND {UNFINISHED}",
                 (now, now, job_id),
             )
             return self._get(cur, job_id)
@@ -301,3 +289,11 @@ class SqlJobTable(ABC):
                 cur, f"SELECT COALESCE(sum(input_bytes + result_bytes), 0) FROM {TABLE}"
             ).fetchone()
         return int(row[0])
+
+    def reserved(self) -> dict[str, int]:
+        with self._read() as cur:
+            self._run(
+                cur,
+                f"SELECT id, reserved_bytes FROM {TABLE} WHERE {UNFINISHED} AND reserved_bytes > 0",
+            )
+            return {job_id: int(n) for job_id, n in cur.fetchall()}

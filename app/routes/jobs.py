@@ -1,6 +1,7 @@
-"""`/v1/jobs`: asynchronous section jobs, for stacks and images beyond the synchronous
-limits. The upload goes to disk as it arrives, is checked (format, sizes, pages) before the
-202, and is computed in the background by whichever replica claims it (app.job_runner)."""
+"""`POST /v1/jobs`: asynchronous section jobs, for stacks and images beyond the synchronous
+limits. The upload goes to disk as it arrives, is checked (format, sizes, pages, room for
+its result) before the 202, and is computed in the background by whichever replica claims
+it (app.job_runner). `job_access.py` has the routes that follow, fetch and delete jobs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import time
 import uuid
 from typing import Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 
 from app.auth import Caller
 from app.errors import ApiError
@@ -22,13 +23,21 @@ from app.routes.segment import REQUEST_BODY, Output
 from app.service import image_error
 from app.upload_stream import StreamedUpload
 from model.imageio import ImageError
+from model.section import result_nbytes
 from model.tiled_image import VARIANTS
 from model.tiling import plan_image
 
-router = APIRouter(tags=["section jobs"])
+ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
 
-_ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
-JobId = Path(description="The job's id, as POST /v1/jobs returned it.")
+
+def job_router() -> APIRouter:
+    """A router for job routes: every one takes the caller's key when the server has keys
+    (UNET_API_KEY, UNET_API_KEYS), so every one may answer 401."""
+    unauthorised = "Missing or wrong bearer token (when UNET_API_KEY is set)."
+    return APIRouter(tags=["section jobs"], responses={401: {"description": unauthorised, **ERROR}})
+
+
+router = job_router()
 
 
 def get_runner(request: Request):
@@ -36,14 +45,6 @@ def get_runner(request: Request):
     if runner is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
     return runner
-
-
-async def find_job(request: Request, job_id: str, caller: str | None) -> JobRecord:
-    """The caller's job, or 404 (also for another key's job: its existence is not told)."""
-    record = await asyncio.to_thread(get_runner(request).table.get, job_id)
-    if record is None or record.owner != caller:
-        raise ApiError(404, f"no job {job_id}")
-    return record
 
 
 @router.post(
@@ -56,11 +57,15 @@ async def find_job(request: Request, job_id: str, caller: str | None) -> JobReco
     "fetch `GET /v1/jobs/{id}/result` when its state is `done`. Results are TIFF files "
     "(tiled, compressed, BigTIFF when large), one page per input page.",
     responses={
-        401: {"description": "Missing or wrong bearer token.", **_ERROR},
-        413: {"description": "Upload, image or stack beyond the job limits.", **_ERROR},
-        415: {"description": "Not an image in a supported format.", **_ERROR},
-        422: {"description": "Truncated, corrupt or unusable image or stack.", **_ERROR},
-        507: {"description": "Job storage is full (UNET_JOBS_QUOTA_GB).", **_ERROR},
+        413: {"description": "Upload, image or stack beyond the job limits.", **ERROR},
+        415: {"description": "Not an image in a supported format.", **ERROR},
+        422: {"description": "Truncated, corrupt or unusable image or stack.", **ERROR},
+        507: {
+            "description": "The upload and its result would not fit in the job storage "
+            "(UNET_JOBS_QUOTA_GB, or the disk), counting the results unfinished jobs will "
+            "write.",
+            **ERROR,
+        },
     },
     openapi_extra={"requestBody": REQUEST_BODY},
 )
@@ -105,6 +110,7 @@ async def create_job(
             upload.chunks(),
             settings.max_job_upload_bytes,
             expected_bytes=_declared_length(request) if raw else None,
+            reserved=await asyncio.to_thread(runner.table.reserved),
         )
         path = files.input_path(job_id)
         try:
@@ -113,39 +119,43 @@ async def create_job(
             raise image_error(e) from None
         with source:
             _check_page_limits(service, source, output, colour, tta)
+            reserve = result_nbytes(source, output.value, service.segmenter.out_channels)
         media_type = await asyncio.to_thread(media_type_of, path)
+        now = time.time()
+        plan = plan_image(
+            source.height, source.width, service.segmenter.geometry, service.info.tile_sizes
+        )
+        record = JobRecord(
+            id=job_id,
+            owner=caller,
+            state="queued",
+            params={
+                "output": output.value,
+                "colour": colour,
+                "tta": tta,
+                "width": source.width,
+                "height": source.height,
+            },
+            input_name=upload.filename,
+            input_bytes=size,
+            input_type=media_type,
+            created_at=now,
+            started_at=None,
+            finished_at=None,
+            updated_at=now,
+            pages_total=source.pages,
+            tiles_total=source.pages * tta * len(plan),
+            reserved_bytes=reserve,
+        )
+        # The room check and the job's row as one step on this replica: two uploads that
+        # finish together cannot both take the last room.
+        async with runner.admission:
+            reserved = await asyncio.to_thread(runner.table.reserved)
+            await asyncio.to_thread(files.check_room, size, reserve, reserved)
+            await asyncio.to_thread(runner.table.create, record)
     except BaseException:
         await asyncio.to_thread(files.remove, job_id)
         raise
-    now = time.time()
-    record = JobRecord(
-        id=job_id,
-        owner=caller,
-        state="queued",
-        params={
-            "output": output.value,
-            "colour": colour,
-            "tta": tta,
-            "width": source.width,
-            "height": source.height,
-        },
-        input_name=upload.filename,
-        input_bytes=size,
-        input_type=media_type,
-        created_at=now,
-        started_at=None,
-        finished_at=None,
-        updated_at=now,
-        pages_total=source.pages,
-        tiles_total=source.pages
-        * tta
-        * len(
-            plan_image(
-                source.height, source.width, service.segmenter.geometry, service.info.tile_sizes
-            )
-        ),
-    )
-    await asyncio.to_thread(runner.table.create, record)
     runner.wake()
     await runner.refresh_metrics()
     location = f"/v1/jobs/{job_id}"
@@ -176,62 +186,3 @@ def _check_page_limits(service, source, output: Output, colour, tta: int) -> Non
             f"({limit}) pixels; mask and probabilities without tta are computed tile by tile "
             "at any size",
         )
-
-
-@router.get("/v1/jobs", summary="List your section jobs")
-async def list_jobs(request: Request, caller: Caller) -> dict:
-    records = await asyncio.to_thread(get_runner(request).table.list, caller)
-    return {"jobs": [job_json(r) for r in records]}
-
-
-@router.get(
-    "/v1/jobs/{job_id}",
-    summary="A section job's state and progress",
-    responses={404: {"description": "No such job (for this key).", **_ERROR}},
-)
-async def get_job(request: Request, caller: Caller, job_id: str = JobId) -> dict:
-    return job_json(await find_job(request, job_id, caller))
-
-
-@router.get(
-    "/v1/jobs/{job_id}/result",
-    summary="Download a finished job's result",
-    response_class=Response,
-    responses={
-        200: {"description": "The result TIFF.", "content": {"image/tiff": {}}},
-        404: {"description": "No such job (for this key).", **_ERROR},
-        409: {"description": "The job is not done (yet, or it failed or was cancelled).", **_ERROR},
-    },
-)
-async def get_result(request: Request, caller: Caller, job_id: str = JobId) -> Response:
-    record = await find_job(request, job_id, caller)
-    if record.state != "done":
-        detail = f": {record.error}" if record.error else ""
-        raise ApiError(409, f"job {job_id} is {record.state}, it has no result{detail}")
-    path = get_runner(request).files.result_path(job_id)
-    if not path.exists():
-        raise ApiError(404, f"the result of job {job_id} is gone (expired or deleted)")
-    return FileResponse(
-        path,
-        media_type=record.result_type or "image/tiff",
-        filename=f"{job_id}-{record.result_name or 'result.tif'}",
-        content_disposition_type="attachment",
-    )
-
-
-@router.delete(
-    "/v1/jobs/{job_id}",
-    summary="Cancel and delete a section job",
-    responses={404: {"description": "No such job (for this key).", **_ERROR}},
-)
-async def delete_job(request: Request, caller: Caller, job_id: str = JobId) -> dict:
-    runner = get_runner(request)
-    record = await find_job(request, job_id, caller)
-    cancelled = await asyncio.to_thread(runner.table.cancel, job_id)
-    await asyncio.to_thread(runner.table.delete, job_id)
-    # A replica working on it sees the job gone at its next progress report and stops;
-    # the files go now (its temporary result goes when it stops).
-    await asyncio.to_thread(runner.files.remove, job_id)
-    await runner.refresh_metrics()
-    final = cancelled or record
-    return {"id": job_id, "deleted": True, "state": final.state}
