@@ -1,8 +1,8 @@
 """The web page's "Run as a background job" in a real browser: an ISBI slice (as a TIFF) over
 a small UNET_MAX_PIXELS is refused by /v1/segment (413); its entry then offers the job API,
 shows the job's tiles, pages and time left as the worker computes them, and downloads the
-job's result with the API key. A cancelled job, a failed one and a file the job API refuses
-too say what happened."""
+job's result with the API key. A cancelled job, one deleted elsewhere, a failed one and a
+file the job API refuses too say what happened."""
 
 from __future__ import annotations
 
@@ -160,7 +160,24 @@ def test_cancelled_failed_and_refused_jobs_say_what_happened(weights: Path, tmp_
                 "Job cancelled (and deleted on the server)", timeout=WAIT_MS
             )
             assert jobs(base) == []
-        expect(entry.get_by_role("button")).to_have_count(0)
+            expect(entry.get_by_role("button")).to_have_count(0)
+
+            # Deleted by another client while the page follows it: the page says so.
+            again = tmp_path / "again.tif"
+            again.write_bytes(first.read_bytes())
+            entry = job(page, again.name)
+            page.locator("#files").set_input_files([str(again)])
+            entry.get_by_role("button", name=f"Run {again.name} as a background job").click()
+            expect(entry.locator(".status")).to_contain_text("Job running: 0 of", timeout=WAIT_MS)
+            (elsewhere,) = jobs(base)
+            gone = httpx.delete(f"{base}/v1/jobs/{elsewhere['id']}", timeout=30)
+            assert gone.status_code == 200
+            expect(entry.locator(".status")).to_have_text(
+                f"Job {elsewhere['id']} lost: Not found on this server (404): "
+                f"no job {elsewhere['id']}",
+                timeout=WAIT_MS,
+            )
+            expect(entry.get_by_role("button")).to_have_count(0)
 
         entry = job(page, second.name)
         with wrapped_forward(service_of(app), failing):
