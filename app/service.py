@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,8 @@ class ModelInfo:
     in_channels: int
     out_channels: int
     tile_sizes: tuple[int, ...]
-    metrics: dict[str, float]  # the card's validation metrics, if any
+    # The card's headline validation figures, each defined (model.card_metrics); {} if none.
+    metrics: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -122,7 +124,7 @@ class InferenceService:
             in_channels=card.in_channels,
             out_channels=card.out_channels,
             tile_sizes=tile_sizes(segmenter.geometry, settings.tile_size),
-            metrics=dict(card.metrics.get("overall", {})),
+            metrics=card.metrics_summary(),
         )
         self.runner = BatchRunner(
             segmenter,

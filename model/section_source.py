@@ -352,4 +352,13 @@ def open_section(
     if magic in TIFF_MAGIC:
         return TiffSource(path, max_pixels, max_pages, max_chunk_bytes)
     limit = max_pixels if max_decoded_pixels is None else min(max_pixels, max_decoded_pixels)
-    return ArraySource(read_image(str(path), limit))
+    try:
+        return ArraySource(read_image(str(path), limit))
+    except ImageTooLargeError as e:
+        if limit == max_pixels:
+            raise
+        # Say why a section this size is refused here when a TIFF of it would not be.
+        raise ImageTooLargeError(
+            f"{e}: only TIFF files are read window by window beyond that; other formats are "
+            "decoded whole (save it as a TIFF to segment it as a section)"
+        ) from None

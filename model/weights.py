@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.card_metrics import current_metrics, current_training, metrics_summary
 from model.instances import InstanceParams
 from model.unet import UNet
 
@@ -64,6 +65,22 @@ class ModelCard(BaseModel):
         if len(v) < 3 or any(c < 1 for c in v):
             raise ValueError("channels needs the input channels and at least two positive levels")
         return v
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metric_names(cls, v: Any) -> Any:
+        # Cards written before `pixel_error` meant only the challenge's scale.
+        return current_metrics(v) if isinstance(v, dict) else v
+
+    @field_validator("training", mode="before")
+    @classmethod
+    def _training_names(cls, v: Any) -> Any:
+        return current_training(v) if isinstance(v, dict) else v
+
+    def metrics_summary(self) -> dict[str, dict[str, Any]]:
+        """The headline validation figures, defined (see model.card_metrics)."""
+        validation = [str(s) for s in self.training.get("validation_slices", [])]
+        return metrics_summary(self.metrics, self.threshold, validation)
 
     @property
     def in_channels(self) -> int:

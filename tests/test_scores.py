@@ -8,16 +8,16 @@ import pytest
 from training.scores import adapted_rand, cells, confusion, rand_error
 
 
-def test_pixel_error_dice_iou() -> None:
+def test_mismatch_dice_iou() -> None:
     truth = np.array([[1, 1, 0, 0], [1, 1, 0, 0]])
     pred = np.array([[1, 0, 0, 0], [1, 1, 1, 0]])
     c = confusion(pred, truth)
     assert (c.tp, c.fp, c.fn, c.tn) == (3, 1, 1, 3)
-    assert c.pixel_error == pytest.approx(2 / 8)
+    assert c.mismatch == pytest.approx(2 / 8)
     assert c.dice == pytest.approx(6 / 8)
     assert c.iou == pytest.approx(3 / 5)
     both = c + confusion(truth, truth)
-    assert both.pixel_error == pytest.approx(2 / 16)
+    assert both.mismatch == pytest.approx(2 / 16)
     assert confusion(np.zeros((2, 2)), np.zeros((2, 2))).dice == 1.0
     with pytest.raises(ValueError, match="shape"):
         confusion(pred, truth[:, :2])

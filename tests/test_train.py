@@ -65,7 +65,7 @@ def test_two_step_training_writes_a_loadable_checkpoint(tiny_data: Path, tmp_pat
     label = np.asarray(Image.open(tiny_data / "label" / "02.png")) > 127
     mask = Segmenter(model, card, device="cpu").segment(image, tile_size=64).mask
     error = np.mean(mask.astype(bool) != label)
-    assert error == pytest.approx(card.training["validation_pixel_error_at_best"], abs=1e-5)
+    assert error == pytest.approx(card.training["validation_mismatch_at_best"], abs=1e-5)
     assert not list(out.parent.glob(".*"))  # no temporary files left behind
 
 
@@ -170,7 +170,7 @@ def test_bf16_autocast_and_weight_average(tiny_data: Path, tmp_path: Path) -> No
 
 def test_selection_by_instance_rand_error(tiny_data: Path, tmp_path: Path) -> None:
     """--select instances keeps the step whose instances score the lowest Rand error, records
-    it beside the pixel error of every validation, and cuts instances with the --init card's
+    it beside the mismatch of every validation, and cuts instances with the --init card's
     parameters (which the checkpoint keeps)."""
     first = tmp_path / "first.safetensors"
     run(tiny_data, first)

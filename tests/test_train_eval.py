@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_card_figures import pixel_error_paths
 
 from conftest import isbi_pairs
 from model.engine import Segmenter
-from model.weights import load_card
+from model.weights import card_path, load_card
 from training.evaluate import main
 from training.scores import confusion, rand_error
 
@@ -39,10 +40,16 @@ def test_eval_reports_the_metrics_of_the_engine_masks(
         counts = confusion(mask, label)
         pooled = counts if pooled is None else pooled + counts
         row = report["per_image"][name]
-        assert row["pixel_error"] == pytest.approx(counts.pixel_error, abs=1e-6)
+        assert row["mismatch"] == pytest.approx(counts.mismatch, abs=1e-6)
         assert row["dice"] == pytest.approx(counts.dice, abs=1e-6)
-        assert row["rand_error"] == pytest.approx(rand_error(mask, label).error, abs=1e-6)
-    assert report["overall"]["pixel_error"] == pytest.approx(pooled.pixel_error, abs=1e-6)
+        assert row["components_rand_error"] == pytest.approx(
+            rand_error(mask, label).error, abs=1e-6
+        )
+        # `pixel_error` is the challenge's scale only (model.card_metrics).
+        assert "pixel_error" not in row and "rand_error" not in row
+    assert report["overall"]["mismatch"] == pytest.approx(pooled.mismatch, abs=1e-6)
+    assert "pixel_error" not in report["overall"]
+    assert 0 <= report["challenge"]["pixel_error"] <= 1
     printed = capsys.readouterr().out
     assert "overall" in printed and "04" in printed
 
@@ -52,6 +59,10 @@ def test_update_card_and_precision_agreement(tiny_weights: Path, pairs_dir: Path
     assert main([*args, "--update-card"]) == 0
     metrics = load_card(tiny_weights).metrics
     assert metrics["slices"] == ["05"] and metrics["precision"] == "fp32"
+    # On disk, `pixel_error` is the challenge's scale only; the mismatch has its own name.
+    written = json.loads(card_path(tiny_weights).read_text())
+    assert pixel_error_paths(written) == [".metrics.challenge.pixel_error"]
+    assert written["metrics"]["overall"]["mismatch"] == metrics["overall"]["mismatch"]
     assert main([*args, "--precision", "bf16", "--update-card"]) == 0
     after = load_card(tiny_weights).metrics
     # bf16 goes beside the fp32 metrics, which stay the card's own.

@@ -70,7 +70,7 @@ def test_validation_scores_the_live_weights_and_keeps_the_mode() -> None:
     assert model.training
     state = copy.deepcopy(model.state_dict())
     v = validator()
-    error, threshold = v.pixel_error, v.threshold
+    error, threshold = v.mismatch, v.threshold
     assert v.rand_error is None
     assert model.training
     # Validation runs in eval mode: BatchNorm's running statistics are left as they were.
@@ -81,7 +81,7 @@ def test_validation_scores_the_live_weights_and_keeps_the_mode() -> None:
     # probability ~0 every foreground pixel is an error, whatever the threshold.
     with torch.no_grad():
         model.head.bias.fill_(-1e4)
-    error = validator().pixel_error
+    error = validator().mismatch
     assert error == pytest.approx(label.mean(), abs=1e-12)
     assert model.training
     model.eval()

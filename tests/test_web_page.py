@@ -62,14 +62,30 @@ def test_the_package_ships_every_page_file() -> None:
         assert any(fnmatch(name, p) for p in patterns), f"{name} is not in package-data"
 
 
-async def test_model_metadata_carries_the_cards_validation_metrics(
+async def test_model_metadata_shows_an_old_cards_mismatch_under_its_own_name(
     weights: Path,
 ) -> None:
+    """A card written before `pixel_error` meant only the challenge's scale called its plain
+    mismatch `pixel_error`: the metadata shows it as the mismatch, defined, with the slices it
+    was measured on, and shows no pixel error at all (that card has no challenge scores)."""
     card_path = weights.with_suffix(".json")
     card = json.loads(card_path.read_text())
+    card["training"] = {"validation_slices": ["20", "21"]}
     overall = {"pixel_error": 0.08, "dice": 0.95, "iou": 0.9, "rand_error": 0.18}
-    card["metrics"] = {"slices": ["20"], "overall": overall}
+    card["metrics"] = {
+        "command": "unet-eval tiny.safetensors --update-card",
+        "slices": ["20", "21"],
+        "threshold": 0.4,
+        "overall": overall,
+    }
     card_path.write_text(json.dumps(card))
     async with running(make_app(weights)) as client:
-        meta = (await client.get("/v2/models/tiny")).json()
-        assert meta["parameters"]["metrics"] == overall
+        metrics = (await client.get("/v2/models/tiny")).json()["parameters"]["metrics"]
+    assert list(metrics) == ["mismatch"]
+    mismatch = metrics["mismatch"]
+    assert mismatch["value"] == 0.08 and mismatch["threshold"] == 0.4
+    assert mismatch["label"] == "mismatch at threshold 0.4"
+    assert "not the challenge's pixel error" in mismatch["definition"]
+    assert mismatch["slices"] == ["20", "21"]
+    assert mismatch["measured_on"] == "validation slices 20, 21 (held out from training)"
+    assert mismatch["command"] == "unet-eval tiny.safetensors --update-card"

@@ -28,7 +28,7 @@ def main() -> None:
     with live_server(create_app(settings)) as base, browser_page(base) as (page, log):
         page.set_viewport_size({"width": 1440, "height": 640})
         page.goto(f"{base}/")
-        page.locator("#model").get_by_text("isbi2012").wait_for()
+        page.locator("#model").get_by_text("isbi2012", exact=True).wait_for()
         page.locator("#files").set_input_files([str(p) for p in SLICES])
         for path in SLICES:
             entry = page.locator("li.job").filter(has=page.get_by_text(path.name, exact=True))

@@ -69,7 +69,7 @@ def provenance(
         "batch_size": config.batch_size,
         "bn_momentum": config.bn_momentum,
         "precision": precision,
-        "selected_by": "instance Rand error" if config.select == "instances" else "pixel error",
+        "selected_by": "instance Rand error" if config.select == "instances" else "mismatch",
         "ema_decay": config.ema or None,
         "output_size": config.output_size,
         "input_size": config.output_size + geometry.shrink,
@@ -96,7 +96,7 @@ def provenance(
 
 
 class Checkpoints:
-    """The best validation so far (by pixel error, or by the instances' Rand error with
+    """The best validation so far (by mismatch, or by the instances' Rand error with
     `select="instances"`), its step, its weights in memory and on disk at `out`, and the
     whole validation history."""
 
@@ -120,14 +120,14 @@ class Checkpoints:
     def record(
         self, model: torch.nn.Module, step: int, validation: Validation, elapsed_s: float
     ) -> None:
-        entry = [step, round(validation.pixel_error, 5), validation.threshold]
+        entry = [step, round(validation.mismatch, 5), validation.threshold]
         if validation.rand_error is not None:
             entry += [round(validation.rand_error, 5), validation.seed_threshold]
         self.history.append(entry)
         if self.snapshots:  # every validated state, to choose among afterwards
             snapshot = self.out.with_name(f"{self.out.stem}.step{step:05d}{self.out.suffix}")
             self.save(model, elapsed_s, (validation, step), snapshot)
-        key = validation.pixel_error
+        key = validation.mismatch
         if self.select == "instances":
             assert validation.rand_error is not None, "instance selection scores instances"
             key = validation.rand_error
@@ -166,7 +166,7 @@ class Checkpoints:
             **self.training,
             "best_step": step,
             "threshold_tuned_on_validation": best.threshold,
-            "validation_pixel_error_at_best": round(best.pixel_error, 5),
+            "validation_mismatch_at_best": round(best.mismatch, 5),
             **rand,
             "elapsed_min": round(elapsed_s / 60, 1),
             "validation_history": self.history,

@@ -147,9 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--select",
         choices=["pixel", "instances"],
         default=d.select,
-        help="keep the checkpoint with the lowest validation pixel error, or the lowest Rand "
-        "error of its cell instances (cut with the --init card's instance parameters, else "
-        "the defaults, with the best of a few seed thresholds; at the best pixel threshold)",
+        help="keep the checkpoint with the lowest validation mismatch (fraction of pixels unlike "
+        "the label, at its best threshold), or the lowest Rand error of its cell instances (cut "
+        "with the --init card's instance parameters, else the defaults, with the best of a few "
+        "seed thresholds; at the mismatch's best threshold)",
     )
     p.add_argument(
         "--snapshots",

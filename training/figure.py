@@ -61,7 +61,7 @@ def figure(image: np.ndarray, label: np.ndarray, mask: np.ndarray, name: str) ->
         panel(np.where(pred, 255, 0).astype(np.uint8), "prediction"),
         panel(
             diff,
-            f"errors: pixel {counts.pixel_error:.4f}, Rand {rand.error:.4f}",
+            f"errors: mismatch {counts.mismatch:.4f}, Rand error of components {rand.error:.4f}",
         ),
     ]
     return side_by_side(panels)

@@ -1,6 +1,7 @@
 """Segmentation metrics of the ISBI 2012 challenge, on binary masks (1 = cell interior).
 
-- pixel error: fraction of pixels whose class differs from the ground truth.
+- mismatch: the fraction of pixels whose class differs from the ground truth (not the
+  challenge's pixel error, which is 1 - the best F-score over thresholds: training.challenge).
 - Dice / IoU of the foreground (cell interior).
 - Rand error = 1 - adapted Rand F-score (Arganda-Carreras et al. 2015; the ISBI 2012 and CREMI
   evaluation). Both masks are turned into segmentations by labelling the connected components
@@ -51,7 +52,7 @@ class Counts:
         )
 
     @property
-    def pixel_error(self) -> float:
+    def mismatch(self) -> float:
         return (self.fp + self.fn) / max(self.tp + self.fp + self.fn + self.tn, 1)
 
     @property

@@ -74,7 +74,7 @@ def train(config: TrainConfig, command: str) -> dict:
             best = checkpoints.best
             rand = "" if v.rand_error is None else f", instance Rand error {v.rand_error:.4f}"
             tqdm.write(
-                f"step {step}: loss {loss_avg:.4f}, val pixel error {v.pixel_error:.4f} at "
+                f"step {step}: loss {loss_avg:.4f}, val mismatch {v.mismatch:.4f} at "
                 f"t={v.threshold}{rand} (best {best[0]:.4f} @ {best[2]}), "
                 f"{(time.monotonic() - start) / 60:.1f} min",
                 file=sys.stderr,
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, WeightsError, ValueError) as e:
         parser.error(str(e))
     print(
-        f"best validation pixel error {summary['validation_pixel_error_at_best']} at step "
+        f"best validation mismatch {summary['validation_mismatch_at_best']} at step "
         f"{summary['best_step']} (threshold {summary['threshold_tuned_on_validation']}), "
         f"{summary['steps_run']} steps in {summary['elapsed_min']} min -> {config.out}"
     )

@@ -1,4 +1,5 @@
-"""Validation during training: the best pixel error over a sweep of thresholds on the
+"""Validation during training: the lowest mismatch (fraction of pixels unlike the label)
+over a sweep of thresholds on the
 held-out slices, measured with the engine's own tiled inference path (normalisation, tiling,
 stitching) on the weights being trained; optionally also the Rand error of the cell
 instances the service would cut from the same maps (`unet-train --select instances`)."""
@@ -38,10 +39,10 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @dataclass(frozen=True)
 class Validation:
-    """One validation: the best pixel error, its threshold, and, when instances are scored,
+    """One validation: the lowest mismatch, its threshold, and, when instances are scored,
     their Rand error (1 - V_Rand after thinning, training.challenge) at that threshold."""
 
-    pixel_error: float
+    mismatch: float
     threshold: float
     rand_error: float | None = None
     seed_threshold: float | None = None
@@ -94,7 +95,7 @@ class Validator:
         with evaluating(self.model):
             maps = probability_maps(self.segmenter, self.pairs)
         truths = [pair.label.astype(bool) for pair in self.pairs]
-        error, threshold = best_pixel_error(maps, truths)
+        error, threshold = lowest_mismatch(maps, truths)
         if self.instances is None:
             return Validation(error, threshold)
         seeds = sorted({self.instances.seed_threshold, *SEED_THRESHOLDS})
@@ -126,8 +127,8 @@ def probability_maps(segmenter: Segmenter, pairs: list[Pair]) -> list[np.ndarray
     return maps
 
 
-def best_pixel_error(maps: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
-    """Best pixel error over THRESHOLDS, the pixels of all maps pooled, and that threshold."""
+def lowest_mismatch(maps: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
+    """Lowest mismatch over THRESHOLDS, the pixels of all maps pooled, and that threshold."""
     errors = np.zeros(len(THRESHOLDS))
     total = 0
     for prob, truth in zip(maps, truths, strict=True):

@@ -157,7 +157,8 @@ async def model_metadata(
             "description": info.description,
             "class_names": info.class_names,
             "threshold": info.threshold,
-            # Validation metrics of the card (pixel error, Dice, IoU, Rand error), if any.
+            # The card's validation figures: the challenge's pixel error, the instances'
+            # Rand error and the mismatch, each with its definition and slices (if any).
             "metrics": info.metrics,
             "depth": info.depth,
             "tile_sizes": list(info.tile_sizes),

@@ -1,5 +1,5 @@
-// The page's only way into the service: its public API (/v1/segment, /v2, /metrics), with
-// the optional bearer token kept in sessionStorage for this tab.
+// The page's only way into the service: its public API (/v1/segment, /v1/jobs, /v2,
+// /metrics), with the optional bearer token kept in sessionStorage for this tab.
 
 const KEY_STORE = "unet-api-key";
 const MAX_ATTEMPTS = 20; // 503s retried, each after the server's Retry-After
@@ -76,17 +76,35 @@ export async function requestJson(path, { method = "GET", body = undefined, allo
   return response.json();
 }
 
-export async function requestText(path) {
-  const response = await fetch(path, { headers: authHeaders() });
+/** GET with the key; resolves to the Response when it is ok, or throws ApiError. */
+async function get(path) {
+  let response;
+  try {
+    response = await fetch(path, { headers: authHeaders() });
+  } catch (e) {
+    throw new ApiError(0, e.message);
+  }
   if (!response.ok) throw await errorFrom(response.status, response.headers, await response.text());
-  return response.text();
+  return response;
 }
 
-/** One POST /v1/segment with upload progress. Resolves to {blob, headers}. */
-function segmentOnce(file, output, { onUpload, onComputing }) {
+export async function requestText(path) {
+  return (await get(path)).text();
+}
+
+/** A file of the API (a job's result) as a Blob. */
+export async function requestBlob(path) {
+  return (await get(path)).blob();
+}
+
+const IGNORE = () => {};
+
+/** One POST of `file` as the multipart field `file`, with upload progress. Resolves to
+ * {response, headers} for a 2xx answer (`responseType` "blob" or "json"), or throws ApiError. */
+function postFile(path, file, responseType, { onUpload = IGNORE, onComputing = IGNORE } = {}) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", `/v1/segment?output=${encodeURIComponent(output)}`);
+    xhr.open("POST", path);
     for (const [name, value] of Object.entries(authHeaders())) xhr.setRequestHeader(name, value);
     xhr.responseType = "blob";
     xhr.upload.addEventListener("progress", (e) => {
@@ -95,12 +113,21 @@ function segmentOnce(file, output, { onUpload, onComputing }) {
     xhr.upload.addEventListener("load", () => onComputing());
     xhr.addEventListener("load", async () => {
       const headers = { get: (name) => xhr.getResponseHeader(name) };
-      if (xhr.status === 200) {
-        resolve({ blob: xhr.response, headers });
+      const ok = xhr.status >= 200 && xhr.status < 300;
+      if (ok && responseType !== "json") {
+        resolve({ response: xhr.response, headers });
         return;
       }
       const text = xhr.response ? await xhr.response.text() : "";
-      reject(await errorFrom(xhr.status, headers, text));
+      if (!ok) {
+        reject(await errorFrom(xhr.status, headers, text));
+      } else {
+        try {
+          resolve({ response: JSON.parse(text), headers });
+        } catch {
+          reject(new ApiError(xhr.status, `the server's answer is not JSON: ${text.slice(0, 200)}`));
+        }
+      }
     });
     xhr.addEventListener("error", () => reject(new ApiError(0, "the connection failed")));
     const form = new FormData();
@@ -126,19 +153,36 @@ function countdown(seconds, onTick) {
   });
 }
 
-/**
- * POST /v1/segment, retrying a 503 after the Retry-After the server sends.
- * handlers: onUpload(loaded, total), onComputing(), onRetry(secondsLeft, error).
- */
-export async function segment(file, output, handlers) {
-  for (let attempt = 1; ; attempt += 1) {
+/** `attempt()`, again after the server's Retry-After for as long as it answers 503. */
+async function retrying(attempt, onRetry = IGNORE) {
+  for (let tries = 1; ; tries += 1) {
     try {
-      return await segmentOnce(file, output, handlers);
+      return await attempt();
     } catch (error) {
-      if (!(error instanceof ApiError) || error.status !== 503 || attempt >= MAX_ATTEMPTS) {
-        throw error;
-      }
-      await countdown(error.retryAfter ?? 5, (left) => handlers.onRetry(left, error));
+      if (!(error instanceof ApiError) || error.status !== 503 || tries >= MAX_ATTEMPTS) throw error;
+      await countdown(error.retryAfter ?? 5, (left) => onRetry(left, error));
     }
   }
+}
+
+/**
+ * POST /v1/segment, retrying a 503 after the Retry-After the server sends; resolves to
+ * {blob, headers}. handlers (each optional): onUpload(loaded, total), onComputing(),
+ * onRetry(secondsLeft, error).
+ */
+export async function segment(file, output, handlers = {}) {
+  const path = `/v1/segment?output=${encodeURIComponent(output)}`;
+  const { response, headers } = await retrying(
+    () => postFile(path, file, "blob", handlers),
+    handlers.onRetry,
+  );
+  return { blob: response, headers };
+}
+
+/** POST /v1/jobs: the file as a background job (503s retried as for segment); resolves to
+ * the job's JSON. handlers as for segment. */
+export async function submitJob(file, output, handlers = {}) {
+  const path = `/v1/jobs?output=${encodeURIComponent(output)}`;
+  const { response } = await retrying(() => postFile(path, file, "json", handlers), handlers.onRetry);
+  return response;
 }

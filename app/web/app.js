@@ -1,9 +1,12 @@
 // The page: images in a queue, each sent to POST /v1/segment (one at a time), its result
-// shown in the three views, downloads from the same API.
+// shown in the three views, downloads from the same API; an image too large for a request
+// (413) can go to the job API instead (sectionjob.js).
 
 import { apiKey, describe, segment, setApiKey } from "./api.js";
-import { el } from "./dom.js";
+import { el, percent } from "./dom.js";
+import { downloads, fetchOutput } from "./outputs.js";
 import { cellsTint, maskCanvases, previewCanvas } from "./render.js";
+import { runAsJob } from "./sectionjob.js";
 import { loadModel, refreshServer, tintedClasses } from "./status.js";
 import { Viewer } from "./viewer.js";
 
@@ -11,9 +14,9 @@ const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000;
 const NO_PREVIEW = "The browser cannot show this file; the overlay shows the mask alone.";
 
-const jobs = [];
+const entries = []; // the files chosen, in order: {file, item, status, progress, ...}
 let model = null;
-let current = null; // the job whose result is shown
+let current = null; // the entry whose result is shown
 let modelLater = false; // the card could not be had yet (server loading or unreachable)
 let busy = false;
 const viewer = new Viewer(document.querySelectorAll(".viewport"), (zoom) => {
@@ -22,22 +25,6 @@ const viewer = new Viewer(document.querySelectorAll(".viewport"), (zoom) => {
 
 function announce(text) {
   $("announce").textContent = text;
-}
-
-function stem(name) {
-  return name.replace(/\.[^.]*$/, "") || "image";
-}
-
-function percent(part, whole) {
-  return `${Math.round((100 * part) / whole)}%`;
-}
-
-function saveBlob(blob, filename) {
-  const link = el("a", { href: URL.createObjectURL(blob), download: filename, hidden: true });
-  document.body.append(link);
-  link.click();
-  link.remove();
-  setTimeout(() => URL.revokeObjectURL(link.href), 60_000);
 }
 
 async function refreshModel() {
@@ -69,100 +56,68 @@ function refreshState() {
   return refreshServer($("server-state"), $("server-queue"));
 }
 
-/** A button that asks the API for another output of the same file and saves it. */
-function downloadButton(job, output, filename, label) {
-  const button = el("button", { type: "button" }, label);
-  button.addEventListener("click", async () => {
-    const saved = job.outputs[output];
-    if (saved) {
-      saveBlob(saved, saved.type === "image/tiff" ? filename.replace(/\.png$/, ".tif") : filename);
-      return;
-    }
-    button.disabled = true;
-    button.setAttribute("aria-busy", "true");
-    const show = (text) => {
-      button.textContent = `${label}: ${text}`;
-    };
-    try {
-      const { blob } = await segment(job.file, output, {
-        onUpload: (loaded, total) => show(`uploading ${percent(loaded, total)}`),
-        onComputing: () => show("computing…"),
-        onRetry: (left) => show(`server busy, retrying in ${left} s`),
-      });
-      job.outputs[output] = blob;
-      // Instances beyond 65535 cells come as a 32-bit TIFF instead of a 16-bit PNG.
-      saveBlob(blob, blob.type === "image/tiff" ? filename.replace(/\.png$/, ".tif") : filename);
-      $("download-error").textContent = "";
-    } catch (error) {
-      $("download-error").textContent = describe(error);
-    } finally {
-      button.textContent = label;
-      button.disabled = false;
-      button.removeAttribute("aria-busy");
-    }
-  });
-  return button;
-}
-
 /** The overlay's tint: the classes, or with "Colour each cell" every cell instance in its
  * own colour (the API's instances of the same file, asked for once). */
-async function showLayers(job) {
-  const { result } = job;
+async function showLayers(entry) {
+  const { result } = entry;
   const cells = $("cells").checked && hasInstances();
   let tint = result.layers.tint;
   if (cells) {
     if (!result.cellsTint) {
-      const width = result.width;
-      const height = result.height;
-      if (!job.outputs.instances) {
-        job.outputs.instances = (await segment(job.file, "instances", {})).blob;
-      }
-      result.cellsTint = await cellsTint(job.outputs.instances, width, height);
+      const say = (text) => {
+        $("cells-status").textContent = text;
+      };
+      const blob = await fetchOutput(entry, "instances", {
+        onUpload: (loaded, total) => say(`uploading ${percent(loaded, total)}`),
+        onComputing: () => say("computing the cells…"),
+        onRetry: (left, error) => say(`${describe(error)}. Retrying in ${left} s.`),
+      });
+      result.cellsTint = await cellsTint(blob, result.width, result.height);
     }
     tint = result.cellsTint;
   }
-  if (current !== job) return; // another image was chosen meanwhile
+  if (current !== entry) return; // another image was chosen meanwhile
   viewer.show({ image: result.preview, ...result.layers, tint }, NO_PREVIEW, true);
   document.querySelector("[data-panel=overlay]").dataset.colouring = cells ? "cells" : "classes";
   $("legend").hidden = cells;
   $("cells-legend").hidden = !cells;
 }
 
-function display(job) {
-  const { result, file } = job;
-  current = job;
+/** "Colour each cell" for the entry shown: its progress and errors beside the box. */
+function colourCells(entry) {
+  $("cells").disabled = true;
+  $("cells-status").classList.remove("error");
+  showLayers(entry)
+    .then(() => {
+      $("cells-status").textContent = "";
+    })
+    .catch((error) => {
+      $("cells-status").classList.add("error");
+      $("cells-status").textContent = describe(error);
+    })
+    .finally(() => {
+      $("cells").disabled = false;
+    });
+}
+
+function display(entry) {
+  const { result, file } = entry;
+  current = entry;
   $("cells-control").hidden = !hasInstances();
   viewer.show({ image: result.preview, ...result.layers }, NO_PREVIEW);
-  if ($("cells").checked && hasInstances()) {
-    showLayers(job).catch((error) => {
-      $("download-error").textContent = describe(error);
-    });
-  }
+  if ($("cells").checked && hasInstances()) colourCells(entry);
   $("result-name").textContent = file.name;
   $("empty").hidden = true;
-  const name = stem(file.name);
-  // A stack's mask is one multi-page TIFF with every page (the views show the first).
-  const mask = result.pages > 1
-    ? el("a", { href: result.maskUrl, download: `${name}_mask.tif` }, "Download mask (TIFF, all pages)")
-    : el("a", { href: result.maskUrl, download: `${name}_mask.png` }, "Download mask (PNG)");
-  $("downloads").replaceChildren(
-    mask,
-    downloadButton(job, "probabilities", `${name}_probabilities.npy`, "Download probabilities (.npy)"),
-    downloadButton(job, "overlay", `${name}_overlay.png`, "Download overlay (PNG)"),
-    ...(hasInstances()
-      ? [downloadButton(job, "instances", `${name}_instances.png`, "Download cell instances (PNG)")]
-      : []),
-    el("p", { id: "download-error", className: "error", role: "alert" }),
-  );
+  $("downloads").replaceChildren(...downloads(entry, hasInstances()));
   $("downloads").hidden = false;
-  for (const other of jobs) {
-    other.item.classList.toggle("current", other === job);
-    other.show.setAttribute("aria-pressed", String(other === job));
+  for (const other of entries) {
+    other.item.classList.toggle("current", other === entry);
+    other.show.setAttribute("aria-pressed", String(other === entry));
   }
 }
 
-async function process(job) {
-  const { file, status, progress } = job;
+async function process(entry) {
+  const { file, status, progress } = entry;
   const say = (text) => {
     status.textContent = text;
   };
@@ -190,32 +145,44 @@ async function process(job) {
       maskCanvases(blob, classes, width, height),
     ]);
     const pages = Number(headers.get("X-Pages") || 1);
-    job.result = { preview, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
+    entry.result = { preview, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
     progress.value = 1;
     const seconds = (Number(headers.get("X-Total-Ms")) / 1000).toFixed(2);
     const tiles = headers.get("X-Tiles");
     const stack = pages > 1 ? `, ${pages} pages (the first shown)` : "";
     say(`Done: ${width} × ${height} pixels${stack}, ${tiles} tile${tiles === "1" ? "" : "s"}, ${seconds} s`);
-    job.show.hidden = false;
-    display(job);
+    entry.show.hidden = false;
+    display(entry);
     announce(`${file.name} segmented`);
   } catch (error) {
     progress.hidden = true;
     status.classList.add("error");
     say(describe(error));
     // Worth another try after a key is entered or the server recovers; not for the file itself.
-    job.retry.hidden = [413, 415, 422].includes(error.status);
+    entry.retry.hidden = [413, 415, 422].includes(error.status);
+    if (error.status === 413) offerJob(entry);
     announce(`${file.name}: ${describe(error)}`);
   }
 }
 
-function retry(job) {
-  job.retry.hidden = true;
-  job.progress.hidden = false;
-  job.progress.value = 0;
-  job.status.classList.remove("error");
-  job.status.textContent = "Waiting";
-  job.started = false;
+/** Too large for a request: the job API takes it in the background. */
+function offerJob(entry) {
+  const run = el("button", { type: "button" }, "Run as a background job");
+  run.setAttribute("aria-label", `Run ${entry.file.name} as a background job`);
+  run.addEventListener("click", () => {
+    entry.actions.replaceChildren();
+    runAsJob(entry).finally(() => refreshState());
+  });
+  entry.actions.replaceChildren(run);
+}
+
+function retry(entry) {
+  entry.retry.hidden = true;
+  entry.progress.hidden = false;
+  entry.progress.value = 0;
+  entry.status.classList.remove("error");
+  entry.status.textContent = "Waiting";
+  entry.started = false;
   work();
 }
 
@@ -223,9 +190,10 @@ async function work() {
   if (busy) return;
   busy = true;
   try {
-    for (let job = jobs.find((j) => !j.started); job; job = jobs.find((j) => !j.started)) {
-      job.started = true;
-      await process(job);
+    const next = () => entries.find((e) => !e.started);
+    for (let entry = next(); entry; entry = next()) {
+      entry.started = true;
+      await process(entry);
       refreshState();
     }
   } finally {
@@ -243,11 +211,14 @@ function addFiles(files) {
     const again = el("button", { type: "button", hidden: true }, "Try again");
     again.setAttribute("aria-label", `Try ${file.name} again`);
     const name = el("span", { className: "file" }, file.name);
-    const item = el("li", { className: "job" }, name, progress, status, show, again);
-    const job = { file, item, status, progress, show, retry: again, outputs: {}, started: false };
-    show.addEventListener("click", () => display(job));
-    again.addEventListener("click", () => retry(job));
-    jobs.push(job);
+    const actions = el("div", { className: "actions" });
+    const item = el("li", { className: "job" }, name, progress, status, show, again, actions);
+    const entry = {
+      file, item, status, progress, show, actions, retry: again, outputs: {}, started: false,
+    };
+    show.addEventListener("click", () => display(entry));
+    again.addEventListener("click", () => retry(entry));
+    entries.push(entry);
     $("jobs").append(item);
   }
   work();
@@ -281,15 +252,7 @@ function setUp() {
   for (const type of ["dragover", "drop"]) window.addEventListener(type, (e) => e.preventDefault());
 
   $("cells").addEventListener("change", () => {
-    if (!current) return;
-    $("cells").disabled = true;
-    showLayers(current)
-      .catch((error) => {
-        $("download-error").textContent = describe(error);
-      })
-      .finally(() => {
-        $("cells").disabled = false;
-      });
+    if (current) colourCells(current);
   });
   const opacity = $("opacity");
   opacity.addEventListener("input", () => {

@@ -5,18 +5,47 @@ import { describe, requestJson, requestText } from "./api.js";
 import { el, facts } from "./dom.js";
 import { PALETTE } from "./render.js";
 
-const METRICS = [
-  ["pixel_error", "pixel error"],
-  ["dice", "Dice"],
-  ["iou", "IoU"],
-  ["rand_error", "Rand error"],
-];
+/** The card's validation figures (GET /v2/models/NAME parameters.metrics, see
+ * model/card_metrics.py), each with what it measures, grouped by the slices measured on. */
+function figures(metrics) {
+  const entries = Object.values(metrics || {}).filter((m) => typeof m?.value === "number");
+  if (!entries.length) return "none in the model card";
+  const box = el("div", { className: "figures" });
+  const groups = new Map();
+  for (const m of entries) groups.set(m.measured_on, [...(groups.get(m.measured_on) || []), m]);
+  for (const [where, group] of groups) {
+    const list = el("ul");
+    for (const m of group) {
+      list.append(
+        el(
+          "li",
+          {},
+          el("strong", { className: "figure" }, m.value.toFixed(4)),
+          ` ${m.label}`,
+          el("span", { className: "hint definition" }, m.definition),
+        ),
+      );
+    }
+    box.append(el("p", { className: "where" }, `On ${where}:`), list);
+    if (group[0].command) {
+      box.append(el("p", { className: "hint" }, "Measured by ", el("code", {}, group[0].command)));
+    }
+  }
+  return box;
+}
 
-function metricsText(metrics) {
-  const parts = METRICS.filter(([key]) => typeof metrics?.[key] === "number").map(
-    ([key, label]) => `${label} ${metrics[key].toFixed(3)}`,
+/** The card's description: its first sentence, the rest (training, known failures) one
+ * click away. */
+function description(text) {
+  if (!text) return "no description in the model card";
+  const [, first, rest] = text.match(/^(.+?[.!?])\s+([A-Z].*)$/s) || [null, text, ""];
+  if (!rest) return text;
+  return el(
+    "div",
+    { className: "description" },
+    el("p", {}, first),
+    el("details", {}, el("summary", {}, "How it was trained, where it fails"), el("p", {}, rest)),
   );
-  return parts.length ? parts.join(", ") : "none in the model card";
 }
 
 function threshold(value) {
@@ -44,10 +73,10 @@ export async function loadModel(container) {
     container.replaceChildren(
       facts([
         ["Name", meta.name],
-        ["Segments", p.description || "no description in the model card"],
+        ["Segments", description(p.description)],
         ["Classes", classes.join(", ")],
         ["Threshold", classes.length === 1 ? threshold(p.threshold) : "arg-max over the classes"],
-        ["Validation", metricsText(p.metrics)],
+        ["Validation", figures(p.metrics)],
         ["Tile sizes", (p.tile_sizes || []).join(", ")],
       ]),
     );
