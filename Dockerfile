@@ -25,9 +25,7 @@ ARG PYTHON_BASE=python:3.11-slim-bookworm
 FROM ${PYTHON_BASE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY model/ model/
-COPY app/ app/
-COPY training/ training/
+COPY unet_service/ unet_service/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 

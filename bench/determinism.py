@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
 
 
 def sync(device: torch.device) -> None:

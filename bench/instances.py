@@ -24,10 +24,10 @@ from skimage.filters import gaussian
 from skimage.measure import label
 from skimage.segmentation import watershed
 
-from model.engine import Segmenter
-from model.imageio import decode_image
-from model.instances import InstanceParams, label_instances
-from model.options import DEFAULT_WEIGHTS
+from unet_service.core.engine import Segmenter
+from unet_service.imaging.decode import decode_image
+from unet_service.options import DEFAULT_WEIGHTS
+from unet_service.pipeline.instances import InstanceParams, label_instances
 
 SLICE = Path(__file__).resolve().parent.parent.parent / "shared/data/isbi2012/test/05.png"
 
@@ -46,7 +46,7 @@ def whole_image_watershed(
 
 
 IMPLEMENTATIONS: dict[str, Callable[[np.ndarray, float, InstanceParams], np.ndarray]] = {
-    "per region (model.instances)": label_instances,
+    "per region (pipeline.instances)": label_instances,
     "whole-image watershed (before)": whole_image_watershed,
 }
 

@@ -26,8 +26,8 @@ import tifffile
 from PIL import Image
 
 from bench.load import unet_server
-from model.options import DEFAULT_WEIGHTS
-from training.data import DEFAULT_DATA
+from unet_service.options import DEFAULT_WEIGHTS
+from unet_service.training.data import DEFAULT_DATA
 
 TIFF_TILE = 512
 TARGET_BYTES_PER_PIXEL = 0.25

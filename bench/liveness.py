@@ -25,10 +25,10 @@ import httpx
 import numpy as np
 import torch
 
-from app.settings import Settings
 from bench.load import unet_server
-from model.unet import UNet
-from model.weights import ModelCard, save_weights
+from unet_service.core.unet import UNet
+from unet_service.core.weights import ModelCard, save_weights
+from unet_service.settings import Settings
 
 PROBE_INTERVAL_S = 0.02
 TARGET_P99_MS = 100.0

@@ -17,8 +17,8 @@ from fastapi import FastAPI, UploadFile
 from fastapi.responses import Response
 from PIL import Image
 
-from model.geometry import Geometry
-from model.weights import load_weights
+from unet_service.core.geometry import Geometry
+from unet_service.core.weights import load_weights
 
 
 def build(weights: str) -> FastAPI:

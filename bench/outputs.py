@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from bench.load import unet_server
-from model.options import DEFAULT_WEIGHTS
+from unet_service.options import DEFAULT_WEIGHTS
 
 SLICE = Path(__file__).resolve().parent.parent.parent / "shared/data/isbi2012/test/05.png"
 VARIANTS = [

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
 
 
 @dataclass

@@ -22,16 +22,16 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from app.settings import Settings
 from bench import determinism, engine, liveness, load, outputs, peers, stack, workload
 from bench.liveness import random_weights
 from bench.load import LoadResult, Server
-from model.engine import DEFAULT_WEIGHTS, Segmenter
-from model.geometry import Geometry
-from model.precision import cpu_has_fast_bf16
-from model.tiling import choose_tile_size
-from model.tiling import tile_sizes as tile_buckets
-from model.weights import load_card
+from unet_service.core.engine import DEFAULT_WEIGHTS, Segmenter
+from unet_service.core.geometry import Geometry
+from unet_service.core.precision import cpu_has_fast_bf16
+from unet_service.core.tiling import choose_tile_size
+from unet_service.core.tiling import tile_sizes as tile_buckets
+from unet_service.core.weights import load_card
+from unet_service.settings import Settings
 
 TUTORIAL_CHANNELS = [3, 64, 128, 256, 512, 1024]
 DOCS = workload.REPO / "docs"

@@ -23,7 +23,7 @@ from PIL import Image
 
 from bench.load import unet_server
 from bench.workload import isbi_slices, png_bytes
-from model.options import DEFAULT_WEIGHTS
+from unet_service.options import DEFAULT_WEIGHTS
 
 PAGES = 30
 TARGET = 0.9

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from ts.torch_handler.base_handler import BaseHandler
 
-from model.geometry import Geometry
-from model.weights import load_weights
+from unet_service.core.geometry import Geometry
+from unet_service.core.weights import load_weights
 
 
 class UNetHandler(BaseHandler):

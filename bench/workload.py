@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from model.tiling import mirror_pad
+from unet_service.core.tiling import mirror_pad
 
 REPO = Path(__file__).resolve().parent.parent
 ISBI_TEST = REPO.parent / "shared" / "data" / "isbi2012" / "test"

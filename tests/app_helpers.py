@@ -19,13 +19,13 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.main import create_app
-from app.service import InferenceService
-from app.settings import Settings
 from conftest import TINY_CHANNELS, isbi_slice, tiny_unet
-from model.engine import Segmenter
-from model.instances import InstanceParams
-from model.weights import ModelCard, save_weights
+from unet_service.api.app import create_app
+from unet_service.core.engine import Segmenter
+from unet_service.core.weights import ModelCard, save_weights
+from unet_service.pipeline.instances import InstanceParams
+from unet_service.serving.service import InferenceService
+from unet_service.settings import Settings
 
 # Depth 2: legal output tiles are 4 + 4j; 60 gives buckets 16 / 32 / 60 and input tiles 100.
 TILE = 60

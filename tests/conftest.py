@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 from postgres_server import PostgresServer, postgres_server, why_not
 
-from model.unet import UNet
-from model.weights import ModelCard, save_weights
+from unet_service.core.unet import UNet
+from unet_service.core.weights import ModelCard, save_weights
 
 REPO = Path(__file__).resolve().parent.parent
 ISBI = REPO.parent / "shared" / "data" / "isbi2012"

@@ -13,8 +13,8 @@ import tifffile
 from app_helpers import TILE, save_tiny
 
 from conftest import isbi_slice
-from model.engine import Segmenter
-from model.tiled_image import Segmentation
+from unet_service.core.engine import Segmenter
+from unet_service.pipeline.tiled_image import Segmentation
 
 __all__ = ["TILE"]
 

@@ -20,7 +20,7 @@ from app_helpers import (
 )
 from PIL import Image
 
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
 
 pytestmark = pytest.mark.anyio
 

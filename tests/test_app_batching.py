@@ -24,10 +24,10 @@ from app_helpers import (
 )
 from PIL import Image
 
-from model.engine import Segmenter
-from model.geometry import Geometry
-from model.tiling import choose_tile_size
-from model.tiling import tile_sizes as tile_buckets
+from unet_service.core.engine import Segmenter
+from unet_service.core.geometry import Geometry
+from unet_service.core.tiling import choose_tile_size
+from unet_service.core.tiling import tile_sizes as tile_buckets
 
 pytestmark = pytest.mark.anyio
 

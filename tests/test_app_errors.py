@@ -26,7 +26,7 @@ from app_helpers import (
 )
 from pydantic import ValidationError
 
-from app.settings import Settings
+from unet_service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from app_helpers import em_crop, gated, make_app, metric, png_bytes, running, save_tiny, service_of
 
-from model.tiled_image import TiledImage
-from model.tiling import Stitcher
+from unet_service.core.tiling import Stitcher
+from unet_service.pipeline.tiled_image import TiledImage
 
 pytestmark = pytest.mark.anyio
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.geometry import Geometry
-from training.augment import CropSampler, displacement_field
+from unet_service.core.geometry import Geometry
+from unet_service.training.augment import CropSampler, displacement_field
 
 GEOMETRY = Geometry(2)  # margin 20, shrink 40
 OUTPUT = 44

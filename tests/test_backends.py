@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY_CHANNELS, tiny_unet
-from model.backends import choose_backend, fold_batchnorm, onnxruntime_available
-from model.engine import Segmenter
-from model.weights import ModelCard
+from unet_service.core.backends import choose_backend, fold_batchnorm, onnxruntime_available
+from unet_service.core.engine import Segmenter
+from unet_service.core.weights import ModelCard
 
 CARD = ModelCard(channels=TINY_CHANNELS)
 CPU = torch.device("cpu")

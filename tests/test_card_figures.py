@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from model.engine import DEFAULT_WEIGHTS
-from model.weights import ModelCard, card_path, load_card
+from unet_service.core.engine import DEFAULT_WEIGHTS
+from unet_service.core.weights import ModelCard, card_path, load_card
 
 OLD_AT_THRESHOLD = {
     "pixel_error": 0.0785,

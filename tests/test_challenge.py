@@ -12,8 +12,8 @@ from skimage.measure import label
 from skimage.segmentation import watershed
 
 from conftest import ISBI, isbi_slice
-from model.engine import DEFAULT_WEIGHTS, Segmenter
-from training.challenge import (
+from unet_service.core.engine import DEFAULT_WEIGHTS, Segmenter
+from unet_service.training.challenge import (
     challenge_scores,
     info_fscore,
     rand_fscore,

@@ -13,8 +13,8 @@ import tifffile
 from PIL import Image
 
 from conftest import isbi_slice, read_volume
-from model.cli_predict import main
-from model.engine import Segmenter
+from unet_service.cli.predict import main
+from unet_service.core.engine import Segmenter
 
 
 @pytest.fixture

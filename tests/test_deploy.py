@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.metrics import Metrics
-from app.settings import Settings
+from unet_service.serving.metrics import Metrics
+from unet_service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deploy" / "kubernetes"
@@ -172,7 +172,7 @@ def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> N
 
 def test_images_start_the_readme_entrypoint(stages: dict[str, Stage]) -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["unet-serve"] == "app.main:main"
+    assert scripts["unet-serve"] == "unet_service.api.app:main"
     assert "unet-serve" in code_lines(readme_section("Run with Docker"))
     for name in ("cpu", "cuda"):
         # JSON (exec) form: unet-serve is PID 1 and gets SIGTERM itself, not a shell.
@@ -302,7 +302,7 @@ def test_dockerignore_keeps_the_context_to_what_the_image_needs(stages: dict[str
         "runs/checkpoint.safetensors",
         ".ruff_cache/CACHEDIR.TAG",
         ".pytest_cache/README.md",
-        "model/__pycache__/unet.cpython-311.pyc",
+        "unet_service/core/__pycache__/unet.cpython-311.pyc",
         "docker-compose.yml",
         "deploy/kubernetes/deployment.yaml",
     ]:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from app.batching import TileBatcher
-from app.events import wait_event
-from app.queued import ShuttingDownError
 from conftest import isbi_slice
-from model.engine import Segmenter
-from model.runner import BatchRunner
+from unet_service.core.engine import Segmenter
+from unet_service.core.runner import BatchRunner
+from unet_service.serving.batcher import TileBatcher
+from unet_service.serving.events import wait_event
+from unet_service.serving.queued import ShuttingDownError
 
 HANG_BOUND_S = 60  # against a hang only: a working stop takes milliseconds
 

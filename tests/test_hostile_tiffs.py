@@ -1,5 +1,5 @@
 """Crafted TIFFs get one verdict on both paths: `/v1/segment` (decoded in memory,
-model.pages) and `/v1/jobs` (read by window from disk, model.section_source) answer the same
+imaging.pages) and `/v1/jobs` (read by window from disk, imaging.sources) answer the same
 4xx with the same words, before any pixel is computed; a job is never accepted for fewer
 pages than its file has, and never fails with a server error."""
 

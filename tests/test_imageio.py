@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from model.imageio import (
+from unet_service.imaging.decode import (
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
@@ -45,7 +45,7 @@ def test_16bit_png_and_tiff_keep_uint16(em_slice: np.ndarray) -> None:
 
 
 def test_decode_image_gives_a_multipage_tiffs_first_page() -> None:
-    # decode_image is the one-image reader (training data); model.pages reads every page.
+    # decode_image is the one-image reader (training data); imaging.pages reads every page.
     buf = io.BytesIO()
     with tifffile.TiffWriter(buf) as writer:
         for i in range(3):

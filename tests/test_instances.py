@@ -14,11 +14,11 @@ from PIL import Image
 from skimage.measure import label
 from skimage.segmentation import watershed
 
-import model.instances
+import unet_service.pipeline.instances
 from conftest import isbi_slice
-from model.cli_predict import main as predict
-from model.engine import DEFAULT_WEIGHTS, Segmenter
-from model.instances import CORE, InstanceParams, interior_levels, label_instances
+from unet_service.cli.predict import main as predict
+from unet_service.core.engine import DEFAULT_WEIGHTS, Segmenter
+from unet_service.pipeline.instances import CORE, InstanceParams, interior_levels, label_instances
 
 
 def cells_image() -> tuple[np.ndarray, int]:
@@ -109,7 +109,7 @@ def test_smoothing_strip_by_strip_equals_smoothing_the_whole_map(
 ) -> None:
     params = InstanceParams(seed_threshold=0.85, smoothing=1.5)
     whole = interior_levels(real_map, 0.35, params)  # one strip: 300 rows < STRIP_ROWS
-    monkeypatch.setattr(model.instances, "STRIP_ROWS", 7)
+    monkeypatch.setattr(unet_service.pipeline.instances, "STRIP_ROWS", 7)
     np.testing.assert_array_equal(interior_levels(real_map, 0.35, params), whole)
     assert (whole == CORE).any() and (whole == 0).any()
 

@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from app.errors import ApiError, install_error_handlers
-from app.jobfiles import WRITE_PIECE, DiskUsage, JobFiles, JobStorageFull, UploadTooLarge
+from unet_service.api.errors import ApiError, install_error_handlers
+from unet_service.jobs.files import WRITE_PIECE, DiskUsage, JobFiles, JobStorageFull, UploadTooLarge
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20

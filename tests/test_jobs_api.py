@@ -27,8 +27,8 @@ from app_helpers import (
 from app_helpers import running as running_app
 from PIL import Image
 
-from app import job_compute
 from conftest import read_volume
+from unet_service.jobs import compute as job_compute
 
 pytestmark = pytest.mark.anyio
 

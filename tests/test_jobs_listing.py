@@ -12,8 +12,8 @@ from app_helpers import em_crop, png_bytes, save_tiny, tiff_bytes
 from app_helpers import running as running_app
 from test_jobs_api import jobs_app, submit, wait_state
 
-from app.job_views import content_disposition, download_name, eta_s
-from app.jobtable import JobRecord
+from unet_service.api.job_views import content_disposition, download_name, eta_s
+from unet_service.jobs.table import JobRecord
 
 pytestmark = pytest.mark.anyio
 

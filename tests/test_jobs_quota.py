@@ -1,5 +1,5 @@
 """The job storage keeps room for results not written yet: a job reserves its result's size
-(model.section.result_nbytes) when it is accepted, the reservations of unfinished jobs count
+(pipeline.section.result_nbytes) when it is accepted, the reservations of unfinished jobs count
 against UNET_JOBS_QUOTA_GB and against the disk's free space, and the 507 says what would
 not fit. A finished job holds only its files."""
 
@@ -13,9 +13,9 @@ from app_helpers import em_crop, save_tiny, service_of, stepped, tiff_bytes
 from app_helpers import running as running_app
 from test_jobs_api import jobs_app, submit, wait_state
 
-from app.jobfiles import DiskUsage, size_text
-from model.section import result_nbytes
-from model.section_source import ArraySource
+from unet_service.imaging.sources import ArraySource
+from unet_service.jobs.files import DiskUsage, size_text
+from unet_service.pipeline.section import result_nbytes
 
 pytestmark = pytest.mark.anyio
 SIDE = 300

@@ -17,8 +17,8 @@ import tifffile
 from app_helpers import em_crop, save_tiny, tiff_bytes
 from test_app_serve import command, free_port, wait_for
 
-from app.jobtable import open_job_table
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
+from unet_service.jobs.table import open_job_table
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ import pytest
 from postgres_server import PostgresServer
 from pydantic import ValidationError
 
-from app.jobtable import JobExists, JobRecord, JobTable, open_job_table
-from app.jobtable.postgres import redact
-from app.jobtable.schema import SCHEMA_VERSION
-from app.jobtable.sql import COLUMNS, TABLE, interrupted
-from app.settings import Settings
+from unet_service.jobs.table import JobExists, JobRecord, JobTable, open_job_table
+from unet_service.jobs.table.postgres import redact
+from unet_service.jobs.table.schema import SCHEMA_VERSION
+from unet_service.jobs.table.sql import COLUMNS, TABLE, interrupted
+from unet_service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_800_000_000.0
@@ -469,7 +469,7 @@ def test_one_job_many_claimers_one_winner(table: JobTable) -> None:
 
 CLAIMER = """
 import sys
-from app.jobtable import open_job_table
+from unet_service.jobs.table import open_job_table
 table = open_job_table(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()  # the go signal: every process is connected before any claims

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import (
+from unet_service.training.losses import (
     border_weight_map,
     class_balance_weights,
     membrane_cldice,

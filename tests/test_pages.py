@@ -1,4 +1,4 @@
-"""Decoding stacks (model.pages): every page of a TIFF, checked from its headers before any
+"""Decoding stacks (imaging.pages): every page of a TIFF, checked from its headers before any
 pixel is read, and the clear errors for files whose pages do not add up."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import tifffile
 from app_helpers import em_crop, tiff_bytes, to_uint16
 from PIL import Image
 
-from model.imageio import (
+from unet_service.imaging.decode import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
     decode_image,
 )
-from model.pages import TooManyPagesError, decode_pages
-from model.tiff_volume import volume_bytes
+from unet_service.imaging.pages import TooManyPagesError, decode_pages
+from unet_service.imaging.tiff_volume import volume_bytes
 
 
 def ifd_offsets(data: bytes) -> list[int]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import TINY_CHANNELS, tiny_unet
-from model.engine import Segmenter
-from model.precision import cpu_has_fast_bf16, resolve_precision
-from model.weights import ModelCard
+from unet_service.core.engine import Segmenter
+from unet_service.core.precision import cpu_has_fast_bf16, resolve_precision
+from unet_service.core.weights import ModelCard
 
 CPU = torch.device("cpu")
 AMX = {"fpu", "avx512f", "amx_bf16", "amx_tile"}

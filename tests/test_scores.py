@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.scores import adapted_rand, cells, confusion, rand_error
+from unet_service.training.scores import adapted_rand, cells, confusion, rand_error
 
 
 def test_mismatch_dice_iou() -> None:

@@ -25,12 +25,12 @@ from section_helpers import (
 )
 
 from conftest import isbi_slice, read_volume
-from model.engine import Segmenter
-from model.imageio import CorruptImageError, ImageTooLargeError
-from model.runner import BatchRunner, run_tiles
-from model.section import Cancelled, open_writer, run_section, section_image
-from model.section_source import open_section
-from model.section_writer import SectionWriter, WriterError, needs_bigtiff
+from unet_service.core.engine import Segmenter
+from unet_service.core.runner import BatchRunner, run_tiles
+from unet_service.imaging.decode import CorruptImageError, ImageTooLargeError
+from unet_service.imaging.sources import open_section
+from unet_service.imaging.tiff_writer import SectionWriter, WriterError, needs_bigtiff
+from unet_service.pipeline.section import Cancelled, open_writer, run_section, section_image
 
 __all__ = ["seg", "seg3"]  # module-scoped fixtures
 
@@ -277,7 +277,7 @@ async def test_the_service_batcher_runs_section_pages_unchanged(
 ) -> None:
     """The job runner's way: each page a SectionImage in the service's TileBatcher, beside
     an ordinary in-memory image sharing its batches."""
-    from app.batching import TileBatcher
+    from unet_service.serving.batcher import TileBatcher
 
     pages = [mosaic(150, 230, seed) for seed in range(2)]
     path = write_tiff(tmp_path / "stack.tif", pages, tile=(32, 32), compression="zlib")

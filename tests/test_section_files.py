@@ -16,15 +16,15 @@ import tifffile
 from section_helpers import LIMITS, assert_same, em, write_tiff
 
 from conftest import read_volume
-from model import tiff_layout
-from model.imageio import (
+from unet_service.imaging import tiff_layout
+from unet_service.imaging.decode import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
     StackMismatchError,
     TooManyPagesError,
 )
-from model.section_source import open_section
+from unet_service.imaging.sources import open_section
 
 
 def test_pages_of_different_sizes_are_refused(tmp_path: Path) -> None:
@@ -44,7 +44,7 @@ def test_more_pages_than_allowed_are_refused_after_walking_only_that_many(
 
 def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path) -> None:
     """One IFD whose next-IFD offset points to itself: a chain claiming infinitely many
-    pages. It is corrupt, not a stack of max_pages pages (the verdict of model.pages too),
+    pages. It is corrupt, not a stack of max_pages pages (the verdict of imaging.pages too),
     and found at the first repeat, in bounded memory."""
     path = write_tiff(tmp_path / "loop.tif", [em()[:8, :8]])
     data = bytearray(path.read_bytes())
@@ -65,7 +65,7 @@ def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path
 
 def test_page_counts_claimed_in_metadata_are_checked_not_trusted(tmp_path: Path) -> None:
     """ImageJ's description may claim 10^6 images: refused at once as more pages than the
-    limit (as a synchronous stack is, model.pages), and never allocated or walked for; a
+    limit (as a synchronous stack is, imaging.pages), and never allocated or walked for; a
     claim in tifffile's own description is not a page count, only IFDs are."""
     path = tmp_path / "claims.tif"
     tifffile.imwrite(
@@ -133,8 +133,8 @@ def test_huge_compressed_chunks_are_refused_with_advice(
 def test_unet_predict_streams_huge_tiffs_with_one_line_errors(
     tiny_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from model.cli_predict import main
-    from model.engine import Segmenter
+    from unet_service.cli.predict import main
+    from unet_service.core.engine import Segmenter
 
     (tmp_path / "in").mkdir()
     good = write_tiff(tmp_path / "in" / "good.tif", [em()[:200, :300]] * 2, tile=(64, 64))
@@ -159,8 +159,8 @@ def test_unet_predict_streams_huge_tiffs_with_one_line_errors(
 def test_unet_predict_streams_a_stack_into_one_imagej_volume(
     tiny_weights: Path, tmp_path: Path
 ) -> None:
-    from model.cli_predict import main
-    from model.engine import Segmenter
+    from unet_service.cli.predict import main
+    from unet_service.core.engine import Segmenter
 
     pages = [em()[:200, :300], em()[100:300, 50:350]]
     stack = write_tiff(tmp_path / "stack.tif", pages, tile=(64, 64), compression="zlib")

@@ -29,7 +29,7 @@ from app_helpers import (
 from PIL import Image
 
 from conftest import read_volume
-from model.cli_predict import main as predict
+from unet_service.cli.predict import main as predict
 
 pytestmark = pytest.mark.anyio
 

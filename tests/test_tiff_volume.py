@@ -1,4 +1,4 @@
-"""model.tiff_volume, the one writer of TIFF files: every volume is one (D, H, W[, S]) series
+"""imaging.tiff_volume, the one writer of TIFF files: every volume is one (D, H, W[, S]) series
 read back whole by tifffile.imread with an ImageJ hyperstack description (its pages the
 slices), for each pixel type written (32-bit cell ids too, exact), in strips or in tiles
 from an iterator, classic or BigTIFF; several classes per pixel are one series without
@@ -14,7 +14,7 @@ import pytest
 import tifffile
 
 from conftest import read_volume
-from model.tiff_volume import (
+from unet_service.imaging.tiff_volume import (
     Volume,
     labels_bytes,
     labels_dtype,

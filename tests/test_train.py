@@ -11,10 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import TINY_CHANNELS, isbi_pairs
-from model.engine import Segmenter
-from model.instances import InstanceParams
-from model.weights import load_weights, save_weights
-from training.train import main
+from unet_service.core.engine import Segmenter
+from unet_service.core.weights import load_weights, save_weights
+from unet_service.pipeline.instances import InstanceParams
+from unet_service.training.train import main
 
 
 @pytest.fixture

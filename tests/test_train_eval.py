@@ -12,10 +12,10 @@ from PIL import Image
 from test_card_figures import pixel_error_paths
 
 from conftest import isbi_pairs
-from model.engine import Segmenter
-from model.weights import card_path, load_card
-from training.evaluate import main
-from training.scores import confusion, rand_error
+from unet_service.core.engine import Segmenter
+from unet_service.core.weights import card_path, load_card
+from unet_service.training.evaluate import main
+from unet_service.training.scores import confusion, rand_error
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_eval_reports_the_metrics_of_the_engine_masks(
         assert row["components_rand_error"] == pytest.approx(
             rand_error(mask, label).error, abs=1e-6
         )
-        # `pixel_error` is the challenge's scale only (model.card_metrics).
+        # `pixel_error` is the challenge's scale only (core.card_metrics).
         assert "pixel_error" not in row and "rand_error" not in row
     assert report["overall"]["mismatch"] == pytest.approx(pooled.mismatch, abs=1e-6)
     assert "pixel_error" not in report["overall"]

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import TINY_CHANNELS, isbi_slice, tiny_unet
-from model.engine import Segmenter
-from model.normalize import Normalizer
-from model.weights import ModelCard
-from training.augment import CropSampler
-from training.batches import to_tensors, unit_image
-from training.data import Pair
-from training.validate import Validator
+from unet_service.core.engine import Segmenter
+from unet_service.core.normalize import Normalizer
+from unet_service.core.weights import ModelCard
+from unet_service.training.augment import CropSampler
+from unet_service.training.batches import to_tensors, unit_image
+from unet_service.training.data import Pair
+from unet_service.training.validate import Validator
 
 CARD = ModelCard(
     name="tiny",

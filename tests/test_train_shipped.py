@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ISBI
-from model.engine import DEFAULT_WEIGHTS
-from model.weights import ModelCard, load_card
-from training.evaluate import main
+from unet_service.core.engine import DEFAULT_WEIGHTS
+from unet_service.core.weights import ModelCard, load_card
+from unet_service.training.evaluate import main
 
 
 @pytest.fixture(scope="module")

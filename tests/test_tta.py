@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from app_helpers import em_crop, make_app, metric, png_bytes, running, save_tiny
 
-from model.cli_predict import main as predict
-from model.engine import Segmenter
+from unet_service.cli.predict import main as predict
+from unet_service.core.engine import Segmenter
 
 pytestmark = pytest.mark.anyio
 

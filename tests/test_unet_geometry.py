@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.geometry import Geometry
-from model.tiling import Stitcher, TilePlan
-from model.unet import UNet
+from unet_service.core.geometry import Geometry
+from unet_service.core.tiling import Stitcher, TilePlan
+from unet_service.core.unet import UNet
 
 TUTORIAL_CHANNELS = [3, 64, 128, 256, 512, 1024]
 

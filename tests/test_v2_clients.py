@@ -10,7 +10,7 @@ import pytest
 from app_helpers import em_crop, make_app, running, save_tiny
 from browser import live_server
 
-from model.engine import Segmenter
+from unet_service.core.engine import Segmenter
 
 
 @pytest.fixture

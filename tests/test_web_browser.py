@@ -19,9 +19,9 @@ from app_helpers import em_crop, gated, make_app, png_bytes, save_tiny, service_
 from browser import browser_page, live_server
 from PIL import Image
 
-from app.encoding import PALETTE, overlay_png
 from conftest import ISBI
-from model.instances import label_colours
+from unet_service.imaging.encode import PALETTE, overlay_png
+from unet_service.pipeline.instances import label_colours
 
 expect = pytest.importorskip("playwright.sync_api").expect
 Axe = pytest.importorskip("axe_playwright_python.sync_playwright").Axe

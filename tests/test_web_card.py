@@ -12,11 +12,11 @@ from browser import browser_page, live_server
 from test_card_figures import table_row
 from test_web_browser import WAIT_MS, assert_accessible, expect
 
-from app.main import create_app
-from app.settings import Settings
 from conftest import REPO
-from model.engine import DEFAULT_WEIGHTS
-from model.weights import load_card
+from unet_service.api.app import create_app
+from unet_service.core.engine import DEFAULT_WEIGHTS
+from unet_service.core.weights import load_card
+from unet_service.settings import Settings
 
 
 def test_card_metadata_page_and_readme_give_the_same_figures(tmp_path: Path) -> None:

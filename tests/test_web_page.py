@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from app_helpers import make_app, running, save_tiny
 
-from app.routes.web import WEB_DIR
+from unet_service.api.routes.web import WEB_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 LOADS = re.compile(r"""(?:src|href)="(/[^"]*)"|from\s+"\./([^"]+)"|import\("\./([^"]+)"\)""")
@@ -56,7 +56,7 @@ async def test_page_and_everything_it_loads_come_from_the_service(weights: Path)
 
 def test_the_package_ships_every_page_file() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = config["tool"]["setuptools"]["package-data"]["app"]
+    patterns = config["tool"]["setuptools"]["package-data"]["unet_service.api"]
     for path in WEB_DIR.iterdir():
         name = f"web/{path.name}"
         assert any(fnmatch(name, p) for p in patterns), f"{name} is not in package-data"

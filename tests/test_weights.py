@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_unet
-from model.weights import ModelCard, WeightsError, card_path, load_card, load_weights, save_weights
+from unet_service.core.weights import (
+    ModelCard,
+    WeightsError,
+    card_path,
+    load_card,
+    load_weights,
+    save_weights,
+)
 
 
 def test_round_trip_gives_identical_outputs(tiny_weights: Path) -> None:

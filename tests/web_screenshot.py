@@ -12,9 +12,9 @@ from pathlib import Path
 
 from browser import browser_page, live_server
 
-from app.main import create_app
-from app.settings import Settings
 from conftest import ISBI, REPO
+from unet_service.api.app import create_app
+from unet_service.settings import Settings
 
 SLICES = [ISBI / "train" / "image" / "05.png", ISBI / "test" / "10.png"]
 

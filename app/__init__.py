@@ -1,1 +1,0 @@
-"""The HTTP inference service: FastAPI app, cross-request tile batcher, KServe v2 API."""

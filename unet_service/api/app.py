@@ -1,0 +1,230 @@
+"""The FastAPI app (`create_app`) and the `unet-serve` console script (`main`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from unet_service.api.errors import install_error_handlers
+from unet_service.api.routes import health_metrics, job_access, jobs, segment, v2, v2_infer, web
+from unet_service.api.uploads import ARRIVED
+from unet_service.core.engine import Segmenter
+from unet_service.core.weights import WeightsError
+from unet_service.jobs.files import JobFiles
+from unet_service.jobs.runner import JobRunner
+from unet_service.jobs.table import open_job_table
+from unet_service.serving.metrics import Metrics
+from unet_service.serving.service import InferenceService, State, load_segmenter
+from unet_service.settings import Settings
+
+log = logging.getLogger("app")
+
+DESCRIPTION = """
+Segment 2D images with a valid-convolution U-Net. Large images are cut into overlap tiles
+whose stitched result equals one pass over the whole image; tiles from all concurrent
+requests share forward passes.
+
+* `POST /v1/segment`: upload an image (multipart field `file`), get a mask PNG,
+  probabilities (`.npy`) or an overlay PNG.
+* `POST /v1/jobs`: a section job for stacks and images of any size (up to
+  `UNET_MAX_JOB_PIXELS`), computed in the background; poll `GET /v1/jobs/{id}`, download
+  `GET /v1/jobs/{id}/result`.
+* `/v2/...`: the Open Inference Protocol (KServe v2) with JSON tensors.
+* `GET /metrics`: Prometheus metrics.
+
+When the server sets `UNET_API_KEY`, use **Authorize** with that key first.
+"""
+
+
+class RequestMetricsMiddleware:
+    """Counts requests by route and status, times them to the last byte, stamps their
+    arrival (deadlines count from there) and echoes or assigns an X-Request-ID."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        scope[ARRIVED] = start
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            text = value.decode("latin-1")[:128]
+            return text if text.isprintable() else None
+    return None
+
+
+def job_files(settings: Settings) -> JobFiles:
+    return JobFiles(settings.jobs_dir, settings.jobs_quota_bytes)
+
+
+def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
+    """The service. With `segmenter`, that already-loaded model is served; otherwise the
+    lifespan loads `settings.weights`. Readiness turns true after the warm-up."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        seg = segmenter or await asyncio.to_thread(load_segmenter, settings)
+        service = InferenceService(settings, seg, metrics)
+        table = await asyncio.to_thread(open_job_table, settings.jobs_db_url)
+        try:
+            await service.start()
+            runner = JobRunner(service, table, job_files(settings), settings, metrics)
+            await runner.start()
+            app.state.service = service
+            app.state.jobs = runner
+            try:
+                yield
+            finally:
+                # The job in progress goes back to the queue first (its tiles leave the tile
+                # queue), so that draining waits only for the requests' work.
+                await runner.stop()
+                await service.shutdown(settings.drain_timeout_s)
+                log.info("inference worker stopped")
+        finally:
+            await asyncio.to_thread(table.close)
+
+    # /docs and /redoc with Swagger UI's and ReDoc's assets served from this process (the
+    # fastapi-offline package ships them): the pages work in air-gapped labs. No validator
+    # badge either, which Swagger UI would fetch from swagger.io.
+    app = FastAPIOffline(
+        title="UNet segmentation service",
+        version=v2.SERVER_VERSION,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url="/docs-assets",
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.service = None
+    app.state.jobs = None
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.include_router(segment.router)
+    app.include_router(jobs.router)
+    app.include_router(job_access.router)
+    app.include_router(v2.router)
+    app.include_router(v2_infer.router)
+    app.include_router(health_metrics.router)
+    app.include_router(web.router)
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="unet-serve",
+        description="Serve a UNet over HTTP (docs at http://HOST:PORT/docs). Every setting "
+        "is read from UNET_* environment variables (see the README); the options below "
+        "override them.",
+    )
+    p.add_argument("--host", help="bind address (UNET_HOST, default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (UNET_PORT, default 8000)")
+    p.add_argument("--weights", help="weights file (UNET_WEIGHTS)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (UNET_DEVICE)")
+    return p
+
+
+def _load_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"UNET_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()
+        )
+        parser.exit(2, f"{parser.prog}: error: invalid settings: {problems}\n")
+
+
+class _Server(uvicorn.Server):
+    """Flags the service as draining the moment SIGTERM/SIGINT arrives, so readiness drops
+    and new work gets 503 while uvicorn finishes the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        service: InferenceService | None = getattr(self._app.state, "service", None)
+        if service is not None and service.state is State.ready:
+            log.info("signal %d: draining, no new work accepted", sig)
+            service.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    settings = _load_settings(parser, args)
+    logging.basicConfig(
+        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+        format="%(levelname)s:     %(name)s: %(message)s",
+    )
+    # Load before the server starts, so a bad weights file ends in one line, not in the
+    # traceback uvicorn prints for a failed lifespan.
+    try:
+        segmenter = load_segmenter(settings)
+    except (WeightsError, ValueError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    app = create_app(settings, segmenter=segmenter)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+        lifespan="on",
+    )
+    server = _Server(config, app)
+    # uvicorn re-raises the signal it stopped for once it is done, under the handler that
+    # was installed before it ran; a no-op handler turns a drained shutdown into exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""A section job as its JSON answer: state, progress, timestamps, an estimate of the time
+left and where the result is; and the name its result downloads under."""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
+
+from PIL import Image, UnidentifiedImageError
+
+from unet_service.imaging.decode import TIFF_MAGIC
+from unet_service.jobs.table import JobRecord
+
+
+def media_type_of(path: Path) -> str:
+    """The input's media type from its header: TIFF by its magic (Pillow is not how TIFFs
+    are read here), the rest as Pillow names them."""
+    with open(path, "rb") as f:
+        if f.read(4) in TIFF_MAGIC:
+            return "image/tiff"
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"
+
+
+def _when(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC).isoformat(timespec="seconds")
+
+
+def eta_s(record: JobRecord, now: float | None = None) -> float | None:
+    """Seconds left for a running job at the rate its current attempt has kept (an attempt
+    after a restart starts again from the first tile, so the time of an earlier one says
+    nothing); None before the attempt's first tiles are done, 0 once it is finished."""
+    if record.state in ("done", "failed", "cancelled"):
+        return 0.0
+    # Rows of an older schema have no attempt_started_at.
+    since = record.attempt_started_at or record.started_at
+    if record.state != "running" or not since or record.tiles_done <= 0:
+        return None
+    elapsed = (now or time.time()) - since
+    left = max(record.tiles_total - record.tiles_done, 0)
+    return round(elapsed * left / record.tiles_done, 1)
+
+
+# Longest upload stem kept in a result's name.
+MAX_STEM = 100
+_NOT_ASCII_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _stem(input_name: str) -> str:
+    """The upload's file name without its folders (either kind of slash) and extension,
+    without control characters and quotes."""
+    name = PurePosixPath(input_name.replace("\\", "/")).name
+    base, dot, _ = name.rpartition(".")
+    stem = base if dot else name
+    kept = "".join(c for c in stem if c.isprintable() and c not in '"')
+    return kept.strip(" .")[:MAX_STEM]
+
+
+def download_name(record: JobRecord) -> str:
+    """`<upload stem>_<output>.tif` (`section_mask.tif` for `section.tif`); the job id takes
+    the stem's place when the upload had no name."""
+    return f"{_stem(record.input_name) or record.id}_{record.params.get('output', 'result')}.tif"
+
+
+def content_disposition(record: JobRecord) -> str:
+    """An attachment named download_name: a plain ASCII `filename` every client reads, and
+    the name itself as `filename*` (RFC 6266) when it is more than that."""
+    name = download_name(record)
+    stem, _, ending = name.rpartition("_")
+    # Accents dropped (é -> e), anything else not plainly safe in a header -> _.
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    ascii_stem = _NOT_ASCII_SAFE.sub("_", ascii_stem).strip("_")
+    if not re.search(r"[A-Za-z0-9]", ascii_stem):  # nothing of the stem is left
+        ascii_stem = record.id
+    plain = f"{ascii_stem}_{ending}"
+    header = f'attachment; filename="{plain}"'
+    if plain != name:
+        header += f"; filename*=UTF-8''{quote(name, safe='')}"
+    return header
+
+
+def job_json(record: JobRecord) -> dict:
+    url = f"/v1/jobs/{record.id}"
+    params = record.params
+    done = record.state == "done"
+    total = record.tiles_total
+    return {
+        "id": record.id,
+        "state": record.state,
+        "output": params.get("output"),
+        "options": {k: params[k] for k in ("colour", "tta") if params.get(k) is not None},
+        "input": {
+            "name": record.input_name,
+            "media_type": record.input_type,
+            "bytes": record.input_bytes,
+            "width": params.get("width"),
+            "height": params.get("height"),
+            "pages": record.pages_total,
+        },
+        "progress": {
+            "tiles_done": record.tiles_done,
+            "tiles_total": total,
+            "pages_done": record.pages_done,
+            "pages_total": record.pages_total,
+            "fraction": 1.0 if done else (round(record.tiles_done / total, 4) if total else 0.0),
+        },
+        "created_at": _when(record.created_at),
+        "started_at": _when(record.started_at),
+        "finished_at": _when(record.finished_at),
+        "eta_s": eta_s(record),
+        "attempts": record.attempts,
+        "error": record.error,
+        "result": (
+            {
+                "url": f"{url}/result",
+                "media_type": record.result_type,
+                "bytes": record.result_bytes,
+                "name": download_name(record),
+            }
+            if done
+            else None
+        ),
+        "links": {"self": url, "result": f"{url}/result"},
+    }

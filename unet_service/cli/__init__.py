@@ -1,0 +1,1 @@
+"""The command lines: `unet-predict` and `unet-serve`."""

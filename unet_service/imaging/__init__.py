@@ -1,0 +1,2 @@
+"""Image input and output, torch-free: decoding uploads, reading TIFFs by window,
+writing TIFF results, and encoding responses."""

@@ -1,0 +1,154 @@
+"""A request's image in the tile queue (a `QueuedImage`: one synchronous request's or one
+section job's image), and the ways its wait can end."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+from unet_service.core.tiling import Tile
+from unet_service.imaging.decode import ImageError
+from unet_service.pipeline.tiled_image import Segmentation, TiledImage, TiledStack
+
+
+class QueueFullError(Exception):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("the tile queue is full; retry later")
+        self.retry_after = retry_after
+
+
+class ShuttingDownError(Exception):
+    """The batcher is not running (not started, draining or stopped)."""
+
+
+class TooManyTilesError(ValueError):
+    """One image needs more tiles than the whole queue holds."""
+
+
+class DeadlineExceededError(Exception):
+    pass
+
+
+class ClientGoneError(Exception):
+    pass
+
+
+class InferenceError(Exception):
+    """A batch failed; only the requests with tiles in that batch see this."""
+
+
+class UnreadableImageError(InferenceError):
+    """A batch failed because a tile of an image read from disk (a section job's page)
+    could not be read: the upload's fault, not the worker's."""
+
+
+def failure_reason(error: Exception) -> str:
+    """What the requests of a failed batch are told."""
+    # A section's input is read tile by tile, so a chunk broken inside its compressed data
+    # is only found when its tile is cut: that is the upload's fault, and the message says so.
+    if isinstance(error, ImageError):
+        return f"the image could not be read: {error}"
+    return f"inference failed ({type(error).__name__})"
+
+
+def check_room(
+    image: TiledImage | TiledStack, queued: int, limit: int, retry_after: Callable[[], int]
+) -> None:
+    """Refuse a request's image (or stack: all its pages' tiles count) that the tile queue,
+    holding `queued` of at most `limit` tiles, has no room for: TooManyTilesError when it
+    could never fit, QueueFullError (with a Retry-After) when it does not fit now."""
+    n = image.total
+    if n > limit:
+        size = image.tile_size
+        pages = image.pages if isinstance(image, TiledStack) else None
+        what = f"the stack of {len(pages)} pages" if pages else "the image"
+        raise TooManyTilesError(
+            f"{what} needs {n} tiles of {size}x{size}, more than the queue holds "
+            f"({limit}; raise UNET_MAX_QUEUE_TILES)"
+        )
+    if queued + n > limit:
+        raise QueueFullError(retry_after())
+
+
+class QueuedImage:
+    """One request's image (or stack of pages, as one entry) in the queue: the TiledImage
+    or TiledStack, its future and its timings."""
+
+    def __init__(
+        self,
+        image: TiledImage | TiledStack,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        background: bool = False,
+    ) -> None:
+        self.image = image
+        self.background = background  # a section job's page: computed when requests are not
+        # A TiledStack's result is the list of its pages' segmentations.
+        self.future: asyncio.Future[Segmentation | list[Segmentation]] = loop.create_future()
+        self.accepted_at = time.monotonic()
+        self.waiting_since = self.accepted_at  # last time the worker served this job
+        self.first_batch_at: float | None = None
+        self.finished_at: float | None = None
+        self.batches = 0  # batches that held at least one of its tiles
+        self.active = True
+
+    def mark_served(self, now: float) -> bool:
+        """Note that a batch took tiles of this image at `now`; True for its first batch."""
+        self.batches += 1
+        self.waiting_since = now
+        first = self.first_batch_at is None
+        if first:
+            self.first_batch_at = now
+        return first
+
+    @property
+    def queue_s(self) -> float:
+        """Accepted -> first tile in a batch."""
+        return (self.first_batch_at or self.accepted_at) - self.accepted_at
+
+    @property
+    def inference_s(self) -> float:
+        """First batch -> last tile stitched."""
+        end = self.finished_at or time.monotonic()
+        return end - (self.first_batch_at or end)
+
+
+def take_round_robin(
+    line: Iterable[QueuedImage], size: int, limit: int, picks: list[tuple[QueuedImage, Tile]]
+) -> list[QueuedImage]:
+    """Append to `picks` up to `limit` tiles of one size from the jobs in `line`, one per
+    job per turn, oldest first, so a huge image cannot starve small ones. `picks` is filled
+    in place, so a failure midway still knows whom it touched. Returns the jobs served."""
+    eligible = [job for job in line if job.image.tile_size == size]
+    while eligible and len(picks) < limit:
+        for job in list(eligible):
+            if len(picks) == limit:
+                break
+            picks.append((job, job.image.take()))
+            if job.image.pending == 0:
+                eligible.remove(job)
+    return list(dict.fromkeys(job for job, _ in picks))
+
+
+async def wait_for_job(
+    job: QueuedImage, timeout: float, disconnected: Callable[[], Awaitable[object]] | None
+) -> Segmentation | list[Segmentation]:
+    """The job's result, or DeadlineExceededError after `timeout` seconds, or
+    ClientGoneError as soon as the awaitable `disconnected()` makes returns."""
+    watcher = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+    try:
+        waiting: set[asyncio.Future[object]] = {job.future}
+        if watcher is not None:
+            waiting.add(watcher)
+        done, _ = await asyncio.wait(
+            waiting, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED
+        )
+        if job.future in done:
+            return job.future.result()
+        if watcher is not None and watcher in done:
+            raise ClientGoneError("the client closed the connection")
+        raise DeadlineExceededError(f"the request took longer than {timeout:.1f} s")
+    finally:
+        if watcher is not None:
+            watcher.cancel()
