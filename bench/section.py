@@ -79,13 +79,13 @@ def status(field: str) -> int:
 
 def child(args: dict, results: multiprocessing.Queue) -> None:
     from unet_service.core.engine import Segmenter
-    from unet_service.imaging.sources import open_section
+    from unet_service.imaging.sources import open_source
     from unet_service.pipeline.section import run_section
 
     seg = Segmenter.from_weights(args["weights"], device=args["device"])
     seg.warm_up([args["tile_size"]], args["batch_size"])
     side = args["side"]
-    with open_section(args["input"], max_pixels=side * side, max_pages=1) as source:
+    with open_source(args["input"], max_pixels=side * side, max_pages=1) as source:
         # Also run one page of the real path before measuring idle: the first pass of each
         # shape allocates the runtime's arenas, which an idle server has already done.
         ref_side = min(REFERENCE_SIDE, side)

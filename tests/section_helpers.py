@@ -14,7 +14,7 @@ from app_helpers import TILE, save_tiny
 
 from conftest import isbi_slice
 from unet_service.core.engine import Segmenter
-from unet_service.pipeline.tiled_image import Segmentation
+from unet_service.pipeline.sinks import Segmentation
 
 __all__ = ["TILE"]
 

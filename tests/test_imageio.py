@@ -9,13 +9,12 @@ import pytest
 import tifffile
 from PIL import Image
 
-from unet_service.imaging.decode import (
+from unet_service.imaging.decode import decode_image, match_channels
+from unet_service.imaging.errors import (
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    decode_image,
-    match_channels,
 )
 
 

@@ -1,5 +1,5 @@
 """The job storage keeps room for results not written yet: a job reserves its result's size
-(pipeline.section.result_nbytes) when it is accepted, the reservations of unfinished jobs count
+(pipeline.outputs.result_nbytes) when it is accepted, the reservations of unfinished jobs count
 against UNET_JOBS_QUOTA_GB and against the disk's free space, and the 507 says what would
 not fit. A finished job holds only its files."""
 
@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from app_helpers import em_crop, save_tiny, service_of, stepped, tiff_bytes
 from app_helpers import running as running_app
 from test_jobs_api import jobs_app, submit, wait_state
 
-from unet_service.imaging.sources import ArraySource
 from unet_service.jobs.files import DiskUsage, size_text
-from unet_service.pipeline.section import result_nbytes
+from unet_service.pipeline.outputs import result_nbytes
 
 pytestmark = pytest.mark.anyio
 SIDE = 300
@@ -28,7 +26,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def reservation(output: str) -> int:
     """What a job on one SIDE x SIDE page reserves (the tiny model has one class)."""
-    return result_nbytes(ArraySource(np.zeros((SIDE, SIDE, 1), np.uint8)), output, 1)
+    return result_nbytes(SIDE * SIDE, 1, output, 1)
 
 
 def folders(tmp_path: Path) -> list[str]:

@@ -15,13 +15,14 @@ import tifffile
 from app_helpers import em_crop, tiff_bytes, to_uint16
 from PIL import Image
 
-from unet_service.imaging.decode import (
+from unet_service.imaging.decode import decode_image
+from unet_service.imaging.errors import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
-    decode_image,
+    TooManyPagesError,
 )
-from unet_service.imaging.pages import TooManyPagesError, decode_pages
+from unet_service.imaging.pages import decode_pages
 from unet_service.imaging.tiff_volume import volume_bytes
 
 

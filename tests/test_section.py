@@ -27,8 +27,8 @@ from section_helpers import (
 from conftest import isbi_slice, read_volume
 from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner, run_tiles
-from unet_service.imaging.decode import CorruptImageError, ImageTooLargeError
-from unet_service.imaging.sources import open_section
+from unet_service.imaging.errors import CorruptImageError, ImageTooLargeError
+from unet_service.imaging.sources import open_source
 from unet_service.imaging.tiff_writer import SectionWriter, WriterError, needs_bigtiff
 from unet_service.pipeline.section import Cancelled, open_writer, run_section, section_image
 
@@ -42,7 +42,7 @@ def test_streamed_mask_equals_the_in_memory_mask(
     make, options = LAYOUTS[layout]
     image = make(em())
     path = write_tiff(tmp_path / "in.tif", [image], **options)
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         assert (source.pages, source.height, source.width) == (1, *image.shape)
         assert source.dtype == image.dtype
         run_section(seg, source, tmp_path / "mask.tif", tile_sizes=TILE, batch_size=3)
@@ -59,7 +59,7 @@ def test_streamed_probabilities_of_a_real_slice_and_several_classes(
         ref = model.segment(image[:, :, None], TILE, probabilities=True)
         for output in ("probabilities", "mask"):
             out = tmp_path / f"{model.out_channels}-{output}.tif"
-            with open_section(path, **LIMITS) as source:
+            with open_source(path, **LIMITS) as source:
                 run_section(model, source, out, output=output, tile_sizes=TILE)
             result = tifffile.imread(out)
             samples = (3,) if model is seg3 and output != "mask" else ()
@@ -70,7 +70,7 @@ def test_streamed_probabilities_of_a_real_slice_and_several_classes(
 def test_rgb_pages_become_luma_as_in_memory(seg: Segmenter, tmp_path: Path) -> None:
     rgb = np.stack([mosaic(300, 400, seed) for seed in range(3)], axis=-1)
     path = write_tiff(tmp_path / "rgb.tif", [rgb], photometric="rgb", tile=(64, 64))
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         assert source.channels == 3
         run_section(seg, source, tmp_path / "mask.tif", tile_sizes=TILE)
     ref = seg.segment(rgb, TILE, probabilities=True)
@@ -81,7 +81,7 @@ def test_a_stack_gives_one_result_page_per_page_in_order(seg: Segmenter, tmp_pat
     pages = [mosaic(200, 260, seed) for seed in range(3)]
     path = write_tiff(tmp_path / "stack.tif", pages, tile=(64, 64), compression="zlib")
     seen = []
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         assert source.pages == 3
         run_section(
             seg,
@@ -112,7 +112,7 @@ def test_a_stacks_result_is_one_volume_imagej_opens_as_a_stack(
         refs = [model.segment(p[:, :, None], TILE, probabilities=True) for p in pages]
         for output in ("mask", "probabilities"):
             out = tmp_path / f"{model.out_channels}-{output}.tif"
-            with open_section(path, **LIMITS) as source:
+            with open_source(path, **LIMITS) as source:
                 run_section(model, source, out, output=output, tile_sizes=TILE)
             if model is seg3 and output == "probabilities":
                 with tifffile.TiffFile(out) as tif:
@@ -132,7 +132,7 @@ def test_output_is_tiled_compressed_and_bigtiff_only_when_needed(
     path = write_tiff(tmp_path / "in.tif", [em()[:300, :300]])
     for bigtiff in (None, True):
         out = tmp_path / f"{bigtiff}.tif"
-        with open_section(path, **LIMITS) as source:
+        with open_source(path, **LIMITS) as source:
             run_section(seg, source, out, tile_sizes=TILE, bigtiff=bigtiff)
         with tifffile.TiffFile(out) as tif:
             page = tif.pages[0]
@@ -149,8 +149,8 @@ def test_other_formats_are_decoded_whole_under_their_own_limit(
     path = tmp_path / "slice.png"
     Image.fromarray(em()[:200, :300]).save(path)
     with pytest.raises(ImageTooLargeError):
-        open_section(path, **LIMITS, max_decoded_pixels=200 * 299)
-    with open_section(path, **LIMITS, max_decoded_pixels=200 * 300) as source:
+        open_source(path, **LIMITS, max_decoded_pixels=200 * 299)
+    with open_source(path, **LIMITS, max_decoded_pixels=200 * 300) as source:
         run_section(seg, source, tmp_path / "mask.tif", tile_sizes=TILE)
     ref = seg.segment(em()[:200, :300, None], TILE, probabilities=True)
     assert_same(tifffile.imread(tmp_path / "mask.tif"), ref, seg, "mask")
@@ -158,7 +158,7 @@ def test_other_formats_are_decoded_whole_under_their_own_limit(
 
 def test_test_time_augmentation_is_refused_for_sections(seg: Segmenter, tmp_path: Path) -> None:
     path = write_tiff(tmp_path / "in.tif", [em()[:64, :64]])
-    with open_section(path, **LIMITS) as source, open_writer(tmp_path / "o.tif", source, 1) as w:
+    with open_source(path, **LIMITS) as source, open_writer(tmp_path / "o.tif", source, 1) as w:
         with pytest.raises(ValueError, match="test-time augmentation"):
             section_image(seg, source, 0, w, TILE, tta=8)
         w.abort()
@@ -176,7 +176,7 @@ def test_a_corrupt_tile_mid_way_leaves_no_result_file(seg: Segmenter, tmp_path: 
     data[offset : offset + count] = b"\x00" * count  # not a zlib stream any more
     path.write_bytes(bytes(data))
     out = tmp_path / "mask.tif"
-    with open_section(path, **LIMITS) as source, pytest.raises(CorruptImageError):
+    with open_source(path, **LIMITS) as source, pytest.raises(CorruptImageError):
         run_section(seg, source, out, tile_sizes=TILE)
     assert not out.exists()
 
@@ -185,7 +185,7 @@ def test_cancelling_leaves_no_result_file(seg: Segmenter, tmp_path: Path) -> Non
     path = write_tiff(tmp_path / "in.tif", [em()[:300, :300]] * 2)
     out = tmp_path / "mask.tif"
     batches = []
-    with open_section(path, **LIMITS) as source, pytest.raises(Cancelled):
+    with open_source(path, **LIMITS) as source, pytest.raises(Cancelled):
         run_section(
             seg,
             source,
@@ -218,7 +218,7 @@ def test_streaming_holds_a_few_bands_not_the_image(seg: Segmenter, tmp_path: Pat
     bands of one batch plus a TIFF tile's rows: memory follows the width, not the height."""
     image = mosaic(1500, 120)
     path = write_tiff(tmp_path / "tall.tif", [image], tile=(32, 32), compression="zlib")
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         writer = SectionWriter(
             tmp_path / "mask.tif",
             pages=1,
@@ -234,7 +234,7 @@ def test_streaming_holds_a_few_bands_not_the_image(seg: Segmenter, tmp_path: Pat
                 image_ = section_image(seg, source, page, writer, TILE)
                 run_tiles(image_, BatchRunner(seg, 4), sizes.append)
         band, window = image_.plan.tile_size, image_.plan.input_size
-        assert image_.max_rows_held <= 2 * band
+        assert image_.sink.max_rows_held <= 2 * band
         assert source.max_cached_rows <= window + 2 * 32
         # The writer: the bands one batch completes (two here: 4 tiles, 2 a row) waiting, and
         # the previous batch's still being compressed (the writer thread may lag a batch
@@ -251,7 +251,7 @@ def test_a_stack_is_written_in_one_series_holding_bands_not_pages(
     few bands at a time, never a page."""
     pages = [mosaic(900, 120, seed) for seed in range(3)]
     path = write_tiff(tmp_path / "tall.tif", pages, tile=(32, 32), compression="zlib")
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         writer = SectionWriter(
             tmp_path / "masks.tif",
             pages=3,
@@ -285,7 +285,7 @@ async def test_the_service_batcher_runs_section_pages_unchanged(
     batcher.start()
     try:
         with (
-            open_section(path, **LIMITS) as source,
+            open_source(path, **LIMITS) as source,
             open_writer(tmp_path / "masks.tif", source, seg.out_channels) as writer,
         ):
             for page in range(source.pages):

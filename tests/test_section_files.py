@@ -17,29 +17,29 @@ from section_helpers import LIMITS, assert_same, em, write_tiff
 
 from conftest import read_volume
 from unet_service.imaging import tiff_layout
-from unet_service.imaging.decode import (
+from unet_service.imaging.errors import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
     StackMismatchError,
     TooManyPagesError,
 )
-from unet_service.imaging.sources import open_section
+from unet_service.imaging.sources import open_source
 
 
 def test_pages_of_different_sizes_are_refused(tmp_path: Path) -> None:
     path = write_tiff(tmp_path / "mixed.tif", [em()[:64, :64], em()[:64, :64], em()[:64, :50]])
-    with pytest.raises(StackMismatchError, match=r"page 3 is 50x64 uint8, page 1 is 64x64"):
-        open_section(path, **LIMITS)
+    with pytest.raises(StackMismatchError, match=r"page 3 is 50x64 but page 1 is 64x64"):
+        open_source(path, **LIMITS)
 
 
 def test_more_pages_than_allowed_are_refused_after_walking_only_that_many(
     tmp_path: Path,
 ) -> None:
     path = write_tiff(tmp_path / "many.tif", [em()[:8, :8]] * 40)
-    assert open_section(path, max_pixels=10**6, max_pages=40).pages == 40
-    with pytest.raises(TooManyPagesError, match="more than 10 pages"):
-        open_section(path, max_pixels=10**6, max_pages=10)
+    assert open_source(path, max_pixels=10**6, max_pages=40).pages == 40
+    with pytest.raises(TooManyPagesError, match="more than the limit of 10 pages"):
+        open_source(path, max_pixels=10**6, max_pages=10)
 
 
 def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_an_endless_ifd_chain_is_refused_without_large_allocation(tmp_path: Path
     try:
         for max_pages in (5, 300):
             with pytest.raises(CorruptImageError, match="loops at page 2"):
-                open_section(path, max_pixels=10**9, max_pages=max_pages)
+                open_source(path, max_pixels=10**9, max_pages=max_pages)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -75,11 +75,11 @@ def test_page_counts_claimed_in_metadata_are_checked_not_trusted(tmp_path: Path)
         metadata=None,
     )
     with pytest.raises(TooManyPagesError, match="declares 1000000 pages"):
-        open_section(path, **LIMITS)
+        open_source(path, **LIMITS)
     tifffile.imwrite(
         path, em()[:32, :32], description='{"shape": [1000000, 32, 32]}', metadata=None
     )
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         assert source.pages == 1
 
 
@@ -98,10 +98,10 @@ def test_a_header_claiming_a_huge_page_is_refused_before_any_pixel(tmp_path: Pat
     path = write_tiff(tmp_path / "huge.tif", [em()[:64, :64]], tile=(16, 16), compression="zlib")
     patch_size(path, 1_000_000, 1_000_000)
     with pytest.raises(ImageTooLargeError, match="1000000x1000000"):
-        open_section(path, **LIMITS)
+        open_source(path, **LIMITS)
     # Admitted by the pixel limit, the page still lists far fewer tiles than it claims.
     with pytest.raises(CorruptImageError, match="tiles, its size needs"):
-        open_section(path, max_pixels=10**12, max_pages=1)
+        open_source(path, max_pixels=10**12, max_pages=1)
 
 
 @pytest.mark.parametrize("options", [{"tile": (64, 64), "compression": "zlib"}, {}])
@@ -110,7 +110,7 @@ def test_a_truncated_tiff_is_refused_before_inference(options: dict, tmp_path: P
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(CorruptImageError, match="truncated"):
-        open_section(path, **LIMITS)
+        open_source(path, **LIMITS)
 
 
 def test_huge_compressed_chunks_are_refused_with_advice(
@@ -119,12 +119,16 @@ def test_huge_compressed_chunks_are_refused_with_advice(
     path = write_tiff(
         tmp_path / "strip.tif", [em()[:300, :300]], rowsperstrip=300, compression="zlib"
     )
+    # Refused where the page is larger than a request may decode whole ...
     with pytest.raises(ImageError, match="tiled TIFF"):
-        open_section(path, **LIMITS, max_chunk_bytes=64 * 300)
+        open_source(path, **LIMITS, max_chunk_bytes=64 * 300, max_decoded_pixels=300 * 299)
+    # ... and read, as a request would read it, where it is not: one file, one verdict.
+    with open_source(path, **LIMITS, max_chunk_bytes=64 * 300, max_decoded_pixels=300 * 300) as s:
+        assert np.array_equal(s.read(0, 0, 300, 0, 300)[..., 0], em()[:300, :300])
     # Uncompressed, the same single strip is read by offset, a slice of rows at a time.
     monkeypatch.setattr(tiff_layout, "RAW_ROW_BYTES", 64 * 300)
     raw = write_tiff(tmp_path / "raw.tif", [em()[:300, :300]], rowsperstrip=300)
-    with open_section(raw, **LIMITS, max_chunk_bytes=64 * 300) as source:
+    with open_source(raw, **LIMITS, max_chunk_bytes=64 * 300) as source:
         assert np.array_equal(source.read(0, 100, 200, 5, 9)[..., 0], em()[100:200, 5:9])
         assert source.max_cached_rows <= 100 + 2 * 64  # slices of 64 rows, not the strip
         assert np.array_equal(source.read(0, 0, 300, 0, 300)[..., 0], em()[:300, :300])
@@ -194,7 +198,7 @@ def test_a_decompression_bomb_in_one_tile_is_refused_in_bounded_memory(tmp_path:
         metadata=None,
     )
     del bomb
-    with open_section(path, **LIMITS) as source:
+    with open_source(path, **LIMITS) as source:
         assert source.read(0, 0, 64, 0, 64).max() == 0
         tracemalloc.start()
         try:

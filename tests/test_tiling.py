@@ -18,8 +18,8 @@ from unet_service.core.engine import Segmenter
 from unet_service.core.geometry import Geometry
 from unet_service.core.tiling import Stitcher, TilePlan, mirror_pad, reflect_indices
 from unet_service.core.weights import ModelCard
-from unet_service.imaging.decode import ImageError
-from unet_service.pipeline.tiled_image import view
+from unet_service.imaging.errors import ImageError
+from unet_service.pipeline.views import view
 
 SIZES = [(1, 1), (7, 300), (300, 7), (389, 389), (700, 300), (1000, 1000)]
 TILE_SIZES = [36, 100]  # legal for depth 2 (4 + 4j)

@@ -20,8 +20,7 @@ from browser import browser_page, live_server
 from PIL import Image
 
 from conftest import ISBI
-from unet_service.imaging.encode import PALETTE, overlay_png
-from unet_service.pipeline.instances import label_colours
+from unet_service.imaging.encode import PALETTE, label_colours, overlay_png
 
 expect = pytest.importorskip("playwright.sync_api").expect
 Axe = pytest.importorskip("axe_playwright_python.sync_playwright").Axe

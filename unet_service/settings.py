@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from unet_service.core.geometry import Geometry
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
-from unet_service.pipeline.tiled_image import VARIANTS
+from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
 
 # Per-tile cost on a 2-core AMX CPU rose with the batch (bf16: 5.5 output MP/s at 1 tile,
 # 5.2 at 2, 3.1 at 8; fp32 on ONNX Runtime: 2.09 at 1, 1.97 at 8): a CPU gains nothing from

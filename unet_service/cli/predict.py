@@ -17,11 +17,12 @@ from unet_service.cli.stream import predict_section, wants_stream
 from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from unet_service.core.precision import PRECISIONS
 from unet_service.core.weights import WeightsError
-from unet_service.imaging.decode import ImageError
+from unet_service.imaging.encode import mask_pixels
+from unet_service.imaging.errors import ImageError
 from unet_service.imaging.pages import read_pages
 from unet_service.imaging.tiff_volume import labels_bytes, volume_bytes
 from unet_service.imaging.tiff_writer import WriterError
-from unet_service.pipeline.tiled_image import Segmentation, mask_pixels
+from unet_service.pipeline.sinks import Segmentation
 
 
 def mask_to_png(mask: np.ndarray, out_channels: int) -> Image.Image:

@@ -11,8 +11,9 @@ import tifffile
 from tqdm import tqdm
 
 from unet_service.core.engine import Segmenter
-from unet_service.imaging.decode import TIFF_MAGIC, ImageError
-from unet_service.imaging.sources import open_section
+from unet_service.imaging.decode import TIFF_MAGIC
+from unet_service.imaging.errors import ImageError
+from unet_service.imaging.sources import open_source
 from unet_service.pipeline.section import Output, Progress, run_section
 
 # Beyond this many pixels in one page a TIFF is streamed: the service's default
@@ -60,7 +61,7 @@ def predict_section(
         raise ImageError(f"the result {target} would overwrite the input; choose another -o")
     partial = target.with_name(f".{target.name}.part")
     with (
-        open_section(path, max_pixels=MAX_STREAM_PIXELS, max_pages=MAX_STREAM_PAGES) as source,
+        open_source(path, max_pixels=MAX_STREAM_PIXELS, max_pages=MAX_STREAM_PAGES) as source,
         tqdm(unit="tile", leave=False, file=sys.stderr) as bar,
     ):
 

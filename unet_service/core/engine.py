@@ -14,20 +14,18 @@ from unet_service.core.geometry import Geometry
 from unet_service.core.normalize import Normalizer
 from unet_service.core.precision import Precision, resolve_precision
 from unet_service.core.runner import BatchRunner, run_tiles
-from unet_service.core.tiling import TilePlan, plan_image
+from unet_service.core.tiling import TilePlan
 from unet_service.core.unet import UNet
 from unet_service.core.weights import ModelCard, load_weights
-from unet_service.imaging.decode import ImageError, match_channels
+from unet_service.imaging.decode import match_channels
+from unet_service.imaging.sources import ArraySource, check_values
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from unet_service.pipeline.instances import label_instances
-from unet_service.pipeline.tiled_image import Segmentation, TiledImage
+from unet_service.pipeline.recipe import Recipe
+from unet_service.pipeline.sinks import Segmentation
+from unet_service.pipeline.tiled_image import AveragedViews, TiledImage
 
 __all__ = ["DEFAULT_TILE_SIZE", "DEFAULT_WEIGHTS", "Segmentation", "Segmenter", "resolve_device"]
-
-# Float pixels are meant to lie in [0, 1]. Far beyond that (float32 reaches 3.4e38) the
-# normalisation overflows and every probability becomes NaN; such images are refused with
-# a clear error instead of coming back as an all-zero mask.
-MAX_FLOAT_PIXEL = 1e30
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -87,18 +85,16 @@ class Segmenter:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Decoded (H, W, C) image -> (H, W, in_channels), still in its own dtype."""
-        prepared = match_channels(image, self.card.in_channels)
-        if prepared.dtype.kind == "f" and prepared.size:
-            lo, hi = float(prepared.min()), float(prepared.max())  # no |x| copy of the image
-            if not -MAX_FLOAT_PIXEL <= lo <= hi <= MAX_FLOAT_PIXEL:
-                raise ImageError(
-                    f"float pixel values must be finite and within +-{MAX_FLOAT_PIXEL:g} "
-                    f"(this model expects them in [0, 1]); found {lo:g} .. {hi:g}"
-                )
-        return prepared
+        return match_channels(image, self.card.in_channels)
+
+    def recipe(self, tile_sizes: int | tuple[int, ...] | None = None) -> Recipe:
+        """How this model tiles images: with one tile size, that size; with several, the
+        one that computes each image with the least work."""
+        sizes = tile_sizes if isinstance(tile_sizes, tuple) else (tile_sizes or DEFAULT_TILE_SIZE,)
+        return Recipe(self.geometry, sizes, self.card.in_channels, self.out_channels, self.to_mask)
 
     def plan(self, height: int, width: int, tile_size: int | None = None) -> TilePlan:
-        return TilePlan(height, width, self.geometry, tile_size or DEFAULT_TILE_SIZE)
+        return self.recipe(tile_size).plan(height, width)
 
     def tiled(
         self,
@@ -106,17 +102,14 @@ class Segmenter:
         tile_sizes: int | tuple[int, ...] | None = None,
         probabilities: bool = False,
         tta: int = 1,
-    ) -> TiledImage:
-        """A decoded (H, W, C) image, prepared and planned: with one tile size, that size;
-        with several, the one that computes this image with the least work. `tta=8` averages
-        the 8 rotations and mirrorings of the image (see pipeline.tiled_image)."""
-        prepared = self.prepare(image)
-        height, width = prepared.shape[:2]
-        if isinstance(tile_sizes, tuple):
-            plan = plan_image(height, width, self.geometry, tile_sizes)
-        else:
-            plan = self.plan(height, width, tile_sizes)
-        return TiledImage(prepared, plan, self.out_channels, probabilities, tta, self.to_mask)
+    ) -> TiledImage | AveragedViews:
+        """A decoded (H, W, C) image, prepared and planned (see `recipe`), answered in
+        memory. `tta=8` averages the 8 rotations and mirrorings of the image."""
+        check_values(ArraySource(image))
+        source = ArraySource(self.prepare(image))
+        entry = self.recipe(tile_sizes).in_memory(source, probabilities=probabilities, tta=tta)
+        assert isinstance(entry, TiledImage | AveragedViews)  # one page
+        return entry
 
     def tile_input(self, plan: TilePlan, image: np.ndarray, tile) -> np.ndarray:
         """The normalised float32 (C, S, S) input of one tile of a prepared image."""

@@ -11,6 +11,14 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
+from unet_service.imaging.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+)
+
 # Our own pixel limit replaces Pillow's global one (checked before decoding, below).
 Image.MAX_IMAGE_PIXELS = None
 
@@ -18,36 +26,12 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Signatures of formats whose header Pillow itself may refuse (a PNG declaring zero width is
 # a broken PNG, not an unknown format).
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+# Float pixels are meant to lie in [0, 1]. Far beyond that (float32 reaches 3.4e38) the
+# normalisation overflows and every probability becomes NaN; such images are refused with
+# a clear error instead of coming back as an all-zero mask.
+MAX_FLOAT_PIXEL = 1e30
 # ITU-R 601-2 luma, as Pillow's "L" conversion uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-class ImageError(ValueError):
-    """Base class: the upload cannot be used as an image."""
-
-
-class EmptyImageError(ImageError):
-    """Empty file, or an image with zero height or width."""
-
-
-class UnsupportedImageError(ImageError):
-    """Not an image in a supported format, or truncated/corrupt."""
-
-
-class CorruptImageError(UnsupportedImageError):
-    """A supported format (recognised by its signature) whose data cannot be decoded."""
-
-
-class ImageTooLargeError(ImageError):
-    """More pixels than allowed (decompression-bomb guard)."""
-
-
-class StackMismatchError(ImageError):
-    """The pages of a stack (a multi-page TIFF) differ in size, samples or pixel type."""
-
-
-class TooManyPagesError(ImageTooLargeError):
-    """More pages (IFDs) than allowed."""
 
 
 def check_pixels(height: int, width: int, max_pixels: int | None) -> None:
@@ -58,6 +42,15 @@ def check_pixels(height: int, width: int, max_pixels: int | None) -> None:
         raise ImageTooLargeError(
             f"image is {width}x{height} = {height * width} pixels, more than the limit of "
             f"{max_pixels}"
+        )
+
+
+def check_float_range(lo: float, hi: float) -> None:
+    """Refuse float pixels beyond +-MAX_FLOAT_PIXEL (`lo`, `hi`: the image's extremes)."""
+    if not -MAX_FLOAT_PIXEL <= lo <= hi <= MAX_FLOAT_PIXEL:
+        raise ImageError(
+            f"float pixel values must be finite and within +-{MAX_FLOAT_PIXEL:g} "
+            f"(this model expects them in [0, 1]); found {lo:g} .. {hi:g}"
         )
 
 

@@ -10,8 +10,6 @@ import numpy as np
 from PIL import Image
 
 from unet_service.imaging.tiff_volume import labels_bytes, volume_bytes
-from unet_service.pipeline.instances import label_colours
-from unet_service.pipeline.tiled_image import mask_pixels
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
@@ -32,6 +30,25 @@ PALETTE = np.array(
     ],
     dtype=np.float32,
 )
+
+
+def mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
+    """A mask as every output file stores it: one class 0/255, so the file is viewable;
+    several, the class index."""
+    return mask * np.uint8(255) if out_channels == 1 else mask
+
+
+def label_colours(labels: np.ndarray) -> np.ndarray:
+    """(H, W) labels -> (H, W, 3) uint8 colours, one fixed bright colour per id (a
+    golden-ratio walk round the hue circle, so neighbours differ), black for 0."""
+    ids = np.arange(int(labels.max()) + 1 if labels.size else 1, dtype=np.float64)
+    hue = (ids * 0.618033988749895) % 1.0
+    # HSV with full saturation and value, to RGB.
+    k = (np.array([5.0, 3.0, 1.0])[None, :] + hue[:, None] * 6) % 6
+    rgb = 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
+    table = np.rint(55 + 200 * rgb).astype(np.uint8)
+    table[0] = 0
+    return table[labels]
 
 
 def slices(body: bytes | memoryview, size: int = SEND_PIECE) -> Iterator[memoryview]:

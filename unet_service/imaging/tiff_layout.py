@@ -1,6 +1,6 @@
-"""A TIFF page's storage, from its header alone: size and pixel type, the grid of strips or
-tiles its pixels are stored in, and whether those chunks fit the file and the memory bound.
-`imaging.sources` reads sections by window on this."""
+"""A TIFF page's storage, from its header alone: the grid of strips or tiles its pixels are
+stored in, and whether one of them may be decoded whole. `imaging.tiff_source` reads pages by
+window on this; the header checks every reader makes are `imaging.tiff_pages`'."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import numpy as np
 import tifffile
 
-from unet_service.imaging.decode import CorruptImageError, ImageError
+from unet_service.imaging.errors import ImageError
 
-# Largest decoded chunk (strip or tile) of a compressed TIFF: a chunk is decoded whole.
+# Largest decoded chunk (strip or tile) of a compressed TIFF read by window: a chunk is
+# decoded whole. (A page small enough for a request is decoded whole anyway: any chunk goes.)
 MAX_CHUNK_BYTES = 32 << 20
 # Rows per read of uncompressed strips (a "virtual strip"), whatever the file's own strips.
 RAW_ROW_BYTES = 1 << 20
-DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -46,46 +46,13 @@ class Layout:
     def chunks(self) -> int:
         return self.planes * self.down * self.across
 
-
-def check_chunk_shape(page: tifffile.TiffPage, index: int) -> None:
-    """The page's tiles or strips have a size: a TileWidth, TileLength or RowsPerStrip of 0
-    (which tifffile reads without complaint, and divides by, or takes a TileWidth of 0 for
-    strips) is a corrupt header."""
-    if 322 in page.tags or 323 in page.tags:  # TileWidth, TileLength
-        dims = (page.tilewidth, page.tilelength, page.tiledepth)
-        if min(dims) < 1:
-            depth = f"x{dims[2]}" if dims[2] != 1 else ""
-            raise CorruptImageError(
-                f"page {index + 1} declares tiles of {dims[0]}x{dims[1]}{depth} pixels: the "
-                "TIFF is corrupt"
-            )
-    elif page.rowsperstrip < 1:
-        raise CorruptImageError(
-            f"page {index + 1} declares strips of {page.rowsperstrip} rows: the TIFF is corrupt"
-        )
+    @property
+    def chunk_bytes(self) -> int:
+        return self.rows * self.cols * self.pixel_bytes
 
 
-def describe_page(page: tifffile.TiffPage, index: int) -> tuple[int, int, int, np.dtype]:
-    """(height, width, samples, dtype) of a page, or a clear error."""
-    separate, depth, height, width, contig = page.shaped
-    if depth != 1:
-        raise ImageError(f"page {index + 1} is a 3D volume ({depth} deep), not a section")
-    dtype = page.dtype
-    if dtype is None or np.dtype(dtype) not in DTYPES:
-        raise ImageError(
-            f"page {index + 1} has {page.bitspersample}-bit pixels of type {dtype}: sections "
-            "must be 8- or 16-bit unsigned or 32-bit float"
-        )
-    samples = separate * contig
-    if not 1 <= samples <= 4:
-        raise ImageError(f"page {index + 1} has {samples} samples per pixel (at most 4)")
-    if height < 1 or width < 1:
-        raise ImageError(f"page {index + 1} has zero size ({width}x{height})")
-    check_chunk_shape(page, index)
-    return height, width, samples, np.dtype(dtype)
-
-
-def chunk_layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_bytes: int) -> Layout:
+def chunk_layout(page: tifffile.TiffPage, height: int, width: int) -> Layout:
+    """The storage of a page the walk (`imaging.tiff_pages`) has checked."""
     planes, contig = page.shaped[0], page.shaped[4]
     itemsize = np.dtype(page.dtype).itemsize
     if page.is_tiled:
@@ -99,19 +66,10 @@ def chunk_layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_byt
         and page.bitspersample == 8 * itemsize
     )
     band = rows
-    chunk_bytes = rows * cols * contig * itemsize
     if raw and not page.is_tiled:
         # Uncompressed strips are read by offset in slices of rows, whatever the file's own
         # strips (one strip may hold a whole page).
         band = max(1, min(height, RAW_ROW_BYTES // (cols * contig * itemsize)))
-    elif chunk_bytes > max_chunk_bytes:
-        kind = "tiles" if page.is_tiled else "strips"
-        raise ImageError(
-            f"the TIFF stores its pixels in {kind} of {cols}x{rows} pixels "
-            f"({chunk_bytes >> 20} MiB each), which are decoded whole; huge sections are "
-            "read by window, which needs a tiled TIFF (e.g. 512x512 tiles), strips of a "
-            "few rows, or no compression"
-        )
     return Layout(
         tiled=bool(page.is_tiled),
         rows=rows,
@@ -126,46 +84,16 @@ def chunk_layout(page: tifffile.TiffPage, height: int, width: int, max_chunk_byt
     )
 
 
-def page_name(shape: tuple) -> str:
-    height, width, samples, dtype = shape[:4]
-    extra = f", {samples} samples" if samples != 1 else ""
-    return f"{width}x{height} {dtype}{extra}"
-
-
-def check_chunks(
-    page: tifffile.TiffPage,
-    index: int,
-    lay: Layout,
-    height: int,
-    file_size: int,
-    max_chunk_bytes: int,
-) -> None:
-    """Every chunk's bytes lie inside the file (a truncated file ends early) and, for raw
-    data, are as many as its pixels need; compressed chunks are not absurdly long."""
-    offsets = np.asarray(page.dataoffsets, np.int64)
-    counts = np.asarray(page.databytecounts, np.int64)
-    if len(offsets) != lay.chunks or len(counts) != lay.chunks:
-        raise CorruptImageError(
-            f"page {index + 1} lists {len(offsets)} strips/tiles, its size needs {lay.chunks}"
-        )
-    present = counts > 0
-    if present.any():
-        end = int((offsets[present] + counts[present]).max())
-        if end > file_size or int(offsets[present].min()) < 0:
-            raise CorruptImageError(
-                f"page {index + 1}'s pixel data runs past the end of the file "
-                f"({end} > {file_size} bytes): the TIFF is truncated"
-            )
-    if lay.raw:
-        need = np.full(lay.chunks, lay.rows * lay.cols * lay.pixel_bytes, np.int64)
-        if not lay.tiled:  # the last strip holds only the rows that are left
-            tops = np.arange(lay.chunks) % lay.down * lay.rows
-            need = np.minimum(lay.rows, height - tops) * lay.cols * lay.pixel_bytes
-        if np.any(present & (counts < need)):
-            raise CorruptImageError(
-                f"page {index + 1} has strips/tiles shorter than their pixels: truncated"
-            )
-    elif counts.size and int(counts.max()) > 2 * max_chunk_bytes:
-        raise CorruptImageError(
-            f"page {index + 1} has a compressed strip/tile of {int(counts.max())} bytes"
+def check_chunk_size(lay: Layout, page_pixels: int, max_chunk_bytes: int, whole: int) -> None:
+    """Refuse compressed chunks so large that reading by window would decode a page's worth
+    at a time, unless the page has at most `whole` pixels (what a request decodes whole)."""
+    if lay.raw and not lay.tiled:
+        return  # read by offset, in slices of rows
+    if lay.chunk_bytes > max_chunk_bytes and page_pixels > whole:
+        kind = "tiles" if lay.tiled else "strips"
+        raise ImageError(
+            f"the TIFF stores its pixels in {kind} of {lay.cols}x{lay.rows} pixels "
+            f"({lay.chunk_bytes >> 20} MiB each), which are decoded whole; huge sections are "
+            "read by window, which needs a tiled TIFF (e.g. 512x512 tiles), strips of a "
+            "few rows, or no compression"
         )

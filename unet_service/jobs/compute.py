@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tifffile
 
-from unet_service.imaging.encode import overlay_rgb
-from unet_service.imaging.sources import SectionSource, open_section
+from unet_service.imaging.encode import mask_pixels, overlay_rgb
+from unet_service.imaging.sources import Source, open_source
 from unet_service.imaging.tiff_volume import labels_dtype
 from unet_service.imaging.tiff_writer import SectionWriter
-from unet_service.pipeline.section import open_writer, result_layout, section_image
-from unet_service.pipeline.tiled_image import Segmentation, mask_pixels
+from unet_service.pipeline.outputs import result_layout
+from unet_service.pipeline.section import open_writer, section_image
+from unet_service.pipeline.sinks import Segmentation
 
 if TYPE_CHECKING:
     from unet_service.jobs.runner import JobRunner, Progress
@@ -62,12 +63,12 @@ def streamed(output: str, tta: int) -> bool:
     return output in STREAMED_OUTPUTS and tta == 1
 
 
-def open_input(path: Path, settings: Settings) -> SectionSource:
+def open_input(path: Path, settings: Settings) -> Source:
     """The job's input, checked (sizes, pages, corruption): the route calls this before it
     answers 202, so a bad upload is a 4xx and never a failed job. Formats other than TIFF
     cannot be read by window and are decoded whole, up to UNET_MAX_PIXELS."""
     s = settings
-    return open_section(
+    return open_source(
         path,
         max_pixels=s.max_job_pixels,
         max_pages=s.max_job_pages,
@@ -156,7 +157,7 @@ async def _streamed(runner, source, output, tmp, progress) -> None:
 
 
 def _whole_pages_writer(
-    path: Path, source: SectionSource, output: str, out_channels: int, ids: type = np.uint32
+    path: Path, source: Source, output: str, out_channels: int, ids: type = np.uint32
 ) -> SectionWriter:
     """The result of a job computed page by page, laid out as `_page_output` makes pages:
     mask and probabilities as a streamed result, overlay RGB, instances `ids`."""
@@ -225,7 +226,7 @@ async def _whole_pages(runner, record, source, tmp, progress) -> None:
                 target.unlink()
 
 
-async def _labels_result(spool: Path, tmp: Path, source: SectionSource, top_id: int) -> None:
+async def _labels_result(spool: Path, tmp: Path, source: Source, top_id: int) -> None:
     """The spooled 32-bit cell ids become the result: as they are when some id needs 32
     bits, else copied page by page as 16-bit."""
     ids = labels_dtype(top_id)

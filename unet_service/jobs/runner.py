@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from unet_service.core.tiling import TileCounts
-from unet_service.imaging.decode import ImageError
+from unet_service.imaging.errors import ImageError
 from unet_service.jobs.compute import JobLost, compute_job
 from unet_service.jobs.files import JobFiles
 from unet_service.jobs.table import JobRecord, JobTable

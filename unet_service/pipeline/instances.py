@@ -43,19 +43,6 @@ class InstanceParams(BaseModel):
     smoothing: float = Field(0.0, ge=0, description="Gaussian sigma applied to the map first")
 
 
-def label_colours(labels: np.ndarray) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) uint8 colours, one fixed bright colour per id (a
-    golden-ratio walk round the hue circle, so neighbours differ), black for 0."""
-    ids = np.arange(int(labels.max()) + 1 if labels.size else 1, dtype=np.float64)
-    hue = (ids * 0.618033988749895) % 1.0
-    # HSV with full saturation and value, to RGB.
-    k = (np.array([5.0, 3.0, 1.0])[None, :] + hue[:, None] * 6) % 6
-    rgb = 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
-    table = np.rint(55 + 200 * rgb).astype(np.uint8)
-    table[0] = 0
-    return table[labels]
-
-
 def interior_levels(
     probability: np.ndarray, threshold: float, params: InstanceParams
 ) -> np.ndarray:

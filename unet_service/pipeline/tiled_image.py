@@ -1,181 +1,152 @@
-"""One image through overlap-tile inference: its plan, its tiles cut lazily from the image,
-the stitchers that collect their outputs, and the result.
+"""One image through overlap-tile inference, the same way for every image: a page of a source
+(`imaging.sources`), planned once, its tiles cut lazily from the source's windows, their
+outputs kept by a sink (`pipeline.sinks`). What differs between a request and a job is only
+the source (in memory, or a file read by window) and the sink (in memory, or streamed to a
+file).
 
 This is the per-image half of the recipe (plan -> cut -> ... -> stitch); the other half,
-normalise -> forward -> threshold, is `core.runner.BatchRunner`, which computes tiles of
-any number of TiledImages in one batch. `Segmenter.segment` loops over one TiledImage; the
-service's queue holds many and interleaves their tiles.
-
-Test-time augmentation (`variants=8`): the image is also seen rotated by 90, 180 and 270
-degrees and mirrored (8 views, the dihedral group), each view tiled exactly like the image
-itself, and the views' probabilities are averaged back in the image's frame. Each view's
-tiles are written into a rotated/mirrored *view* of one float64 sum, so no inverse transform
-is ever copied; float32 values sum exactly in float64, so the average does not depend on the
-order in which batches return.
+normalise -> forward -> threshold, is `core.runner.BatchRunner`, which computes tiles of any
+number of images in one batch. The queue holds many and interleaves their tiles. A queue
+entry is one `TiledImage`, or a `TileGroup` of several handed out one after another as one
+entry: a stack's pages (`TiledStack`), or test-time augmentation's 8 views of an image
+(`AveragedViews`: each view a `TiledImage` over a turned view of the source, summing into a
+turned view of one float64 array, so no inverse transform is ever copied; float32 values sum
+exactly in float64, so the average does not depend on the order in which batches return).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from unet_service.core.tiling import Stitcher, Tile, TileCounts, TilePlan
-
-VARIANTS = (1, 8)
-# View k: rotated k % 4 times by 90 degrees, then mirrored left-right when k >= 4.
-TileRef = tuple[int, Tile]  # (view, tile): what `take` hands out
-
-
-@dataclass
-class Segmentation:
-    mask: np.ndarray  # (H, W) uint8: 0/1 for one class, class index for several
-    probabilities: np.ndarray | None  # (K, H, W) float32, when asked for
-
-
-def mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
-    """A mask as every output file stores it: one class 0/255, so the file is viewable;
-    several, the class index."""
-    return mask * np.uint8(255) if out_channels == 1 else mask
-
-
-def view(array: np.ndarray, k: int, axes: tuple[int, int]) -> np.ndarray:
-    """The k-th dihedral view of `array` over two axes, as a numpy view (no copy)."""
-    rotated = np.rot90(array, k % 4, axes=axes)
-    if k < 4:
-        return rotated
-    index = [slice(None)] * array.ndim
-    index[axes[1]] = slice(None, None, -1)
-    return rotated[tuple(index)]
+from unet_service.core.tiling import Tile, TileCounts, TilePlan
+from unet_service.imaging.decode import match_channels
+from unet_service.imaging.sources import Source
+from unet_service.pipeline.sinks import Segmentation, Sink
 
 
 class TiledImage(TileCounts):
-    """A prepared (H, W, C) image, its tile plan and its stitched outputs. Tiles are handed
-    out by `take` in plan order and may come back through `add` in any order."""
+    """Page `page` of `source`, tiled by `plan`, its outputs to `sink`. Tiles are handed out
+    by `take` in plan order (row after row) and may come back through `add` in any order."""
 
     def __init__(
-        self,
-        image: np.ndarray,
-        plan: TilePlan,
-        out_channels: int,
-        probabilities: bool,
-        variants: int = 1,
-        to_mask: Callable[[np.ndarray], np.ndarray] | None = None,
+        self, source: Source, page: int, plan: TilePlan, sink: Sink, in_channels: int
     ) -> None:
-        if image.shape[:2] != (plan.height, plan.width):
-            raise ValueError(f"image {image.shape[:2]} does not match its plan")
-        if variants not in VARIANTS:
-            raise ValueError(
-                f"test-time augmentation takes {' or '.join(map(str, VARIANTS))} views"
-            )
-        if variants > 1 and to_mask is None:
-            raise ValueError("averaged views need to_mask to make their mask")
-        self.image = image
-        self.plan = plan
-        self.variants = variants
-        self._to_mask = to_mask
-        self._stitchers: list[Stitcher] = []  # one per averaged view
-        if variants == 1:
-            self._views = [(image, plan)]
-            self._mask: Stitcher | None = Stitcher(plan, 1, np.uint8)
-            self._probs = Stitcher(plan, out_channels, np.float32) if probabilities else None
-        else:
-            self._sum = np.zeros((out_channels, plan.height, plan.width), np.float64)
-            self._views = []
-            for k in range(variants):
-                pixels = view(image, k, (0, 1))
-                height, width = pixels.shape[:2]
-                view_plan = TilePlan(height, width, plan.geometry, plan.tile_size)
-                self._views.append((pixels, view_plan))
-                into = view(self._sum, k, (1, 2))
-                self._stitchers.append(Stitcher(view_plan, out_channels, add_into=into))
-            self._mask = None
-            self._probs = None
-        self.total = sum(len(p) for _, p in self._views)
+        if (plan.height, plan.width) != (source.height, source.width):
+            raise ValueError(f"the plan {plan.height}x{plan.width} does not match the source")
+        if not 0 <= page < source.pages:
+            raise ValueError(f"page {page} of {source.pages}")
+        self.source, self.page, self.plan, self.sink = source, page, plan, sink
+        self._in_channels = in_channels
+        self._before_read = getattr(sink, "before_read", None)
+        self.total = len(plan)
         self.taken = 0  # tiles handed out
         self.done = 0  # tiles stitched
-        self._tiles: Iterator[TileRef] = (
-            (k, tile) for k, (_, view_plan) in enumerate(self._views) for tile in view_plan
-        )
+        self._tiles = iter(plan)
 
     @property
     def tile_size(self) -> int:
         return self.plan.tile_size
 
-    def take(self) -> TileRef:
-        ref = next(self._tiles)
+    def take(self) -> Tile:
+        tile = next(self._tiles)
         self.taken += 1
-        return ref
+        return tile
 
-    def tile_input(self, ref: TileRef) -> np.ndarray:
-        """The tile's (C, S, S) input window in the image's own dtype (not normalised)."""
-        k, tile = ref
-        pixels, view_plan = self._views[k]
-        return view_plan.extract(pixels, tile)
+    def tile_input(self, tile: Tile) -> np.ndarray:
+        """The tile's (C, S, S) input in the source's dtype (not normalised): the plan's
+        mirror indices applied to the smallest window of the source they touch, so it equals
+        `TilePlan.extract` on the whole image."""
+        if self._before_read is not None:
+            self._before_read()
+        ys, xs = self.plan.input_indices(tile)
+        y0, y1 = int(ys.min()), int(ys.max()) + 1
+        x0, x1 = int(xs.min()), int(xs.max()) + 1
+        window = match_channels(self.source.read(self.page, y0, y1, x0, x1), self._in_channels)
+        return np.ascontiguousarray(window[ys - y0][:, xs - x0].transpose(2, 0, 1))
 
-    def add(self, ref: TileRef, probabilities: np.ndarray, mask: np.ndarray) -> None:
+    def add(self, tile: Tile, probabilities: np.ndarray, mask: np.ndarray) -> None:
         """Stitch one tile's (K, S, S) probabilities and (S, S) mask."""
-        k, tile = ref
-        if self._mask is not None:
-            self._mask.aggregate(mask[None], tile)
-            if self._probs is not None:
-                self._probs.aggregate(probabilities, tile)
-        else:
-            self._stitchers[k].aggregate(probabilities, tile)
+        self.sink.aggregate(tile, probabilities, mask)
         self.done += 1
 
-    def result(self) -> Segmentation:
-        if self._mask is not None:
-            probabilities = self._probs.finalize() if self._probs is not None else None
-            return Segmentation(self._mask.finalize()[0], probabilities)
-        for stitcher in self._stitchers:
-            stitcher.finalize()  # raises if a view is incomplete
-        assert self._to_mask is not None
-        average = (self._sum / self.variants).astype(np.float32)
-        return Segmentation(self._to_mask(average), average)
+    def result(self) -> Any:
+        if not self.complete:
+            raise RuntimeError(f"{self.outstanding} of {self.total} tiles were never stitched")
+        return self.sink.finish()
 
 
-StackRef = tuple[int, TileRef]  # (page, tile of that page)
+Entry = TiledImage  # or any TileGroup: what the queue and the runner take tiles from
 
 
-class TiledStack(TileCounts):
-    """The pages of a stack (TiledImages of one size, hence one tile size) as one entry of
-    the tile queue: the batcher's round-robin then counts the whole stack as one line, so
-    a 30-page stack takes no more turns than a single image beside it, while alone it fills
-    every batch. A failure, a deadline or a cancellation reaches all its pages at once.
-    Tiles are handed out page by page, so pages finish in order."""
+class TileGroup(TileCounts):
+    """Several parts (images of one tile size) as one entry of the tile queue: the batcher's
+    round-robin counts the group as one line, and a failure, a deadline or a cancellation
+    reaches every part at once. Tiles are handed out part by part, so parts finish in
+    order."""
 
-    def __init__(self, pages: list[TiledImage]) -> None:
-        if not pages:
-            raise ValueError("a stack needs at least one page")
-        if len({page.tile_size for page in pages}) != 1:
-            raise ValueError("the pages of a stack must share one tile size")
-        self.pages = pages
-        self.total = sum(page.total for page in pages)
+    def __init__(self, parts: Sequence[TiledImage | TileGroup]) -> None:
+        if not parts:
+            raise ValueError("a group needs at least one part")
+        if len({part.tile_size for part in parts}) != 1:
+            raise ValueError("the parts of a group must share one tile size")
+        self.parts = list(parts)
+        self.total = sum(part.total for part in parts)
         self.taken = 0
         self.done = 0
-        self._page = 0  # the page whose tiles are handed out next
+        self._part = 0  # the part whose tiles are handed out next
 
     @property
     def tile_size(self) -> int:
-        return self.pages[0].tile_size
+        return self.parts[0].tile_size
 
-    def take(self) -> StackRef:
-        while self.pages[self._page].pending == 0:
-            self._page += 1
-        ref = self.pages[self._page].take()
+    def take(self) -> tuple[int, Any]:
+        while self.parts[self._part].pending == 0:
+            self._part += 1
+        ref = self.parts[self._part].take()
         self.taken += 1
-        return self._page, ref
+        return self._part, ref
 
-    def tile_input(self, ref: StackRef) -> np.ndarray:
-        page, tile = ref
-        return self.pages[page].tile_input(tile)
+    def tile_input(self, ref: tuple[int, Any]) -> np.ndarray:
+        part, tile = ref
+        return self.parts[part].tile_input(tile)
 
-    def add(self, ref: StackRef, probabilities: np.ndarray, mask: np.ndarray) -> None:
-        page, tile = ref
-        self.pages[page].add(tile, probabilities, mask)
+    def add(self, ref: tuple[int, Any], probabilities: np.ndarray, mask: np.ndarray) -> None:
+        part, tile = ref
+        self.parts[part].add(tile, probabilities, mask)
         self.done += 1
 
-    def result(self) -> list[Segmentation]:
-        return [page.result() for page in self.pages]
+    def result(self) -> Any:
+        return [part.result() for part in self.parts]
+
+
+class TiledStack(TileGroup):
+    """A stack's pages (of one size, hence one tile size) as one entry: a 30-page stack
+    takes no more turns than a single image beside it, while alone it fills every batch.
+    Its result is the list of its pages' results."""
+
+    @property
+    def pages(self) -> list[TiledImage | TileGroup]:
+        return self.parts
+
+
+class AveragedViews(TileGroup):
+    """Test-time augmentation of one image: its views' tiles summed into `total` (K, H, W)
+    float64, then averaged and thresholded by `to_mask`."""
+
+    def __init__(
+        self,
+        views: Sequence[TiledImage],
+        total: np.ndarray,
+        to_mask: Callable[[np.ndarray], np.ndarray],
+    ) -> None:
+        super().__init__(views)
+        self._total = total
+        self._to_mask = to_mask
+
+    def result(self) -> Segmentation:
+        super().result()  # each view's sink raises if a tile is missing
+        average = (self._total / len(self.parts)).astype(np.float32)
+        return Segmentation(self._to_mask(average), average)

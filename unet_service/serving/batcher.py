@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from unet_service.core.runner import BatchItem, TileOutput
 from unet_service.core.tiling import Tile
-from unet_service.imaging.decode import ImageError
-from unet_service.pipeline.tiled_image import Segmentation, TiledImage, TiledStack
+from unet_service.imaging.errors import ImageError
+from unet_service.pipeline.sinks import Segmentation
+from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import (
@@ -148,7 +149,7 @@ class TileBatcher:
         """Seconds until the queue has likely drained, from the measured throughput."""
         return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage | TiledStack, *, background: bool = False) -> QueuedImage:
+    def submit(self, image: TiledImage | TileGroup, *, background: bool = False) -> QueuedImage:
         """Admit an image or a stack (all its pages' tiles count), or raise at once:
         ShuttingDownError, TooManyTilesError, QueueFullError. A `background` image (a section
         job's page) is computed only when no request's tiles are waiting, in batches of

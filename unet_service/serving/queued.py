@@ -8,8 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from unet_service.core.tiling import Tile
-from unet_service.imaging.decode import ImageError
-from unet_service.pipeline.tiled_image import Segmentation, TiledImage, TiledStack
+from unet_service.imaging.errors import ImageError
+from unet_service.pipeline.sinks import Segmentation
+from unet_service.pipeline.tiled_image import TiledImage, TiledStack, TileGroup
 
 
 class QueueFullError(Exception):
@@ -53,7 +54,7 @@ def failure_reason(error: Exception) -> str:
 
 
 def check_room(
-    image: TiledImage | TiledStack, queued: int, limit: int, retry_after: Callable[[], int]
+    image: TiledImage | TileGroup, queued: int, limit: int, retry_after: Callable[[], int]
 ) -> None:
     """Refuse a request's image (or stack: all its pages' tiles count) that the tile queue,
     holding `queued` of at most `limit` tiles, has no room for: TooManyTilesError when it
@@ -77,7 +78,7 @@ class QueuedImage:
 
     def __init__(
         self,
-        image: TiledImage | TiledStack,
+        image: TiledImage | TileGroup,
         loop: asyncio.AbstractEventLoop,
         *,
         background: bool = False,

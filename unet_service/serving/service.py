@@ -18,14 +18,16 @@ from unet_service.api.errors import ApiError
 from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner
 from unet_service.core.tiling import tile_sizes
-from unet_service.imaging.decode import (
+from unet_service.imaging.errors import (
     CorruptImageError,
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
 )
 from unet_service.imaging.pages import decode_pages
-from unet_service.pipeline.tiled_image import Segmentation, TiledImage, TiledStack
+from unet_service.imaging.sources import ArraySource, check_values
+from unet_service.pipeline.sinks import Segmentation
+from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.batcher import TileBatcher
 from unet_service.serving.limits import check_instances, check_pages
 from unet_service.serving.metrics import Metrics
@@ -229,12 +231,11 @@ class InferenceService:
         self.check_pages(pages)
         variants = self.settings.tta if tta is None else tta
 
-        def plan() -> TiledImage | TiledStack:
-            tiled = [
-                self.segmenter.tiled(page, self.info.tile_sizes, probabilities, variants)
-                for page in pages
-            ]
-            return tiled[0] if len(tiled) == 1 else TiledStack(tiled)
+        def plan() -> TiledImage | TileGroup:
+            check_values(ArraySource(pages))  # the check a job's file gets, stack-wide
+            source = ArraySource([self.segmenter.prepare(page) for page in pages])
+            recipe = self.segmenter.recipe(self.info.tile_sizes)
+            return recipe.in_memory(source, probabilities=probabilities, tta=variants)
 
         try:
             queued = await asyncio.to_thread(plan)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_service.imaging.decode import ImageError, read_image
+from unet_service.imaging.decode import read_image
+from unet_service.imaging.errors import ImageError
 
 # CI clones the repository with ../shared beside it, so the data is found relative to the repo.
 REPO_ROOT = Path(__file__).resolve().parents[2]

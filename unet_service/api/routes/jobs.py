@@ -20,11 +20,11 @@ from unet_service.api.routes.common import get_service
 from unet_service.api.routes.segment import REQUEST_BODY, Output
 from unet_service.api.upload_stream import StreamedUpload
 from unet_service.core.tiling import plan_image
-from unet_service.imaging.decode import ImageError
+from unet_service.imaging.errors import ImageError
 from unet_service.jobs.compute import open_input, streamed
 from unet_service.jobs.table import JobRecord
-from unet_service.pipeline.section import result_nbytes
-from unet_service.pipeline.tiled_image import VARIANTS
+from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
+from unet_service.pipeline.outputs import result_nbytes
 from unet_service.serving.service import image_error
 
 ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
@@ -119,7 +119,9 @@ async def create_job(
             raise image_error(e) from None
         with source:
             _check_page_limits(service, source, output, colour, tta)
-            reserve = result_nbytes(source, output.value, service.segmenter.out_channels)
+            reserve = result_nbytes(
+                source.pixels, source.pages, output.value, service.segmenter.out_channels
+            )
         media_type = await asyncio.to_thread(media_type_of, path)
         now = time.time()
         plan = plan_image(

@@ -26,7 +26,7 @@ from unet_service.imaging.encode import (
     probabilities_npy_pages,
     slices,
 )
-from unet_service.pipeline.tiled_image import VARIANTS
+from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
 from unet_service.serving.service import InferenceService, SegmentResult
 
 router = APIRouter(tags=["segmentation"])

@@ -30,7 +30,7 @@ from unet_service.api.v2_tensors import (
     parse_request,
     tensor_to_pages,
 )
-from unet_service.pipeline.tiled_image import VARIANTS
+from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
 from unet_service.serving.service import InferenceService, SegmentResult
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])

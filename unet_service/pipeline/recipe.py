@@ -1,0 +1,74 @@
+"""How one model segments images: the tile plan of an image (made here, and only here), the
+queue entry of an image or stack answered in memory, and a page of a source with a sink of
+the caller's. A `Recipe` knows the model's shape and threshold, not the model: it is
+torch-free, and the same for a request, a job and the command line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from unet_service.core.geometry import Geometry
+from unet_service.core.tiling import TilePlan, plan_image
+from unet_service.imaging.sources import Source
+from unet_service.pipeline.outputs import TTA_VIEWS
+from unet_service.pipeline.sinks import MemorySink, Sink, SumSink
+from unet_service.pipeline.tiled_image import AveragedViews, TiledImage, TiledStack
+from unet_service.pipeline.views import VIEWS, DihedralView, view
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """`tile_sizes`: one legal output tile size, or several to choose from per image (the
+    one that computes it with the least work). `to_mask`: (K, ...) probabilities -> (...)
+    uint8 mask."""
+
+    geometry: Geometry
+    tile_sizes: tuple[int, ...]
+    in_channels: int
+    out_channels: int
+    to_mask: Callable[[np.ndarray], np.ndarray]
+
+    def plan(self, height: int, width: int) -> TilePlan:
+        if len(self.tile_sizes) == 1:
+            return TilePlan(height, width, self.geometry, self.tile_sizes[0])
+        return plan_image(height, width, self.geometry, self.tile_sizes)
+
+    def tiles(self, height: int, width: int, pages: int = 1, tta: int = 1) -> int:
+        """Tiles of a stack: every page's, of every view (a turned view has as many)."""
+        return pages * tta * len(self.plan(height, width))
+
+    def page(self, source: Source, page: int, sink: Callable[[TilePlan], Sink]) -> TiledImage:
+        """Page `page` of `source`, its outputs to the sink `sink(plan)` makes."""
+        plan = self.plan(source.height, source.width)
+        return TiledImage(source, page, plan, sink(plan), self.in_channels)
+
+    def in_memory(
+        self, source: Source, *, probabilities: bool, tta: int = 1
+    ) -> TiledImage | AveragedViews | TiledStack:
+        """Every page of `source` answered in memory, as one queue entry: each page's
+        `Segmentation` (its mask, and its probabilities when asked for or averaged), a list
+        of them for a stack. `tta=8` averages the 8 views of each page."""
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"test-time augmentation takes 1 or {VIEWS} views, not {tta}")
+        pages = [self._page_in_memory(source, p, probabilities, tta) for p in range(source.pages)]
+        return pages[0] if len(pages) == 1 else TiledStack(pages)
+
+    def _page_in_memory(
+        self, source: Source, page: int, probabilities: bool, tta: int
+    ) -> TiledImage | AveragedViews:
+        if tta == 1:
+            return self.page(
+                source, page, lambda plan: MemorySink(plan, self.out_channels, probabilities)
+            )
+        size = self.plan(source.height, source.width).tile_size
+        total = np.zeros((self.out_channels, source.height, source.width), np.float64)
+        views = []
+        for k in range(VIEWS):
+            turned = DihedralView(source, k)
+            plan = TilePlan(turned.height, turned.width, self.geometry, size)
+            sink = SumSink(plan, view(total, k, (1, 2)))
+            views.append(TiledImage(turned, page, plan, sink, self.in_channels))
+        return AveragedViews(views, total, self.to_mask)
