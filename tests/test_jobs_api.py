@@ -28,7 +28,7 @@ from app_helpers import running as running_app
 from PIL import Image
 
 from conftest import read_volume
-from unet_service.jobs import compute as job_compute
+from unet_service.pipeline import to_file
 
 pytestmark = pytest.mark.anyio
 
@@ -370,7 +370,7 @@ async def test_every_stack_result_is_one_imagej_volume(weights: Path, tmp_path: 
             else:
                 np.testing.assert_array_equal(volume[clear], expected[clear], err_msg=str(params))
             job_dir = tmp_path / "jobs" / done["id"]
-            assert not (job_dir / job_compute.LABELS_SPOOL).exists()
+            assert not (job_dir / to_file.LABELS_SPOOL).exists()
 
 
 async def test_cell_ids_beyond_16_bits_keep_the_32_bit_spool(
@@ -384,7 +384,7 @@ async def test_cell_ids_beyond_16_bits_keep_the_32_bit_spool(
         r = await submit(client, tiff_bytes(*pages), output="instances")
         done = await wait_state(client, r.json()["id"])
         sixteen = read_volume((await client.get(done["result"]["url"])).content)
-        monkeypatch.setattr(job_compute, "labels_dtype", lambda top: np.dtype(np.uint32))
+        monkeypatch.setattr(to_file, "labels_dtype", lambda top: np.dtype(np.uint32))
         r = await submit(client, tiff_bytes(*pages), output="instances")
         done = await wait_state(client, r.json()["id"])
         assert done["state"] == "done", done

@@ -30,7 +30,8 @@ from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.errors import CorruptImageError, ImageTooLargeError
 from unet_service.imaging.sources import open_source
 from unet_service.imaging.tiff_writer import SectionWriter, WriterError, needs_bigtiff
-from unet_service.pipeline.section import Cancelled, open_writer, run_section, section_image
+from unet_service.pipeline.section import Cancelled, run_section, section_image
+from unet_service.pipeline.to_file import open_writer
 
 __all__ = ["seg", "seg3"]  # module-scoped fixtures
 

@@ -17,13 +17,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
-from unet_service.core.tiling import TileCounts
 from unet_service.imaging.errors import ImageError
 from unet_service.jobs.compute import JobLost, compute_job
 from unet_service.jobs.files import JobFiles
 from unet_service.jobs.table import JobRecord, JobTable
+from unet_service.pipeline.to_file import Progress
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import InferenceError, UnreadableImageError
@@ -41,19 +40,6 @@ LEASE_FACTOR = 10  # lease = this many progress intervals: a few missed reports 
 # deleted while a result was written) is removed once untouched for this long; an upload in
 # progress touches its file all the time.
 ORPHAN_AGE_S = 3600
-
-
-@dataclass
-class Progress:
-    tiles_total: int = 0
-    pages_total: int = 0
-    pages_done: int = 0
-    finished_tiles: int = 0  # of the pages done
-    page: TileCounts | None = None  # the page being computed
-
-    @property
-    def tiles_done(self) -> int:
-        return self.finished_tiles + (self.page.done if self.page is not None else 0)
 
 
 class JobRunner:

@@ -1,49 +1,27 @@
-"""Huge images through overlap-tile inference in flat memory: each page of a `Source` (read by
-window) is a `TiledImage` whose outputs stream, band by band, into a `SectionWriter` (a tiled,
-compressed TIFF) through a `BandSink`. In memory at once: the source's cached band of input
-chunks, the few bands still being stitched (about one, as tiles are taken in order and
-computed a batch at a time) and the writer's bounded backlog.
-
-`run_section` is the whole job in one thread (`unet-predict`, the benchmark): every page
-through `core.runner.run_tiles`, the recipe `Segmenter.segment` uses.
+"""`pipeline.to_file` in one thread, for `unet-predict` and the benchmark: every page of a
+source through a batch runner (`core.runner.run_tiles`, the loop `Segmenter.segment` uses)
+into a result file, streamed band by band in flat memory. In memory at once: the source's
+cached band of input chunks, the few bands still being stitched (about one, as tiles are
+taken in order and computed a batch at a time) and the writer's bounded backlog.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.sources import Source
 from unet_service.imaging.tiff_writer import SectionWriter
-from unet_service.pipeline.outputs import Output, result_layout
+from unet_service.pipeline.outputs import Output, SegmentRequest
 from unet_service.pipeline.sinks import BandSink
-from unet_service.pipeline.tiled_image import TiledImage
+from unet_service.pipeline.tiled_image import TiledImage, TileGroup
+from unet_service.pipeline.to_file import Progress, segment_to_file
 
 if TYPE_CHECKING:
     from unet_service.core.engine import Segmenter
-
-
-def open_writer(
-    path: str | Path,
-    source: Source,
-    out_channels: int,
-    output: Output = "mask",
-    bigtiff: bool | None = None,
-) -> SectionWriter:
-    """The result file for `source`: one page per input page."""
-    dtype, samples = result_layout(output, out_channels)
-    return SectionWriter(
-        path,
-        pages=source.pages,
-        height=source.height,
-        width=source.width,
-        dtype=dtype,
-        samples=samples,
-        bigtiff=bigtiff,
-    )
 
 
 def section_image(
@@ -65,14 +43,6 @@ def section_image(
     )
 
 
-@dataclass
-class Progress:
-    tiles_done: int
-    tiles_total: int
-    pages_done: int
-    pages: int
-
-
 class Cancelled(Exception):
     """`run_section` was stopped by its cancel check; no result file is left."""
 
@@ -90,24 +60,33 @@ def run_section(
     cancelled: Callable[[], bool] | None = None,
 ) -> None:
     """Every page of `source` through the network into a result TIFF at `path`, in this
-    thread. On any error or cancellation (`cancelled()` is asked between batches) the file
-    is deleted and the error (or `Cancelled`) raised."""
+    thread (and one more, for the network). On any error or cancellation (`cancelled()` is
+    asked between batches) the file is deleted and the error (or `Cancelled`) raised."""
     run = BatchRunner(segmenter, batch_size)
-    with open_writer(path, source, segmenter.out_channels, output, bigtiff) as writer:
-        total = segmenter.recipe(tile_sizes).tiles(source.height, source.width, source.pages)
-        progress = Progress(0, total, 0, source.pages)
+    recipe = segmenter.recipe(tile_sizes)
+    total = recipe.tiles(source.height, source.width, source.pages)
+    progress = Progress(tiles_total=total, pages_total=source.pages, on_page=on_progress)
 
-        def on_batch(tiles: int) -> None:
-            progress.tiles_done += tiles
-            if on_progress is not None:
-                on_progress(progress)
-            if cancelled is not None and cancelled():
-                raise Cancelled("the section job was cancelled")
+    def on_batch(tiles: int) -> None:
+        if on_progress is not None:
+            on_progress(progress)
+        if cancelled is not None and cancelled():
+            raise Cancelled("the section job was cancelled")
 
-        for page in range(source.pages):
-            image = section_image(segmenter, source, page, writer, tile_sizes, output)
-            run_tiles(image, run, on_batch)
-            image.result()
-            progress.pages_done += 1
-            if on_progress is not None:
-                on_progress(progress)
+    def computed(entry: TiledImage | TileGroup) -> object:
+        run_tiles(entry, run, on_batch)
+        return entry.result()
+
+    async def compute(entry: TiledImage | TileGroup) -> object:
+        return await asyncio.to_thread(computed, entry)
+
+    work = segment_to_file(
+        source,
+        SegmentRequest((output,)),
+        recipe,
+        Path(path),
+        compute=compute,
+        progress=progress,
+        bigtiff=bigtiff,
+    )
+    asyncio.run(work)

@@ -21,10 +21,10 @@ from unet_service.api.routes.segment import REQUEST_BODY, Output
 from unet_service.api.upload_stream import StreamedUpload
 from unet_service.core.tiling import plan_image
 from unet_service.imaging.errors import ImageError
-from unet_service.jobs.compute import open_input, streamed
+from unet_service.jobs.compute import open_input
 from unet_service.jobs.table import JobRecord
 from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
-from unet_service.pipeline.outputs import result_nbytes
+from unet_service.pipeline.outputs import SegmentRequest, result_nbytes
 from unet_service.serving.service import image_error
 
 ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
@@ -173,7 +173,7 @@ def _declared_length(request: Request) -> int | None:
 
 def _check_page_limits(service, source, output: Output, colour, tta: int) -> None:
     """Whole-page outputs hold each page in memory like a request: the same limits."""
-    if streamed(output.value, tta):
+    if SegmentRequest((output.value,), colour, tta).streamed:
         return
     pixels = source.height * source.width
     if output is Output.instances or colour == "instances":
