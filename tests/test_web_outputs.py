@@ -82,6 +82,8 @@ def test_colour_each_cell_shows_its_progress_and_retries_a_full_queue(weights: P
         )
         alpha = np.array(tint, np.uint8).reshape(*labels.shape, 4)[..., 3]
         assert np.array_equal(alpha > 0, labels > 0)
+        # Coloured by the server: the instances sent back to POST /v1/preview.
+        assert sum("/v1/preview?" in u and "colour=instances" in u for u in log.urls) == 1
         # The instances are known now, and so is their format.
         expect(cells_button).to_have_text("Download cell instances (PNG)")
         name, data = saved(page, cells_button)

@@ -46,7 +46,7 @@ async def test_page_and_everything_it_loads_come_from_the_service(weights: Path)
                 assert asset.status_code == 200, ref
                 assert asset.headers["content-security-policy"] == policy
                 pending.append(asset.text)
-        assert {"/web/app.js", "/web/style.css", "/web/tiff.js", "/web/viewer.js"} <= seen
+        assert {"/web/app.js", "/web/style.css", "/web/render.js", "/web/viewer.js"} <= seen
         # Every shipped file is loaded by the page (none is dead weight).
         assert {f"/web/{p.name}" for p in WEB_DIR.iterdir() if p.name != "index.html"} == seen
         missing = await client.get("/web/nothing.js")

@@ -1,5 +1,6 @@
-"""The web page with a stack (multi-page TIFF): it shows the first page and its mask, says
-how many pages there are, and downloads the API's multi-page answer."""
+"""The web page with a stack (multi-page TIFF): it shows the first page and its mask, as the
+server renders them (POST /v1/preview of the stack and of its mask's TIFF, page 1), says how
+many pages there are, and downloads the API's multi-page answer."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def test_a_stack_shows_its_first_page_and_downloads_every_page(tmp_path: Path) -
         with tifffile.TiffFile(io.BytesIO(answer)) as tif:
             masks = [p.asarray() for p in tif.pages]
         assert len(masks) == 3 and 0 < (masks[0] > 0).mean() < 1
-        # One ImageJ volume (compressed strips, a description): the page still decodes page 1.
+        # One ImageJ volume (compressed strips, a description), which the browser cannot
+        # read: the server renders its page 1 for the page.
         assert np.array_equal(read_volume(answer), np.stack(masks))
+        previews = sorted(u.split("?")[1] for u in log.urls if "/v1/preview?" in u)
+        assert previews == ["page=1&max_side=4096", "page=1&max_side=4096&colour=classes"]
         image = pixels(page, "[data-panel=image] canvas")
         assert np.array_equal(image[..., 0], pages[0])
         assert np.array_equal(pixels(page, "[data-panel=mask] canvas")[..., 0], masks[0])

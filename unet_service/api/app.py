@@ -20,7 +20,16 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unet_service.api.errors import install_error_handlers
-from unet_service.api.routes import health_metrics, job_access, jobs, segment, v2, v2_infer, web
+from unet_service.api.routes import (
+    health_metrics,
+    job_access,
+    jobs,
+    preview,
+    segment,
+    v2,
+    v2_infer,
+    web,
+)
 from unet_service.api.uploads import ARRIVED
 from unet_service.core.engine import Segmenter
 from unet_service.core.weights import WeightsError
@@ -40,6 +49,8 @@ requests share forward passes.
 
 * `POST /v1/segment`: upload an image (multipart field `file`), get a mask PNG,
   probabilities (`.npy`) or an overlay PNG.
+* `POST /v1/preview`: an image (one page of a stack) as a PNG for display, as the web page
+  shows it; or a mask or instances answer in the overlay's colours.
 * `POST /v1/jobs`: a section job for stacks and images of any size (up to
   `UNET_MAX_JOB_PIXELS`), computed in the background; poll `GET /v1/jobs/{id}`, download
   `GET /v1/jobs/{id}/result`.
@@ -143,6 +154,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
+    app.include_router(preview.router)
     app.include_router(jobs.router)
     app.include_router(job_access.router)
     app.include_router(v2.router)

@@ -1,2 +1,2 @@
 """Image input and output, torch-free: decoding uploads, reading TIFFs by window,
-writing TIFF results, and encoding responses."""
+writing TIFF results, encoding responses, and rendering images for display."""

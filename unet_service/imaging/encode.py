@@ -9,46 +9,25 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from unet_service.imaging.display import (
+    PALETTE,
+    ROW_BLOCK,
+    display_range,
+    label_colours,
+    stretched,
+)
 from unet_service.imaging.tiff_volume import labels_bytes, volume_bytes
 
 # Fast PNG compression: masks compress well at any level and latency matters more.
 PNG_COMPRESS_LEVEL = 1
 OVERLAY_ALPHA = 0.45
-ROW_BLOCK = 1024
 SEND_PIECE = 1 << 20
-# Colours for classes 1, 2, ...; class 0 (background, or membrane for ISBI) stays untinted.
-PALETTE = np.array(
-    [
-        [255, 64, 64],
-        [64, 160, 255],
-        [255, 200, 0],
-        [0, 200, 120],
-        [200, 80, 255],
-        [255, 128, 0],
-        [0, 220, 220],
-        [255, 0, 160],
-    ],
-    dtype=np.float32,
-)
 
 
 def mask_pixels(mask: np.ndarray, out_channels: int) -> np.ndarray:
     """A mask as every output file stores it: one class 0/255, so the file is viewable;
     several, the class index."""
     return mask * np.uint8(255) if out_channels == 1 else mask
-
-
-def label_colours(labels: np.ndarray) -> np.ndarray:
-    """(H, W) labels -> (H, W, 3) uint8 colours, one fixed bright colour per id (a
-    golden-ratio walk round the hue circle, so neighbours differ), black for 0."""
-    ids = np.arange(int(labels.max()) + 1 if labels.size else 1, dtype=np.float64)
-    hue = (ids * 0.618033988749895) % 1.0
-    # HSV with full saturation and value, to RGB.
-    k = (np.array([5.0, 3.0, 1.0])[None, :] + hue[:, None] * 6) % 6
-    rgb = 1 - np.clip(np.minimum(k, 4 - k), 0, 1)
-    table = np.rint(55 + 200 * rgb).astype(np.uint8)
-    table[0] = 0
-    return table[labels]
 
 
 def slices(body: bytes | memoryview, size: int = SEND_PIECE) -> Iterator[memoryview]:
@@ -106,14 +85,6 @@ def probabilities_npy(probabilities: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _display_range(image: np.ndarray) -> tuple[float, float]:
-    """8-bit is shown as is; 16-bit and float images are stretched from their min to their
-    max, since such data (EM, fluorescence) often uses a narrow part of its range."""
-    if image.dtype == np.uint8:
-        return 0.0, 255.0
-    return float(image.min()), float(image.max())
-
-
 def overlay_png(image: np.ndarray, mask: np.ndarray, labels: np.ndarray | None = None) -> bytes:
     """RGB PNG of the (H, W, C) image in grey or colour, each non-zero class of the (H, W)
     mask tinted in its colour, or with `labels` each cell instance in a colour of its own."""
@@ -141,13 +112,11 @@ def overlay_rgb(
 ) -> np.ndarray:
     """The overlay's (H, W, 3) uint8 pixels, built in row blocks so huge images need no
     float copy."""
-    lo, hi = _display_range(image)
-    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    lo, hi = display_range(image)
     height, width = mask.shape
     out = np.empty((height, width, 3), np.uint8)
     for r in range(0, height, ROW_BLOCK):
-        block = image[r : r + ROW_BLOCK].astype(np.float32)
-        block = np.clip((block - lo) * scale, 0, 255)
+        block = stretched(image[r : r + ROW_BLOCK], lo, hi)
         rgb = np.repeat(block, 3, axis=2) if block.shape[2] == 1 else block[:, :, :3]
         if labels is not None:
             block_labels = labels[r : r + ROW_BLOCK]

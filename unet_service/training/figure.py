@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from unet_service.core.weights import WeightsError
-from unet_service.imaging.encode import label_colours
+from unet_service.imaging.display import label_colours
 from unet_service.training.challenge import segmentation_scores, truth_segments
 from unet_service.training.data import DEFAULT_DATA, DataError, load_pairs
 from unet_service.training.scores import confusion, rand_error

@@ -1,5 +1,5 @@
-// The page's only way into the service: its public API (/v1/segment, /v1/jobs, /v2,
-// /metrics), with the optional bearer token kept in sessionStorage for this tab.
+// The page's only way into the service: its public API (/v1/segment, /v1/preview, /v1/jobs,
+// /v2, /metrics), with the optional bearer token kept in sessionStorage for this tab.
 
 const KEY_STORE = "unet-api-key";
 const MAX_ATTEMPTS = 20; // 503s retried, each after the server's Retry-After
@@ -99,9 +99,16 @@ export async function requestBlob(path) {
 
 const IGNORE = () => {};
 
-/** One POST of `file` as the multipart field `file`, with upload progress. Resolves to
- * {response, headers} for a 2xx answer (`responseType` "blob" or "json"), or throws ApiError. */
-function postFile(path, file, responseType, { onUpload = IGNORE, onComputing = IGNORE } = {}) {
+/** One POST of `file` (a File, or a Blob with `name`) as the multipart field `file`, with
+ * upload progress. Resolves to {response, headers} for a 2xx answer (`responseType` "blob" or
+ * "json"), or throws ApiError. */
+function postFile(
+  path,
+  file,
+  responseType,
+  { onUpload = IGNORE, onComputing = IGNORE } = {},
+  name = file.name,
+) {
   return new Promise((resolve, reject) => {
     const xhr = new XMLHttpRequest();
     xhr.open("POST", path);
@@ -131,7 +138,7 @@ function postFile(path, file, responseType, { onUpload = IGNORE, onComputing = I
     });
     xhr.addEventListener("error", () => reject(new ApiError(0, "the connection failed")));
     const form = new FormData();
-    form.append("file", file, file.name);
+    form.append("file", file, name);
     xhr.send(form);
   });
 }
@@ -184,5 +191,19 @@ export async function segment(file, output, handlers = {}) {
 export async function submitJob(file, output, handlers = {}) {
   const path = `/v1/jobs?output=${encodeURIComponent(output)}`;
   const { response } = await retrying(() => postFile(path, file, "json", handlers), handlers.onRetry);
+  return response;
+}
+
+/**
+ * POST /v1/preview: page `page` of `file` as the server shows it, a PNG Blob at most
+ * `maxSide` pixels on its longer side: an image as the overlay shows it, or with `colour`
+ * ("classes", "instances") a mask or instances answer sent back, in the overlay's colours.
+ * 503s are retried as for segment.
+ */
+export async function preview(file, { page = 1, maxSide, colour = null, name = file.name }) {
+  const query = new URLSearchParams({ page: String(page), max_side: String(maxSide) });
+  if (colour) query.set("colour", colour);
+  const path = `/v1/preview?${query}`;
+  const { response } = await retrying(() => postFile(path, file, "blob", {}, name));
   return response;
 }

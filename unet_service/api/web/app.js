@@ -1,18 +1,18 @@
 // The page: images in a queue, each sent to POST /v1/segment (one at a time), its result
-// shown in the three views, downloads from the same API; an image too large for a request
-// (413) can go to the job API instead (sectionjob.js).
+// shown in the three views as the server renders them (POST /v1/preview, render.js),
+// downloads from the same API; an image too large for a request (413) can go to the job API
+// instead (sectionjob.js).
 
 import { apiKey, describe, segment, setApiKey } from "./api.js";
 import { el, percent } from "./dom.js";
 import { downloads, fetchOutput } from "./outputs.js";
-import { cellsTint, maskCanvases, previewCanvas } from "./render.js";
+import { imageCanvas, maskCanvas, tintCanvas } from "./render.js";
 import { runAsJob } from "./sectionjob.js";
 import { loadModel, refreshServer, tintedClasses } from "./status.js";
 import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000;
-const NO_PREVIEW = "The browser cannot show this file; the overlay shows the mask alone.";
 
 const entries = []; // the files chosen, in order: {file, item, status, progress, ...}
 let model = null;
@@ -72,12 +72,12 @@ async function showLayers(entry) {
         onComputing: () => say("computing the cells…"),
         onRetry: (left, error) => say(`${describe(error)}. Retrying in ${left} s.`),
       });
-      result.cellsTint = await cellsTint(blob, result.width, result.height);
+      result.cellsTint = await tintCanvas(blob, "instances");
     }
     tint = result.cellsTint;
   }
   if (current !== entry) return; // another image was chosen meanwhile
-  viewer.show({ image: result.preview, ...result.layers, tint }, NO_PREVIEW, true);
+  viewer.show({ image: result.image, ...result.layers, tint }, true);
   document.querySelector("[data-panel=overlay]").dataset.colouring = cells ? "cells" : "classes";
   $("legend").hidden = cells;
   $("cells-legend").hidden = !cells;
@@ -104,7 +104,7 @@ function display(entry) {
   const { result, file } = entry;
   current = entry;
   $("cells-control").hidden = !hasInstances();
-  viewer.show({ image: result.preview, ...result.layers }, NO_PREVIEW);
+  viewer.show({ image: result.image, ...result.layers });
   if ($("cells").checked && hasInstances()) colourCells(entry);
   $("result-name").textContent = file.name;
   $("empty").hidden = true;
@@ -121,6 +121,10 @@ async function process(entry) {
   const say = (text) => {
     status.textContent = text;
   };
+  // The server's rendering of the file, asked for beside its segmentation (it does not wait
+  // for the tile queue); a refusal of the file is reported by the segmentation's answer.
+  const shown = imageCanvas(file);
+  shown.catch(() => {});
   try {
     const { blob, headers } = await segment(file, "mask", {
       onUpload: (loaded, total) => {
@@ -140,12 +144,10 @@ async function process(entry) {
     const width = Number(headers.get("X-Image-Width"));
     const height = Number(headers.get("X-Image-Height"));
     const classes = model?.parameters?.class_names?.length || 1;
-    const [preview, layers] = await Promise.all([
-      previewCanvas(file, width, height),
-      maskCanvases(blob, classes, width, height),
-    ]);
+    const [image, tint] = await Promise.all([shown, tintCanvas(blob, "classes")]);
+    const layers = { tint, mask: maskCanvas(tint, classes === 1), step: width / tint.width };
     const pages = Number(headers.get("X-Pages") || 1);
-    entry.result = { preview, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
+    entry.result = { image, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
     progress.value = 1;
     const seconds = (Number(headers.get("X-Total-Ms")) / 1000).toFixed(2);
     const tiles = headers.get("X-Tiles");

@@ -3,7 +3,13 @@
 
 import { describe, requestJson, requestText } from "./api.js";
 import { el, facts } from "./dom.js";
-import { PALETTE } from "./render.js";
+
+// The overlay's class colours (unet_service/imaging/display.py), for the legend's swatches:
+// class k > 0 gets PALETTE[k - 1].
+const PALETTE = [
+  [255, 64, 64], [64, 160, 255], [255, 200, 0], [0, 200, 120],
+  [200, 80, 255], [255, 128, 0], [0, 220, 220], [255, 0, 160],
+];
 
 /** The card's validation figures (GET /v2/models/NAME parameters.metrics, see
  * model/card_metrics.py), each with what it measures, grouped by the slices measured on. */

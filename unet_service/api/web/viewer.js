@@ -18,7 +18,6 @@ export class Viewer {
   constructor(viewports, onZoom) {
     this.viewports = [...viewports];
     this.stages = this.viewports.map((v) => v.querySelector(".stage"));
-    this.note = this.viewports[0].querySelector(".note");
     this.onZoom = onZoom;
     this.size = null;
     this.step = 1;
@@ -29,15 +28,13 @@ export class Viewer {
     new ResizeObserver(() => this.size && this.fit()).observe(this.viewports[0]);
   }
 
-  /** Shows {image (canvas or null), mask, tint, step}; a null image gets `note` instead.
-   * With `keepView` (the same image, other colours) the zoom and pan stay as they are. */
-  show({ image, mask, tint, step }, note, keepView = false) {
+  /** Shows {image, mask, tint, step} (canvases of one size, `step` original pixels to one of
+   * theirs). With `keepView` (the same image, other colours) the zoom and pan stay. */
+  show({ image, mask, tint, step }, keepView = false) {
     const [imageStage, overlayStage, maskStage] = this.stages;
-    imageStage.replaceChildren(...(image ? [image] : []));
-    overlayStage.replaceChildren(...(image ? [copyOf(image)] : []), tint);
+    imageStage.replaceChildren(image);
+    overlayStage.replaceChildren(copyOf(image), tint);
     maskStage.replaceChildren(mask);
-    this.note.textContent = image ? "" : note;
-    this.note.hidden = Boolean(image);
     tint.classList.add("tint");
     this.tint = tint;
     this.setOpacity(this.opacity);
