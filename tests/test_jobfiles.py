@@ -11,7 +11,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from unet_service.api.errors import ApiError, install_error_handlers
+from unet_service.api.errors import answer_for, install_error_handlers
+from unet_service.errors import ServiceError
 from unet_service.jobs.files import WRITE_PIECE, DiskUsage, JobFiles, JobStorageFull, UploadTooLarge
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +63,7 @@ async def test_too_large_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
     files = JobFiles(tmp_path, quota_bytes=100 * MiB)
     with pytest.raises(UploadTooLarge) as e:
         await files.receive("big", chunks(5 * MiB // CHUNK), max_bytes=3 * MiB)
-    assert e.value.status == 413 and e.value.limit_bytes == 3 * MiB
+    assert answer_for(e.value)[0] == 413 and e.value.limit_bytes == 3 * MiB
     assert e.value.message == (
         "the upload is larger than the limit of 3 MiB for a job (UNET_MAX_JOB_UPLOAD_MB)"
     )
@@ -85,7 +86,7 @@ async def test_a_full_store_is_refused_and_leaves_nothing(tmp_path: Path) -> Non
     await files.receive("first", chunks(2 * MiB // CHUNK), max_bytes=10 * MiB)
     with pytest.raises(JobStorageFull) as e:
         await files.receive("second", chunks(2 * MiB // CHUNK), max_bytes=10 * MiB)
-    assert e.value.status == 507
+    assert answer_for(e.value)[0] == 507
     assert (e.value.used_bytes, e.value.limit_bytes) == (2 * MiB, 3 * MiB)
     assert e.value.message == (
         "this upload (1.1 MiB so far) would not fit in the job storage (UNET_JOBS_QUOTA_GB): "
@@ -275,5 +276,6 @@ async def test_errors_reach_the_client_as_json(tmp_path: Path) -> None:
         assert full.status_code == 507
         assert full.json() == {"error": JobStorageFull(24 * CHUNK, 4 * MiB, 5 * MiB).message}
     assert files.job_ids() == ["a", "b"]
-    # The app's own error handler renders them: they are ApiErrors.
-    assert issubclass(JobStorageFull, ApiError) and issubclass(UploadTooLarge, ApiError)
+    # The app's own error handler renders them: they are the service's errors, which
+    # api.errors answers (no HTTP in the job files).
+    assert issubclass(JobStorageFull, ServiceError) and issubclass(UploadTooLarge, ServiceError)

@@ -7,26 +7,10 @@ import re
 import time
 import unicodedata
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from urllib.parse import quote
 
-from PIL import Image, UnidentifiedImageError
-
-from unet_service.imaging.decode import TIFF_MAGIC
 from unet_service.jobs.table import JobRecord
-
-
-def media_type_of(path: Path) -> str:
-    """The input's media type from its header: TIFF by its magic (Pillow is not how TIFFs
-    are read here), the rest as Pillow names them."""
-    with open(path, "rb") as f:
-        if f.read(4) in TIFF_MAGIC:
-            return "image/tiff"
-    try:
-        with Image.open(path) as image:
-            return Image.MIME.get(image.format or "", "application/octet-stream")
-    except (UnidentifiedImageError, OSError, ValueError):
-        return "application/octet-stream"
 
 
 def _when(t: float | None) -> str | None:

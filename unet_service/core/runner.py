@@ -11,22 +11,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:
-    from unet_service.core.engine import Segmenter
 
 log = logging.getLogger("unet_service.core.runner")
 
 OOM_PROBE_PASSES = 200
 
 
+class Model(Protocol):
+    """What a batch needs of the model (`core.engine.Segmenter`)."""
+
+    def normalize(self, raw: np.ndarray) -> np.ndarray: ...
+
+    def forward(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def to_mask(self, probabilities: np.ndarray) -> np.ndarray: ...
+
+
 class TileImage(Protocol):
-    """What a batch's tiles come from: a `pipeline.tiled_image.TiledImage` (an image in memory)
-    or a `pipeline.section.SectionImage` (a page read from disk by window). Tile references
+    """What a batch's tiles come from: a `pipeline.tiled_image.TiledImage` (a page of a
+    source) or a group of them (a stack, test-time augmentation's views). Tile references
     are opaque: whatever `take` hands out goes back to `tile_input` and `add`."""
 
     @property
@@ -64,7 +71,7 @@ class BatchRunner:
 
     def __init__(
         self,
-        segmenter: Segmenter,
+        segmenter: Model,
         max_batch: int,
         on_oom_split: Callable[[], None] | None = None,
     ) -> None:

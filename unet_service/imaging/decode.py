@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -195,3 +196,16 @@ def match_channels(image: np.ndarray, in_channels: int) -> np.ndarray:
             out[r : r + 1024, :, 0] = luma
         return out
     raise ImageError(f"image has {channels} channels, the model expects {in_channels}")
+
+
+def media_type_of(path: Path) -> str:
+    """The input's media type from its header: TIFF by its magic (Pillow is not how TIFFs
+    are read here), the rest as Pillow names them."""
+    with open(path, "rb") as f:
+        if f.read(4) in TIFF_MAGIC:
+            return "image/tiff"
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format or "", "application/octet-stream")
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"

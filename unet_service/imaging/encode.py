@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -134,3 +135,48 @@ def overlay_rgb(
             rgb[where] = (1 - OVERLAY_ALPHA) * rgb[where] + OVERLAY_ALPHA * colour
         out[r : r + ROW_BLOCK] = np.rint(rgb)
     return out
+
+
+class PageResult(Protocol):
+    """A page's segmentation (pipeline.sinks.Segmentation)."""
+
+    mask: np.ndarray
+    probabilities: np.ndarray | None
+
+
+def encode_output(
+    output: str,
+    images: Sequence[np.ndarray],
+    pages: Sequence[PageResult],
+    labels: Sequence[np.ndarray] | None,
+    out_channels: int,
+) -> tuple[bytes, str, str]:
+    """One output of an image or stack as a file: (bytes, media type, file name). One page:
+    mask and overlay PNG, probabilities .npy, instances 16-bit PNG (a 32-bit TIFF beyond
+    65535 cells). D pages: (D, H, W) TIFF volumes (overlay (D, H, W, 3)), probabilities an
+    .npy with a leading page axis. `labels`: each page's cell ids, for instances and an
+    overlay coloured by cell."""
+    masks = [page.mask for page in pages]
+    stack = len(pages) > 1
+    if output == "mask":
+        if stack:
+            return mask_tiff(masks, out_channels), "image/tiff", "mask.tif"
+        return mask_png(masks[0], out_channels), "image/png", "mask.png"
+    if output == "probabilities":
+        probabilities = [page.probabilities for page in pages]
+        if stack:
+            body = probabilities_npy_pages(probabilities)
+        else:
+            body = probabilities_npy(probabilities[0])
+        return body, "application/octet-stream", "probabilities.npy"
+    if output == "instances":
+        assert labels is not None
+        if stack:
+            return instances_tiff(labels), "image/tiff", "instances.tif"
+        return instances_image(labels[0])
+    if output != "overlay":
+        raise ValueError(f"no output {output!r}")
+    if stack:
+        return overlay_tiff(images, masks, labels), "image/tiff", "overlay.tif"
+    body = overlay_png(images[0], masks[0], None if labels is None else labels[0])
+    return body, "image/png", "overlay.png"

@@ -9,16 +9,14 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from unet_service.imaging.sources import Source, open_source
+from unet_service.jobs.files import JobFiles
+from unet_service.jobs.table import JobRecord
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.to_file import Progress, segment_to_file
-
-if TYPE_CHECKING:
-    from unet_service.jobs.runner import JobRunner
-    from unet_service.jobs.table import JobRecord
-    from unet_service.settings import Settings
+from unet_service.serving.service import InferenceService
+from unet_service.settings import Settings
 
 
 class JobLost(Exception):
@@ -51,15 +49,18 @@ def job_request(params: dict) -> SegmentRequest:
 
 
 async def compute_job(
-    runner: JobRunner,
     record: JobRecord,
+    *,
+    service: InferenceService,
+    files: JobFiles,
+    settings: Settings,
     progress: Progress,
     report: Callable[[], Awaitable[None]],
 ) -> ResultFile:
-    settings = runner.settings
-    service = runner.service
+    """The job's result, its pages' tiles queued on `service` as background work; `report`
+    is awaited every UNET_JOB_PROGRESS_S while it runs (raising JobLost stops it)."""
     request = job_request(record.params)
-    source = await asyncio.to_thread(open_input, runner.files.input_path(record.id), settings)
+    source = await asyncio.to_thread(open_input, files.input_path(record.id), settings)
 
     async def compute(entry):
         queued = service.submit_background(entry)
@@ -68,7 +69,6 @@ async def compute_job(
         finally:
             service.batcher.cancel(queued)
 
-    files = runner.files
     tmp = await asyncio.to_thread(files.result_part, record.id)
     work = segment_to_file(
         source,

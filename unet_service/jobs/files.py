@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from unet_service.api.errors import ApiError
+from unet_service.errors import LimitError, StorageFullError
 
 # Written to disk once this much has arrived: large enough that the thread hand-off per write
 # costs little, small enough that memory stays flat.
@@ -41,12 +41,11 @@ class DiskUsage(NamedTuple):
     free: int
 
 
-class UploadTooLarge(ApiError):
-    """413: the upload is over the per-job size limit."""
+class UploadTooLarge(LimitError):
+    """The upload is over the per-job size limit."""
 
     def __init__(self, limit_bytes: int) -> None:
         super().__init__(
-            413,
             f"the upload is larger than the limit of {limit_bytes / 2**20:g} MiB for a job "
             "(UNET_MAX_JOB_UPLOAD_MB)",
         )
@@ -60,8 +59,8 @@ def size_text(nbytes: int) -> str:
     return f"{nbytes} bytes"
 
 
-class JobStorageFull(ApiError):
-    """507: the upload, and the result its job will write, would not fit: under the jobs
+class JobStorageFull(StorageFullError):
+    """The upload, and the result its job will write, would not fit: under the jobs
     folder's quota, or on its disk. `used_bytes` is what everything else takes there, the
     results that unfinished jobs have yet to write included."""
 
@@ -84,7 +83,6 @@ class JobStorageFull(ApiError):
             else "in the job storage (UNET_JOBS_QUOTA_GB)"
         )
         super().__init__(
-            507,
             f"{what} would not fit {where}: {size_text(used_bytes)} of "
             f"{size_text(limit_bytes)} used, with the results of unfinished jobs; delete "
             "finished jobs or wait for them to expire",

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 
+from unet_service.errors import InferenceError, UnreadableImageError
 from unet_service.imaging.errors import ImageError
 from unet_service.jobs.compute import JobLost, compute_job
 from unet_service.jobs.files import JobFiles
@@ -25,7 +26,6 @@ from unet_service.jobs.table import JobRecord, JobTable
 from unet_service.pipeline.to_file import Progress
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics
-from unet_service.serving.queued import InferenceError, UnreadableImageError
 from unet_service.serving.service import InferenceService
 from unet_service.settings import Settings
 
@@ -144,7 +144,14 @@ class JobRunner:
         state, error, reason = "failed", None, None
         result = None
         try:
-            result = await compute_job(self, record, progress, report)
+            result = await compute_job(
+                record,
+                service=self.service,
+                files=self.files,
+                settings=self.settings,
+                progress=progress,
+                report=report,
+            )
             await report()  # the final counts
             state = "done"
         except asyncio.CancelledError:

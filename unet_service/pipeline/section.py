@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.sources import Source
 from unet_service.imaging.tiff_writer import SectionWriter
@@ -19,9 +19,6 @@ from unet_service.pipeline.outputs import Output, SegmentRequest
 from unet_service.pipeline.sinks import BandSink
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.pipeline.to_file import Progress, segment_to_file
-
-if TYPE_CHECKING:
-    from unet_service.core.engine import Segmenter
 
 
 def section_image(

@@ -30,16 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 from unet_service.core.runner import BatchItem, TileOutput
 from unet_service.core.tiling import Tile
+from unet_service.errors import InferenceError, UnreadableImageError
 from unet_service.imaging.errors import ImageError
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import (
-    InferenceError,
     QueuedImage,
     ShuttingDownError,
-    UnreadableImageError,
     check_room,
     failure_reason,
     take_round_robin,
@@ -116,7 +115,7 @@ class TileBatcher:
                 await self._task
             self._task = None
         for job in list(self._active):
-            self._fail(job, ShuttingDownError("the server is shutting down"))
+            self._fail(job, ShuttingDownError())
         if self._executor is not None:
             # A batch still running in the thread finishes on its own; nobody waits.
             self._executor.shutdown(wait=False, cancel_futures=True)
@@ -157,7 +156,7 @@ class TileBatcher:
         such small batch; it does not count against the queue limit, which bounds the wait
         of requests."""
         if self._task is None:
-            raise ShuttingDownError("the server is not accepting work")
+            raise ShuttingDownError()
         n = image.total
         if not background:
             check_room(image, self._queued_tiles, self.max_queue_tiles, self.retry_after)

@@ -1,54 +1,71 @@
-"""The request limits checked before any work is queued: pages and pixels of an image or
-stack, and the memory cell instances would need."""
+"""The service's limits on what it is asked, checked before any work is queued, in one place
+for every way in: a request's pages and pixels, and for requests and jobs alike the memory
+cell instances need and the pages a job must hold whole. (The image's own soundness is
+`imaging`'s; sizes claimed by a file are checked against these limits by its reader.)"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
-
-from unet_service.api.errors import ApiError
+from unet_service.errors import InvalidRequestError, LimitError
+from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.settings import Settings
 
 
-def check_pages(settings: Settings, pages: Sequence[np.ndarray]) -> None:
-    """413 for more pages, or more pixels in all pages together, than the limits."""
-    if len(pages) > settings.max_pages:
-        raise ApiError(
-            413,
-            f"the stack has {len(pages)} pages, more than the limit of "
-            f"{settings.max_pages} (UNET_MAX_PAGES)",
+def check_stack(settings: Settings, pages: int, height: int, width: int) -> None:
+    """A request's stack (or image, one page): at most UNET_MAX_PAGES pages and
+    UNET_MAX_PIXELS pixels in all."""
+    if pages > settings.max_pages:
+        raise LimitError(
+            f"the stack has {pages} pages, more than the limit of "
+            f"{settings.max_pages} (UNET_MAX_PAGES)"
         )
-    height, width = pages[0].shape[:2]
-    total = height * width * len(pages)
+    total = height * width * pages
     if total > settings.max_pixels:
-        what = "image is" if len(pages) == 1 else f"stack of {len(pages)} pages of"
-        raise ApiError(
-            413,
+        what = "image is" if pages == 1 else f"stack of {pages} pages of"
+        raise LimitError(
             f"{what} {width}x{height} = {total} pixels, more than the limit of "
-            f"{settings.max_pixels}",
+            f"{settings.max_pixels}"
         )
 
 
 def check_instances(
-    settings: Settings, out_channels: int, image: np.ndarray | Sequence[np.ndarray] | None
+    settings: Settings, out_channels: int, height: int | None = None, width: int | None = None
 ) -> None:
     """Refuse instances that the model cannot give, or that would take more memory than
-    UNET_MAX_INSTANCE_PIXELS allows, before anything is computed. A stack's pages are
-    labelled one at a time, so the limit is per page."""
+    UNET_MAX_INSTANCE_PIXELS allows (per page: a stack's pages are labelled one at a
+    time), before anything is computed. Without a size, only the model is checked."""
     if out_channels != 1:
-        raise ApiError(422, "instances need a one-class model (foreground probabilities)")
-    if image is None:
+        raise InvalidRequestError("instances need a one-class model (foreground probabilities)")
+    if height is None or width is None:
         return
-    if not isinstance(image, np.ndarray):
-        image = image[0]
-    pixels = image.shape[0] * image.shape[1]
+    pixels = height * width
     limit = settings.max_instance_pixels
     if pixels > limit:
-        raise ApiError(
-            413,
-            f"cell instances of a {image.shape[1]}x{image.shape[0]} image ({pixels} pixels) "
+        raise LimitError(
+            f"cell instances of a {width}x{height} image ({pixels} pixels) "
             f"need more memory than UNET_MAX_INSTANCE_PIXELS ({limit}) allows (instances "
             "peak at about 6 bytes per pixel, up to 60 on unusual maps); ask for the mask or "
-            "probabilities, or segment the image in parts",
+            "probabilities, or segment the image in parts"
+        )
+
+
+def check_job(
+    settings: Settings, request: SegmentRequest, out_channels: int, height: int, width: int
+) -> None:
+    """What a job must fit beyond its file's limits: outputs computed page by page whole
+    hold each page in memory like a request, so each page must fit the same limits."""
+    if request.labels:
+        check_instances(settings, out_channels)
+    if request.streamed:
+        return
+    pixels = height * width
+    if request.labels:
+        limit, name = settings.max_instance_pixels, "UNET_MAX_INSTANCE_PIXELS"
+    else:
+        limit, name = settings.max_pixels, "UNET_MAX_PIXELS"
+    if pixels > limit:
+        tta = " with tta=8" if request.tta > 1 else ""
+        raise LimitError(
+            f"output={request.outputs[0]}{tta} computes each page whole, and a {width}x{height} "
+            f"page is more than {name} ({limit}) pixels; mask and probabilities without tta "
+            "are computed tile by tile at any size"
         )

@@ -8,40 +8,33 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from unet_service.core.tiling import Tile
+from unet_service.errors import (
+    ClientGoneError,
+    DeadlineExceededError,
+    LimitError,
+    UnavailableError,
+)
 from unet_service.imaging.errors import ImageError
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TiledStack, TileGroup
 
 
-class QueueFullError(Exception):
+class QueueFullError(UnavailableError):
+    """The tile queue has no room for the request now (retry after `retry_after`)."""
+
     def __init__(self, retry_after: int) -> None:
-        super().__init__("the tile queue is full; retry later")
-        self.retry_after = retry_after
+        super().__init__("the queue is full; retry later", retry_after=retry_after)
 
 
-class ShuttingDownError(Exception):
+class ShuttingDownError(UnavailableError):
     """The batcher is not running (not started, draining or stopped)."""
 
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down", retry_after=5)
 
-class TooManyTilesError(ValueError):
+
+class TooManyTilesError(LimitError):
     """One image needs more tiles than the whole queue holds."""
-
-
-class DeadlineExceededError(Exception):
-    pass
-
-
-class ClientGoneError(Exception):
-    pass
-
-
-class InferenceError(Exception):
-    """A batch failed; only the requests with tiles in that batch see this."""
-
-
-class UnreadableImageError(InferenceError):
-    """A batch failed because a tile of an image read from disk (a section job's page)
-    could not be read: the upload's fault, not the worker's."""
 
 
 def failure_reason(error: Exception) -> str:

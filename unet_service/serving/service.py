@@ -1,5 +1,7 @@
-"""The service behind the routes: the loaded model and what routes may know of it, its
-lifecycle, the tile batcher, and the mapping of every failure onto one HTTP status code."""
+"""The service behind every transport: the loaded model and what may be shown of it, its
+lifecycle (starting -> ready -> draining -> stopped) and its tile batcher. What it is asked
+is `serving.segment` (a request) and `jobs` (a job); it raises `unet_service.errors` and
+`imaging.errors`, never an HTTP answer."""
 
 from __future__ import annotations
 
@@ -7,39 +9,23 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
-from unet_service.api.errors import ApiError
 from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner
 from unet_service.core.tiling import tile_sizes
-from unet_service.imaging.errors import (
-    CorruptImageError,
-    ImageError,
-    ImageTooLargeError,
-    UnsupportedImageError,
-)
+from unet_service.errors import UnavailableError
 from unet_service.imaging.pages import decode_pages
-from unet_service.imaging.sources import ArraySource, check_values
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.batcher import TileBatcher
-from unet_service.serving.limits import check_instances, check_pages
+from unet_service.serving.limits import check_instances
 from unet_service.serving.metrics import Metrics
-from unet_service.serving.queued import (
-    ClientGoneError,
-    DeadlineExceededError,
-    InferenceError,
-    QueuedImage,
-    QueueFullError,
-    ShuttingDownError,
-    TooManyTilesError,
-)
+from unet_service.serving.queued import QueuedImage, ShuttingDownError
 from unet_service.settings import Settings
 
 log = logging.getLogger("unet_service.serving.service")
@@ -70,26 +56,6 @@ class ModelInfo:
     metrics: dict[str, dict[str, Any]]
 
 
-@dataclass
-class SegmentResult:
-    pages: list[Segmentation]  # one per page of the upload (one for a plain image)
-    tile_size: int
-    tiles: int  # of all pages
-    batches: int  # forward passes that held at least one of this upload's tiles
-    queue_s: float  # accepted -> first tile in a forward pass
-    inference_s: float  # first forward pass -> last tile stitched
-
-    @property
-    def mask(self) -> np.ndarray:
-        """(H, W) uint8 mask of the first (for a plain image, the only) page."""
-        return self.pages[0].mask
-
-    @property
-    def probabilities(self) -> np.ndarray | None:
-        """(K, H, W) float32 probabilities of the first page, when asked for."""
-        return self.pages[0].probabilities
-
-
 def load_segmenter(settings: Settings) -> Segmenter:
     """The one way the service loads its model (at start-up, in production and in tests).
     Raises WeightsError or ValueError with a one-line reason."""
@@ -98,16 +64,6 @@ def load_segmenter(settings: Settings) -> Segmenter:
     )
     settings.check_tile_size(segmenter.geometry)
     return segmenter
-
-
-def image_error(e: ImageError) -> ApiError:
-    """413 for too many pixels; 415 for bytes that are not an image we read; 422 for an
-    image that is empty, broken or truncated, or has unusable pixels."""
-    if isinstance(e, ImageTooLargeError):
-        return ApiError(413, str(e))
-    if isinstance(e, UnsupportedImageError) and not isinstance(e, CorruptImageError):
-        return ApiError(415, str(e))
-    return ApiError(422, str(e))  # empty, corrupt or truncated, unusable pixels
 
 
 class InferenceService:
@@ -194,120 +150,30 @@ class InferenceService:
 
     def check_available(self) -> None:
         if self.state is State.starting:
-            raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
+            raise UnavailableError("the model is still loading", retry_after=5)
         if self.state is not State.ready:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"})
+            raise ShuttingDownError()
 
     async def decode(self, data: bytes) -> list[np.ndarray]:
         """Upload bytes -> its pages, each (H, W, C) (one for anything but a multi-page
-        TIFF), off the event loop; errors as ApiError. UNET_MAX_PIXELS bounds all pages
-        together, UNET_MAX_PAGES their count."""
+        TIFF), off the event loop. UNET_MAX_PIXELS bounds all pages together,
+        UNET_MAX_PAGES their count: both are checked from the headers."""
         settings = self.settings
-        try:
-            return await asyncio.to_thread(
-                decode_pages, data, settings.max_pixels, settings.max_pages
-            )
-        except ImageError as e:
-            raise image_error(e) from None
+        return await asyncio.to_thread(decode_pages, data, settings.max_pixels, settings.max_pages)
 
-    def check_pages(self, pages: Sequence[np.ndarray]) -> None:
-        """413 for more pages, or more pixels in all pages together, than the limits."""
-        check_pages(self.settings, pages)
+    def submit(self, entry: TiledImage | TileGroup) -> QueuedImage:
+        """Queue a request's planned image or stack, or refuse at once (QueueFullError,
+        TooManyTilesError, ShuttingDownError)."""
+        self.check_available()  # the state may have changed while the image was planned
+        return self.batcher.submit(entry)
 
-    async def submit(
-        self,
-        image: np.ndarray | Sequence[np.ndarray],
-        *,
-        probabilities: bool,
-        tta: int | None = None,
-    ) -> QueuedImage:
-        """Prepare and plan a decoded (H, W, C) image, or a stack's pages (a sequence of
-        them, one size), and queue it, or refuse at once. A stack is one entry of the queue
-        (a `TiledStack`): its pages' tiles batch with each other and with other requests',
-        it counts as one line in the round-robin, and it fails, times out or is cancelled as
-        a whole. `tta`: 1 or 8 views averaged (None: the server's UNET_TTA)."""
-        self.check_available()
-        pages = [image] if isinstance(image, np.ndarray) else list(image)
-        self.check_pages(pages)
-        variants = self.settings.tta if tta is None else tta
+    def submit_background(self, image: TiledImage | TileGroup) -> QueuedImage:
+        """Queue a section job's page (prepared and planned by the job): computed when no
+        request's tiles wait (see serving.batcher)."""
+        return self.batcher.submit(image, background=True)
 
-        def plan() -> TiledImage | TileGroup:
-            check_values(ArraySource(pages))  # the check a job's file gets, stack-wide
-            source = ArraySource([self.segmenter.prepare(page) for page in pages])
-            recipe = self.segmenter.recipe(self.info.tile_sizes)
-            return recipe.in_memory(source, probabilities=probabilities, tta=variants)
-
-        try:
-            queued = await asyncio.to_thread(plan)
-        except ImageError as e:
-            raise ApiError(422, str(e)) from None
-        self.check_available()  # the state may have changed while the image was prepared
-        try:
-            return self.batcher.submit(queued)
-        except QueueFullError as e:
-            raise ApiError(
-                503, "the queue is full; retry later", {"Retry-After": str(e.retry_after)}
-            ) from None
-        except TooManyTilesError as e:
-            raise ApiError(413, str(e)) from None
-        except ShuttingDownError:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-
-    def submit_background(self, image: TiledImage) -> QueuedImage:
-        """Queue a section job's page image (prepared and planned by the job): computed when
-        no request's tiles wait (see serving.batcher)."""
-        try:
-            return self.batcher.submit(image, background=True)
-        except ShuttingDownError:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-
-    def check_instances(self, image: np.ndarray | Sequence[np.ndarray] | None = None) -> None:
-        """Refuse instances that the model cannot give, or that would take more memory than
-        UNET_MAX_INSTANCE_PIXELS allows (per page of a stack), before anything is computed."""
-        check_instances(self.settings, self.info.out_channels, image)
-
-    async def instances(self, result: SegmentResult) -> list[np.ndarray]:
-        """(H, W) uint32 cell labels of each page of a result submitted with
-        probabilities; each page is labelled on its own (ids start at 1 on every page)."""
-        self.check_instances()
-        if result.probabilities is None:
-            raise ApiError(422, "instances need the request's probabilities")
-
-        def label() -> list[np.ndarray]:
-            return [self.segmenter.instances(page.probabilities) for page in result.pages]
-
-        return await asyncio.to_thread(label)
-
-    async def result(
-        self,
-        job: QueuedImage,
-        *,
-        started: float,
-        disconnected: Callable[[], Awaitable[object]] | None = None,
-    ) -> SegmentResult:
-        """Wait for a submitted job. `started` is the request's arrival (time.monotonic());
-        the deadline counts from there."""
-        timeout = self.settings.request_timeout_s
-        remaining = started + timeout - time.monotonic()
-        try:
-            segmentation = await self.batcher.result(job, remaining, disconnected)
-        except DeadlineExceededError:
-            raise ApiError(
-                504, f"the request did not finish within {timeout:g} s (UNET_REQUEST_TIMEOUT_S)"
-            ) from None
-        except ClientGoneError:
-            # Nobody reads this response; 499 (nginx's "client closed request") keeps the
-            # metrics honest.
-            raise ApiError(499, "the client closed the connection") from None
-        except InferenceError as e:
-            raise ApiError(500, f"{e}; see the server log") from None
-        except ShuttingDownError:
-            raise ApiError(503, "the server is shutting down", {"Retry-After": "5"}) from None
-        return SegmentResult(
-            pages=segmentation if isinstance(segmentation, list) else [segmentation],
-            tile_size=job.image.tile_size,
-            tiles=job.image.total,
-            batches=job.batches,
-            queue_s=job.queue_s,
-            inference_s=job.inference_s,
-        )
+    def label(self, pages: list[Segmentation]) -> list[np.ndarray]:
+        """(H, W) uint32 cell labels of each page (its probabilities kept); each page is
+        labelled on its own (ids start at 1 on every page). Blocking."""
+        check_instances(self.settings, self.info.out_channels)
+        return [self.segmenter.instances(page.probabilities) for page in pages]

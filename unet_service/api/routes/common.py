@@ -9,7 +9,8 @@ from fastapi import Request
 
 from unet_service.api.errors import ApiError
 from unet_service.api.uploads import arrival
-from unet_service.serving.service import InferenceService, SegmentResult
+from unet_service.serving.segment import SegmentResult
+from unet_service.serving.service import InferenceService
 
 __all__ = ["arrival", "get_service", "timing_headers", "wait_for_disconnect"]
 

@@ -16,10 +16,8 @@ from unet_service.api.auth import require_api_key
 from unet_service.api.errors import ApiError
 from unet_service.api.routes.common import get_service
 from unet_service.api.uploads import read_image_upload
-from unet_service.imaging.decode import ImageError
 from unet_service.imaging.display import cell_ids, cells_view, classes_view, image_view
 from unet_service.imaging.encode import png_bytes
-from unet_service.serving.service import image_error
 
 router = APIRouter(tags=["segmentation"])
 
@@ -132,10 +130,7 @@ async def preview(
             pixels = image_view(shown, max_side)
         return png_bytes(Image.fromarray(np.ascontiguousarray(pixels)))
 
-    try:
-        body = await asyncio.to_thread(render)
-    except ImageError as e:
-        raise image_error(e) from None
+    body = await asyncio.to_thread(render)
     headers = {
         "X-Image-Width": str(width),
         "X-Image-Height": str(height),

@@ -31,7 +31,9 @@ from unet_service.api.v2_tensors import (
     tensor_to_pages,
 )
 from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
-from unet_service.serving.service import InferenceService, SegmentResult
+from unet_service.pipeline.outputs import SegmentRequest
+from unet_service.serving.segment import SegmentResult, segment
+from unet_service.serving.service import InferenceService
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])
 
@@ -81,25 +83,30 @@ INFER_EXAMPLE = {
 )
 async def infer(request: Request, name: str, model_version: str | None = None) -> Response:
     service = find_model(request, name, model_version)
-    service.check_available()
-    with service.arriving():
+    parsed: dict[str, Any] = {}
+
+    async def read() -> tuple[SegmentRequest, list[np.ndarray]]:
         payload, as_binary, pages = await _parse_request(request, service)
-        if "instances" in as_binary:
-            service.check_instances(pages)
-        wants_probabilities = "probabilities" in as_binary or "instances" in as_binary
+        parsed.update(payload=payload, as_binary=as_binary)
         tta = _tta(payload.parameters)
-        job = await service.submit(pages, probabilities=wants_probabilities, tta=tta)
-    result = await service.result(
-        job, started=arrival(request), disconnected=lambda: wait_for_disconnect(request)
+        outputs = tuple(as_binary)
+        # Each output is one of the model's (checked by _parse_request).
+        ask = SegmentRequest(outputs, None, service.settings.tta if tta is None else tta)  # type: ignore[arg-type]
+        return ask, pages
+
+    result = await segment(
+        service,
+        read,
+        started=arrival(request),
+        disconnected=lambda: wait_for_disconnect(request),
     )
-    instances = await service.instances(result) if "instances" in as_binary else None
-    height, width = pages[0].shape[:2]
+    payload, as_binary = parsed["payload"], parsed["as_binary"]
     stack = _layout(payload.parameters) in STACK_LAYOUTS
     pieces, length, header_length = await asyncio.to_thread(
-        _reply, service, payload, as_binary, result, instances, stack
+        _reply, service, payload, as_binary, result, stack
     )
-    headers = timing_headers(request, result, height, width, service.model_name)
-    headers["X-Pages"] = str(len(pages))
+    headers = timing_headers(request, result, result.height, result.width, service.model_name)
+    headers["X-Pages"] = str(len(result.pages))
     if length is not None:
         headers["Content-Length"] = str(length)
     if header_length is None:
@@ -261,7 +268,6 @@ def _reply(
     payload: InferRequest,
     as_binary: dict[str, bool],
     result: SegmentResult,
-    instances: list[np.ndarray] | None,
     stack: bool,
 ):
     """Runs in a worker thread: (body pieces, length or None, binary header length). A
@@ -271,7 +277,7 @@ def _reply(
         arrays = [
             output_array(name, page.mask, page.probabilities, labels)
             for page, labels in zip(
-                result.pages, instances or [None] * len(result.pages), strict=True
+                result.pages, result.labels or [None] * len(result.pages), strict=True
             )
         ]
         array = np.stack(arrays) if stack else arrays[0]
