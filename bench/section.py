@@ -9,7 +9,7 @@ The input is a tiled, deflate-compressed 8-bit TIFF of real ISBI slices, mirrore
 neighbours meet seamlessly, written tile by tile (never one array). It is segmented by a
 child process that loads the model, warms it up, times `Segmenter.segment` on a 2048 x 2048
 crop of the same pixels, reads its idle resident memory, resets its peak (VmHWM) and runs
-`pipeline.section.run_section`; the peak above idle is what streaming costs. The crop is timed
+`cli.stream.run_section`; the peak above idle is what streaming costs. The crop is timed
 again afterwards and the faster run counts (other work on a shared machine only slows).
 """
 
@@ -78,9 +78,9 @@ def status(field: str) -> int:
 
 
 def child(args: dict, results: multiprocessing.Queue) -> None:
+    from unet_service.cli.stream import run_section
     from unet_service.core.engine import Segmenter
     from unet_service.imaging.sources import open_source
-    from unet_service.pipeline.section import run_section
 
     seg = Segmenter.from_weights(args["weights"], device=args["device"])
     seg.warm_up([args["tile_size"]], args["batch_size"])

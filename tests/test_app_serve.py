@@ -29,7 +29,7 @@ BIG = (0, 0, 0, 500, 500)  # at tile 16 and one tile per pass: 32 x 32 = 1024 pa
 
 def command() -> list[str]:
     script = shutil.which("unet-serve", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-m", "unet_service.api.app"]
+    return [script] if script else [sys.executable, "-m", "unet_service.cli.serve"]
 
 
 def free_port() -> int:

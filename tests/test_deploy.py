@@ -172,7 +172,7 @@ def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> N
 
 def test_images_start_the_readme_entrypoint(stages: dict[str, Stage]) -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["unet-serve"] == "unet_service.api.app:main"
+    assert scripts["unet-serve"] == "unet_service.cli.serve:main"
     assert "unet-serve" in code_lines(readme_section("Run with Docker"))
     for name in ("cpu", "cuda"):
         # JSON (exec) form: unet-serve is PID 1 and gets SIGTERM itself, not a shell.

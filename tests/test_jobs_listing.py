@@ -13,7 +13,7 @@ from app_helpers import running as running_app
 from test_jobs_api import jobs_app, submit, wait_state
 
 from unet_service.api.job_views import content_disposition, download_name, eta_s
-from unet_service.jobs.table import JobRecord
+from unet_service.jobs.table.records import JobRecord
 
 pytestmark = pytest.mark.anyio
 

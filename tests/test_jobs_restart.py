@@ -18,7 +18,7 @@ from app_helpers import em_crop, save_tiny, tiff_bytes
 from test_app_serve import command, free_port, wait_for
 
 from unet_service.core.engine import Segmenter
-from unet_service.jobs.table import open_job_table
+from unet_service.jobs.table.connect import open_job_table
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,9 @@ import pytest
 from postgres_server import PostgresServer
 from pydantic import ValidationError
 
-from unet_service.jobs.table import JobExists, JobRecord, JobTable, open_job_table
+from unet_service.jobs.table.connect import open_job_table
 from unet_service.jobs.table.postgres import redact
+from unet_service.jobs.table.records import JobExists, JobRecord, JobTable
 from unet_service.jobs.table.schema import SCHEMA_VERSION
 from unet_service.jobs.table.sql import COLUMNS, TABLE, interrupted
 from unet_service.settings import Settings
@@ -469,7 +470,7 @@ def test_one_job_many_claimers_one_winner(table: JobTable) -> None:
 
 CLAIMER = """
 import sys
-from unet_service.jobs.table import open_job_table
+from unet_service.jobs.table.connect import open_job_table
 table = open_job_table(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.readline()  # the go signal: every process is connected before any claims

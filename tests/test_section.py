@@ -25,12 +25,12 @@ from section_helpers import (
 )
 
 from conftest import isbi_slice, read_volume
+from unet_service.cli.stream import Cancelled, run_section, section_image
 from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.errors import CorruptImageError, ImageTooLargeError
 from unet_service.imaging.sources import open_source
 from unet_service.imaging.tiff_writer import SectionWriter, WriterError, needs_bigtiff
-from unet_service.pipeline.section import Cancelled, run_section, section_image
 from unet_service.pipeline.to_file import open_writer
 
 __all__ = ["seg", "seg3"]  # module-scoped fixtures

@@ -1,22 +1,17 @@
-"""The FastAPI app (`create_app`) and the `unet-serve` console script (`main`)."""
+"""The FastAPI app (`create_app`): the service and its job worker in its lifespan, the routes,
+the error handlers and the request metrics. `unet-serve` (cli.serve) runs it on uvicorn."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from types import FrameType
 
-import uvicorn
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unet_service.api.errors import install_error_handlers
@@ -32,12 +27,11 @@ from unet_service.api.routes import (
 )
 from unet_service.api.uploads import ARRIVED
 from unet_service.core.engine import Segmenter
-from unet_service.core.weights import WeightsError
 from unet_service.jobs.files import JobFiles
 from unet_service.jobs.runner import JobRunner
-from unet_service.jobs.table import open_job_table
+from unet_service.jobs.table.connect import open_job_table
 from unet_service.serving.metrics import Metrics
-from unet_service.serving.service import InferenceService, State, load_segmenter
+from unet_service.serving.service import InferenceService, load_segmenter
 from unet_service.settings import Settings
 
 log = logging.getLogger("app")
@@ -162,81 +156,3 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.include_router(health_metrics.router)
     app.include_router(web.router)
     return app
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="unet-serve",
-        description="Serve a UNet over HTTP (docs at http://HOST:PORT/docs). Every setting "
-        "is read from UNET_* environment variables (see the README); the options below "
-        "override them.",
-    )
-    p.add_argument("--host", help="bind address (UNET_HOST, default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="port (UNET_PORT, default 8000)")
-    p.add_argument("--weights", help="weights file (UNET_WEIGHTS)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (UNET_DEVICE)")
-    return p
-
-
-def _load_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Settings:
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
-    try:
-        return Settings(**overrides)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"UNET_{'.'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors()
-        )
-        parser.exit(2, f"{parser.prog}: error: invalid settings: {problems}\n")
-
-
-class _Server(uvicorn.Server):
-    """Flags the service as draining the moment SIGTERM/SIGINT arrives, so readiness drops
-    and new work gets 503 while uvicorn finishes the requests in flight."""
-
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
-        super().__init__(config)
-        self._app = app
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        service: InferenceService | None = getattr(self._app.state, "service", None)
-        if service is not None and service.state is State.ready:
-            log.info("signal %d: draining, no new work accepted", sig)
-            service.begin_drain()
-        super().handle_exit(sig, frame)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = _load_settings(parser, args)
-    logging.basicConfig(
-        level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-        format="%(levelname)s:     %(name)s: %(message)s",
-    )
-    # Load before the server starts, so a bad weights file ends in one line, not in the
-    # traceback uvicorn prints for a failed lifespan.
-    try:
-        segmenter = load_segmenter(settings)
-    except (WeightsError, ValueError) as e:
-        log.error("cannot start: %s", e)
-        return 1
-    app = create_app(settings, segmenter=segmenter)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-        lifespan="on",
-    )
-    server = _Server(config, app)
-    # uvicorn re-raises the signal it stopped for once it is done, under the handler that
-    # was installed before it ran; a no-op handler turns a drained shutdown into exit 0.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: None)
-    server.run()
-    return 0 if server.started else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
-from unet_service.jobs.table import JobRecord
+from unet_service.jobs.table.records import JobRecord
 
 
 def _when(t: float | None) -> str | None:

@@ -10,53 +10,36 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from unet_service.cli.stream import predict_section, wants_stream
 from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from unet_service.core.precision import PRECISIONS
+from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.weights import WeightsError
-from unet_service.imaging.encode import mask_pixels
+from unet_service.imaging.encode import encode_output
 from unet_service.imaging.errors import ImageError
 from unet_service.imaging.pages import read_pages
-from unet_service.imaging.tiff_volume import labels_bytes, volume_bytes
 from unet_service.imaging.tiff_writer import WriterError
+from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
 
 
-def mask_to_png(mask: np.ndarray, out_channels: int) -> Image.Image:
-    return Image.fromarray(mask_pixels(mask, out_channels), mode="L")
-
-
-def write_instances(labels: np.ndarray, stem: Path) -> Path:
-    """16-bit PNG while the ids fit, else 32-bit TIFF (as the service encodes them)."""
-    if labels.size == 0 or int(labels.max()) <= 0xFFFF:
-        path = stem.with_name(stem.name + ".png")
-        Image.fromarray(labels.astype(np.uint16)).save(path)
-    else:
-        path = stem.with_name(stem.name + ".tif")
-        path.write_bytes(labels_bytes([labels]))
-    return path
-
-
-def write_stack(
-    results: list[Segmentation], seg: Segmenter, args: argparse.Namespace, stem: Path
+def write_outputs(
+    pages: list[np.ndarray],
+    results: list[Segmentation],
+    labels: list[np.ndarray] | None,
+    request: SegmentRequest,
+    out_channels: int,
+    stem: Path,
 ) -> None:
-    """A stack's outputs, pages in order: STEM.tif (D, H, W) masks (pixels as the one-page
-    PNG's), STEM.npy (D, H, W) or (D, K, H, W), STEM.instances.tif (D, H, W) (each page
-    labelled on its own; 16-bit while the ids fit, as the service sends them)."""
-    masks = [np.asarray(mask_to_png(r.mask, seg.out_channels)) for r in results]
-    stem.with_name(stem.name + ".tif").write_bytes(volume_bytes(masks))
-    probs = [r.probabilities for r in results if r.probabilities is not None]
-    if args.probabilities and probs:
-        np.save(
-            stem.with_name(stem.name + ".npy"),
-            np.stack([p[0] if len(p) == 1 else p for p in probs]),
-        )
-    if args.instances and probs:
-        labels = labels_bytes([seg.instances(p) for p in probs])
-        stem.with_name(stem.name + ".instances.tif").write_bytes(labels)
+    """Each output as the service answers it (imaging.encode.encode_output), named after
+    the image: STEM.png (a stack's STEM.tif), STEM.npy, STEM.instances.png (.tif beyond
+    65535 cells, and for a stack)."""
+    for output in request.outputs:
+        body, _, filename = encode_output(output, pages, results, labels, out_channels)
+        infix = ".instances" if output == "instances" else ""
+        stem.with_name(f"{stem.name}{infix}{Path(filename).suffix}").write_bytes(body)
 
 
 def output_clash(images: list[Path], output_dir: Path) -> str | None:
@@ -138,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         parser.exit(2, f"unet-predict: error: {problem}\n")
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = args.output_dir
+    outputs = ("mask", "probabilities", "instances")
+    wanted = (True, args.probabilities, args.instances)
+    request = SegmentRequest(
+        tuple(o for o, w in zip(outputs, wanted, strict=True) if w), None, args.tta
+    )
 
     failures = 0
     with tqdm(args.images, unit="image", disable=len(args.images) < 2, file=sys.stderr) as bar:
@@ -151,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     predict_section(
                         seg,
                         path,
-                        args.output_dir,
+                        out_dir,
                         output=output,
                         tile_size=args.tile_size,
                         batch_size=args.batch_size,
@@ -159,47 +148,32 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 # Local files are trusted: no page limit (memory is the user's to spend).
                 pages = read_pages(str(path), max_pages=sys.maxsize)
-                image = pages[0]
-                plan_tiles = (
-                    args.tta
-                    * len(pages)
-                    * len(seg.plan(image.shape[0], image.shape[1], args.tile_size))
-                )
-                with tqdm(
-                    total=plan_tiles,
-                    unit="tile",
-                    leave=False,
-                    disable=plan_tiles < 8,
-                    file=sys.stderr,
-                ) as tiles_bar:
-                    results = [
-                        seg.segment(
-                            page,
-                            tile_size=args.tile_size,
-                            batch_size=args.batch_size,
-                            probabilities=args.probabilities or args.instances,
-                            tta=args.tta,
-                            on_batch=tiles_bar.update,
-                        )
-                        for page in pages
-                    ]
+                results, labels = segment_pages(seg, pages, request, args)
             except (OSError, ImageError, WriterError) as e:
                 failures += 1
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue
-            if len(results) > 1:
-                write_stack(results, seg, args, args.output_dir / path.stem)
-                continue
-            result = results[0]
-            mask_to_png(result.mask, seg.out_channels).save(args.output_dir / f"{path.stem}.png")
-            probs = result.probabilities
-            if args.probabilities and probs is not None:
-                np.save(
-                    args.output_dir / f"{path.stem}.npy", probs[0] if len(probs) == 1 else probs
-                )
-            if args.instances and probs is not None:
-                write_instances(seg.instances(probs), args.output_dir / f"{path.stem}.instances")
+            write_outputs(pages, results, labels, request, seg.out_channels, out_dir / path.stem)
     return 1 if failures else 0
+
+
+def segment_pages(
+    seg: Segmenter, pages: list[np.ndarray], request: SegmentRequest, args: argparse.Namespace
+) -> tuple[list[Segmentation], list[np.ndarray] | None]:
+    """Every page segmented as if alone (a progress bar for many tiles), and its cell ids
+    when asked for."""
+    recipe = seg.recipe(args.tile_size)
+    height, width = pages[0].shape[:2]
+    total = recipe.tiles(height, width, len(pages), request.tta)
+    run = BatchRunner(seg, args.batch_size)
+    results = []
+    with tqdm(total=total, unit="tile", leave=False, disable=total < 8, file=sys.stderr) as bar:
+        for page in pages:
+            entry = recipe.for_images([page], probabilities=request.probabilities, tta=request.tta)
+            run_tiles(entry, run, bar.update)
+            results.append(entry.result())
+    labels = [seg.instances(r.probabilities) for r in results] if request.labels else None
+    return results, labels
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from unet_service.core.tiling import TilePlan
 from unet_service.core.unet import UNet
 from unet_service.core.weights import ModelCard, load_weights
 from unet_service.imaging.decode import match_channels
-from unet_service.imaging.sources import ArraySource, check_values
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
 from unet_service.pipeline.instances import label_instances
 from unet_service.pipeline.recipe import Recipe
@@ -105,9 +104,8 @@ class Segmenter:
     ) -> TiledImage | AveragedViews:
         """A decoded (H, W, C) image, prepared and planned (see `recipe`), answered in
         memory. `tta=8` averages the 8 rotations and mirrorings of the image."""
-        check_values(ArraySource(image))
-        source = ArraySource(self.prepare(image))
-        entry = self.recipe(tile_sizes).in_memory(source, probabilities=probabilities, tta=tta)
+        recipe = self.recipe(tile_sizes)
+        entry = recipe.for_images([image], probabilities=probabilities, tta=tta)
         assert isinstance(entry, TiledImage | AveragedViews)  # one page
         return entry
 

@@ -5,13 +5,11 @@ transparency, each scaled down for display."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import tifffile
 from PIL import Image
 
 from unet_service.imaging.decode import TIFF_MAGIC, ImageError
+from unet_service.imaging.pages import stored_page
 
 ROW_BLOCK = 1024
 # Colours for classes 1, 2, ...; class 0 (background, or membrane for ISBI) stays untinted.
@@ -138,8 +136,7 @@ def cell_ids(data: bytes, decoded: np.ndarray, index: int) -> np.ndarray:
     that the decoder has already checked (`decoded` is that page as it decoded it)."""
     if decoded.dtype != np.float32 or data[:4] not in TIFF_MAGIC:
         return decoded
-    with tifffile.TiffFile(io.BytesIO(data)) as tif:
-        ids = tif.pages[index].asarray()
-    if ids.shape != decoded.shape[:2] or not np.issubdtype(ids.dtype, np.unsignedinteger):
+    ids = stored_page(data, index)
+    if ids.shape != decoded.shape or not np.issubdtype(ids.dtype, np.unsignedinteger):
         return decoded  # not one plane of ids: refused as such by cells_view
-    return ids[:, :, None]
+    return ids

@@ -7,6 +7,7 @@ is refused. (Pages are written back as one volume by imaging.tiff_volume.)
 from __future__ import annotations
 
 import io
+import sys
 
 import numpy as np
 import tifffile
@@ -77,6 +78,15 @@ def finish_pages(arrays: list[np.ndarray]) -> list[np.ndarray]:
             raise ImageError(f"page {index} has NaN or infinite pixel values")
         out.append(array)
     return out
+
+
+def stored_page(data: bytes, index: int) -> np.ndarray:
+    """Page `index` (from 0) of a TIFF already accepted by `decode_pages`, (H, W, C) in the
+    file's own pixel type, where `decode_pages` maps it onto uint8, uint16 or float32 (32-bit
+    cell ids, say)."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        stack = walk_pages(tif, max_pixels=None, max_pages=sys.maxsize, file_size=len(data))
+        return page_array(tif.pages[stack.ifds[index]])
 
 
 def read_pages(

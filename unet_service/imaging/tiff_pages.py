@@ -38,6 +38,7 @@ from unet_service.imaging.errors import (
     StackMismatchError,
     TooManyPagesError,
 )
+from unet_service.imaging.tiff_layout import check_storage
 
 # The image count an ImageJ description or an OME-XML header declares.
 _IMAGEJ_COUNTS = ("channels", "slices", "frames")
@@ -210,49 +211,6 @@ def check_chunk_shape(page: tifffile.TiffPage, index: int) -> None:
         raise CorruptImageError(
             f"page {index + 1} declares strips of {page.rowsperstrip} rows: the TIFF is corrupt"
         )
-
-
-def check_storage(page: tifffile.TiffPage, index: int, height: int, file_size: int) -> None:
-    """The page lists as many strips or tiles as its size needs, and every one lies inside
-    the file (a truncated file ends early); uncompressed ones hold all their pixels."""
-    offsets = np.asarray(page.dataoffsets, np.int64)
-    counts = np.asarray(page.databytecounts, np.int64)
-    rows = page.tilelength if page.is_tiled else min(page.rowsperstrip, height)
-    down = -(-height // rows)
-    cols = page.tilewidth if page.is_tiled else page.imagewidth
-    across = -(-page.imagewidth // cols)
-    planes, contig = page.shaped[0], page.shaped[4]
-    chunks = planes * down * across
-    if len(offsets) != chunks or len(counts) != chunks:
-        raise CorruptImageError(
-            f"page {index + 1} lists {len(offsets)} strips/tiles, its size needs {chunks}"
-        )
-    present = counts > 0
-    if present.any():
-        end = int((offsets[present] + counts[present]).max())
-        if end > file_size or int(offsets[present].min()) < 0:
-            raise CorruptImageError(
-                f"the TIFF is truncated or corrupt: page {index + 1}'s pixel data runs past "
-                f"the end of the file ({end} > {file_size} bytes)"
-            )
-    bits = page.bitspersample * contig
-    chunk_bytes = rows * cols * -(-bits // 8)
-    if page.compression != 1 and counts.size and int(counts.max()) > 2 * chunk_bytes + 65536:
-        raise CorruptImageError(
-            f"the TIFF is corrupt: page {index + 1} has a compressed strip/tile of "
-            f"{int(counts.max())} bytes, more than twice its {chunk_bytes} bytes of pixels"
-        )
-    if page.compression == 1 and bits % 8 == 0:
-        row_bytes = cols * bits // 8
-        need = np.full(chunks, rows * row_bytes, np.int64)
-        if not page.is_tiled:  # the last strip holds only the rows that are left
-            tops = np.arange(chunks) % down * rows
-            need = np.minimum(rows, height - tops) * row_bytes
-        if np.any(present & (counts < need)):
-            raise CorruptImageError(
-                f"the TIFF is truncated or corrupt: page {index + 1} has strips/tiles "
-                "shorter than their pixels"
-            )
 
 
 class _TiffComplaints(logging.Handler):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from unet_service.imaging.sources import Source, open_source
 from unet_service.jobs.files import JobFiles
-from unet_service.jobs.table import JobRecord
+from unet_service.jobs.table.records import JobRecord
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.to_file import Progress, segment_to_file
 from unet_service.serving.service import InferenceService

@@ -22,7 +22,7 @@ from unet_service.errors import InferenceError, UnreadableImageError
 from unet_service.imaging.errors import ImageError
 from unet_service.jobs.compute import JobLost, compute_job
 from unet_service.jobs.files import JobFiles
-from unet_service.jobs.table import JobRecord, JobTable
+from unet_service.jobs.table.records import JobRecord, JobTable
 from unet_service.pipeline.to_file import Progress
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from unet_service.imaging.decode import media_type_of
 from unet_service.jobs.compute import open_input
 from unet_service.jobs.runner import JobRunner
-from unet_service.jobs.table import JobRecord
+from unet_service.jobs.table.records import JobRecord
 from unet_service.pipeline.outputs import SegmentRequest, result_nbytes
 from unet_service.serving.limits import check_instances, check_job
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from unet_service.core.geometry import Geometry
 from unet_service.core.tiling import TilePlan, plan_image
-from unet_service.imaging.sources import Source
+from unet_service.imaging.decode import match_channels
+from unet_service.imaging.sources import ArraySource, Source, check_values
 from unet_service.pipeline.outputs import TTA_VIEWS
 from unet_service.pipeline.sinks import MemorySink, Sink, SumSink
 from unet_service.pipeline.tiled_image import AveragedViews, TiledImage, TiledStack
@@ -44,6 +45,16 @@ class Recipe:
         """Page `page` of `source`, its outputs to the sink `sink(plan)` makes."""
         plan = self.plan(source.height, source.width)
         return TiledImage(source, page, plan, sink(plan), self.in_channels)
+
+    def for_images(
+        self, images: list[np.ndarray], *, probabilities: bool, tta: int = 1
+    ) -> TiledImage | AveragedViews | TiledStack:
+        """Decoded pages (each (H, W, C), one size) answered in memory, as one queue entry:
+        their values checked as a job's file's are (`imaging.sources.check_values`), their
+        channels matched to the model's, then `in_memory`."""
+        check_values(ArraySource(images))
+        source = ArraySource([match_channels(image, self.in_channels) for image in images])
+        return self.in_memory(source, probabilities=probabilities, tta=tta)
 
     def in_memory(
         self, source: Source, *, probabilities: bool, tta: int = 1

@@ -30,8 +30,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from unet_service.core.runner import BatchItem, TileOutput
 from unet_service.core.tiling import Tile
-from unet_service.errors import InferenceError, UnreadableImageError
-from unet_service.imaging.errors import ImageError
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.events import wait_event
@@ -39,14 +37,14 @@ from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import (
     QueuedImage,
     ShuttingDownError,
+    batch_failure,
     check_room,
-    failure_reason,
+    next_line,
     take_round_robin,
     wait_for_job,
 )
 
 log = logging.getLogger("unet_service.serving.batcher")
-
 
 BatchCallable = Callable[[Sequence[BatchItem]], list[TileOutput]]
 
@@ -96,12 +94,8 @@ class TileBatcher:
         when work had to be abandoned. (The service stops admitting new work first.)"""
         finished = True
         if self._active:
-            log.info(
-                "draining %d image(s), %d tile(s), for up to %.0f s",
-                len(self._active),
-                self._queued_tiles,
-                timeout,
-            )
+            images, tiles = len(self._active), self._queued_tiles
+            log.info("draining %d image(s), %d tile(s), for up to %.0f s", images, tiles, timeout)
             if not await wait_event(self._idle, timeout):
                 finished = False
                 log.warning("drain timeout: abandoning %d image(s)", len(self._active))
@@ -151,10 +145,8 @@ class TileBatcher:
     def submit(self, image: TiledImage | TileGroup, *, background: bool = False) -> QueuedImage:
         """Admit an image or a stack (all its pages' tiles count), or raise at once:
         ShuttingDownError, TooManyTilesError, QueueFullError. A `background` image (a section
-        job's page) is computed only when no request's tiles are waiting, in batches of
-        `background_batch_limit()` tiles, so an interactive request waits for at most one
-        such small batch; it does not count against the queue limit, which bounds the wait
-        of requests."""
+        job's page) is computed only when no request's tiles wait, `background_batch_limit()`
+        tiles a batch (a request waits for at most one such batch), outside the queue limit."""
         if self._task is None:
             raise ShuttingDownError()
         n = image.total
@@ -181,10 +173,9 @@ class TileBatcher:
         timeout: float,
         disconnected: Callable[[], Awaitable[object]] | None = None,
     ) -> Segmentation | list[Segmentation]:
-        """Wait for a job; `disconnected()` makes an awaitable that returns when the client
-        goes away. On timeout (DeadlineExceededError), client disconnect
-        (ClientGoneError) or cancellation of the caller, the job's remaining tiles leave the
-        queue before this returns."""
+        """Wait for a job (`disconnected()`: an awaitable that returns when the client goes
+        away). On DeadlineExceededError, ClientGoneError or cancellation of the caller, the
+        job's remaining tiles leave the queue before this returns."""
         try:
             return await wait_for_job(job, timeout, disconnected)
         finally:
@@ -246,33 +237,12 @@ class TileBatcher:
 
     def _fail_batch(self, batch: list[tuple[QueuedImage, Tile]], error: Exception) -> None:
         jobs = list(dict.fromkeys(job for job, _ in batch))
-        reason = failure_reason(error)
-        # A section job's tile cut from a corrupt file: the upload's fault, not the worker's.
-        unreadable = isinstance(error, ImageError)
-        if unreadable:
-            log.warning("a batch of %d tile(s) failed: %s", len(batch), reason)
-        else:
-            log.error(
-                "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
-                len(batch),
-                type(error).__name__,
-                error,
-                len(jobs),
-                exc_info=error,
-            )
-            if self.metrics is not None:
-                self.metrics.worker_errors.inc()
-        failure = UnreadableImageError if unreadable else InferenceError
+        failure, reason = batch_failure(error, len(batch), len(jobs), self.metrics)
         for job in jobs:
             self._fail(job, failure(reason))
 
     def _line(self) -> tuple[list[QueuedImage], int]:
-        """The jobs the next batch is taken from, and its size limit: requests' images
-        whenever any wait, else background images in batches of their own (small) limit."""
-        foreground = [job for job in self._ready if not job.background]
-        if foreground:
-            return foreground, self.batch_limit()
-        return list(self._ready), self.background_batch_limit()
+        return next_line(self._ready, self.batch_limit, self.background_batch_limit)
 
     async def _next_batch(self) -> int:
         """Wait for work, then for the batch to fill or the oldest job's wait to run out;

@@ -4,6 +4,7 @@ section job's image), and the ways its wait can end."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -11,12 +12,17 @@ from unet_service.core.tiling import Tile
 from unet_service.errors import (
     ClientGoneError,
     DeadlineExceededError,
+    InferenceError,
     LimitError,
     UnavailableError,
+    UnreadableImageError,
 )
 from unet_service.imaging.errors import ImageError
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TiledStack, TileGroup
+from unet_service.serving.metrics import Metrics
+
+log = logging.getLogger("unet_service.serving.batcher")
 
 
 class QueueFullError(UnavailableError):
@@ -44,6 +50,29 @@ def failure_reason(error: Exception) -> str:
     if isinstance(error, ImageError):
         return f"the image could not be read: {error}"
     return f"inference failed ({type(error).__name__})"
+
+
+def batch_failure(
+    error: Exception, tiles: int, requests: int, metrics: Metrics | None
+) -> tuple[type[InferenceError], str]:
+    """(the error, the reason) the requests of a failed batch get, logged as its cause
+    deserves: a tile cut from a corrupt file (a section job's) is the upload's fault, a
+    warning; anything else is the worker's, logged with its traceback and counted."""
+    reason = failure_reason(error)
+    if isinstance(error, ImageError):
+        log.warning("a batch of %d tile(s) failed: %s", tiles, reason)
+        return UnreadableImageError, reason
+    log.error(
+        "a batch of %d tile(s) failed (%s: %s); failing %d request(s)",
+        tiles,
+        type(error).__name__,
+        error,
+        requests,
+        exc_info=error,
+    )
+    if metrics is not None:
+        metrics.worker_errors.inc()
+    return InferenceError, reason
 
 
 def check_room(
@@ -106,6 +135,21 @@ class QueuedImage:
         """First batch -> last tile stitched."""
         end = self.finished_at or time.monotonic()
         return end - (self.first_batch_at or end)
+
+
+def next_line(
+    ready: Iterable[QueuedImage],
+    batch_limit: Callable[[], int],
+    background_limit: Callable[[], int],
+) -> tuple[list[QueuedImage], int]:
+    """The jobs the next batch is taken from, and its size limit: requests' images whenever
+    any wait, else background images (section jobs' pages) in batches of their own (small)
+    limit."""
+    ready = list(ready)
+    foreground = [job for job in ready if not job.background]
+    if foreground:
+        return foreground, batch_limit()
+    return ready, background_limit()
 
 
 def take_round_robin(

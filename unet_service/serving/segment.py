@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from unet_service.errors import DeadlineExceededError
-from unet_service.imaging.sources import ArraySource, check_values
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
@@ -87,12 +86,8 @@ async def segment(
 def _plan(
     service: InferenceService, images: list[np.ndarray], request: SegmentRequest
 ) -> TiledImage | TileGroup:
-    """The stack's values checked (as a job's file is), its pages prepared for the model
-    and planned as one queue entry."""
-    check_values(ArraySource(images))
-    source = ArraySource([service.segmenter.prepare(image) for image in images])
     recipe = service.segmenter.recipe(service.info.tile_sizes)
-    return recipe.in_memory(source, probabilities=request.probabilities, tta=request.tta)
+    return recipe.for_images(images, probabilities=request.probabilities, tta=request.tta)
 
 
 async def _wait(

@@ -16,7 +16,7 @@ from unet_service.api.errors import ApiError
 from unet_service.api.job_views import content_disposition, job_json
 from unet_service.api.routes.jobs import ERROR, get_runner, job_router
 from unet_service.jobs.files import JOB_ID
-from unet_service.jobs.table import JOB_STATES, JobRecord, JobState
+from unet_service.jobs.table.records import JOB_STATES, JobRecord, JobState
 
 router = job_router()
 JobId = Path(description="The job's id, as POST /v1/jobs returned it.")

@@ -12,7 +12,7 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from unet_service.jobs.table import Clock
+from unet_service.jobs.table.records import Clock
 from unet_service.jobs.table.sql import Cursor, SqlJobTable
 
 # Connections per process. Every call is a short transaction, so a few serve many threads; the

@@ -8,9 +8,11 @@ for the rows already there), and that version as SCHEMA_VERSION."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
-from unet_service.jobs.table import JOB_STATES, JobRecord
+from unet_service.jobs.table.records import JOB_STATES, JobRecord
 
 SCHEMA_VERSION = 2
 TABLE = "unet_jobs"
@@ -61,3 +63,29 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE {TABLE} ADD COLUMN reserved_bytes BIGINT NOT NULL DEFAULT 0",
     ),
 }
+
+
+def create_or_upgrade(run: Callable[..., Any], lock: str | None) -> None:
+    """Create the table, or upgrade one of an earlier version, inside one write transaction
+    (`run(sql, params)` runs a statement in it), after taking `lock` where the database has
+    one: the check and the upgrade are one step, so two replicas starting at once upgrade it
+    once."""
+    if lock:
+        run(lock)
+    for statement in SCHEMA:
+        run(statement)
+    row = run(f"SELECT max(version) FROM {TABLE}_schema").fetchone()
+    found = row[0] if row else None
+    if found is None:
+        run(f"INSERT INTO {TABLE}_schema VALUES (?)", (SCHEMA_VERSION,))
+        return
+    if found > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the job table has schema version {found}, written by a newer version "
+            f"of the service; this one knows up to version {SCHEMA_VERSION}"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version]:
+            run(statement)
+    if found < SCHEMA_VERSION:
+        run(f"UPDATE {TABLE}_schema SET version = ?", (SCHEMA_VERSION,))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
-from unet_service.jobs.table import (
+from unet_service.jobs.table.records import (
     FINISHED_STATES,
     JOB_STATES,
     Clock,
@@ -19,7 +19,7 @@ from unet_service.jobs.table import (
     JobRecord,
     JobState,
 )
-from unet_service.jobs.table.schema import COLUMNS, MIGRATIONS, SCHEMA, SCHEMA_VERSION, TABLE
+from unet_service.jobs.table.schema import COLUMNS, TABLE, create_or_upgrade
 
 SELECT = f"SELECT {', '.join(COLUMNS)} FROM {TABLE}"
 UNFINISHED = "state IN ('queued', 'running')"
@@ -91,27 +91,7 @@ class SqlJobTable(ABC):
 
     def _create_schema(self) -> None:
         with self._write() as cur:
-            if self.schema_lock:
-                self._run(cur, self.schema_lock)
-            for statement in SCHEMA:
-                self._run(cur, statement)
-            row = self._run(cur, f"SELECT max(version) FROM {TABLE}_schema").fetchone()
-            found = row[0] if row else None
-            if found is None:
-                self._run(cur, f"INSERT INTO {TABLE}_schema VALUES (?)", (SCHEMA_VERSION,))
-                return
-            if found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the job table has schema version {found}, written by a newer version "
-                    f"of the service; this one knows up to version {SCHEMA_VERSION}"
-                )
-            # A table of an earlier version: its upgrades, in the same transaction (and under
-            # the same lock) as the check, so two replicas starting at once upgrade it once.
-            for version in range(found + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version]:
-                    self._run(cur, statement)
-            if found < SCHEMA_VERSION:
-                self._run(cur, f"UPDATE {TABLE}_schema SET version = ?", (SCHEMA_VERSION,))
+            create_or_upgrade(lambda sql, *params: self._run(cur, sql, *params), self.schema_lock)
 
     def _get(self, cur: Cursor, job_id: str) -> JobRecord | None:
         row = self._run(cur, f"{SELECT} WHERE id = ?", (job_id,)).fetchone()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from unet_service.jobs.table import Clock
+from unet_service.jobs.table.records import Clock
 from unet_service.jobs.table.sql import Cursor, SqlJobTable
 
 # How long a writer waits for another's transaction before giving up. Transactions here are a
