@@ -21,15 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unet_service.api.errors import ApiError
 from unet_service.imaging.encode import slices
+from unet_service.pipeline.outputs import OUTPUTS as PIPELINE_OUTPUTS
 
 DATATYPES: dict[str, type[np.generic]] = {
     "UINT8": np.uint8,
     "UINT16": np.uint16,
     "FP32": np.float32,
 }
-OUTPUTS = ("mask", "probabilities", "instances")
-DEFAULT_OUTPUTS = ("mask", "probabilities")  # when a request names none
+# The outputs v2 offers (pipeline.outputs defines them all; an overlay is a picture, not a
+# tensor), and each one's tensor datatype.
 OUTPUT_DATATYPES = {"mask": "UINT8", "probabilities": "FP32", "instances": "UINT32"}
+OUTPUTS = tuple(o for o in PIPELINE_OUTPUTS if o in OUTPUT_DATATYPES)
+DEFAULT_OUTPUTS = ("mask", "probabilities")  # when a request names none
 # Values converted or written per piece: a few milliseconds of work with the GIL held.
 PIECE = 1 << 16
 # The request parameter "layout": the input's axes, and its rank. Without it, the rank
