@@ -12,9 +12,9 @@ BIN := $(VENV)/bin
 TORCH_VERSION := 2.13.0
 TORCH ?= torch==$(TORCH_VERSION)
 
-# The lock (README: "Dependencies"): requirements/serve.txt is what `pip install .` needs, for
-# the images; requirements/dev.txt adds DEV_EXTRAS, for `make install`. Both are for CPython
-# 3.11 on x86-64 Linux, the Python of CI and of the images.
+# The lock (docs/development.md, "Dependencies"): requirements/serve.txt is what
+# `pip install .` needs, for the images; requirements/dev.txt adds DEV_EXTRAS, for
+# `make install`. Both are for CPython 3.11 on x86-64 Linux, the Python of CI and of the images.
 SERVE_LOCK := requirements/serve.txt
 DEV_LOCK := requirements/dev.txt
 # Extras that `make install` adds to the serving set. A name pyproject.toml does not define

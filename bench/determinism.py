@@ -1,5 +1,5 @@
 """How far results move with batch composition and with tiling, per precision and backend:
-the tolerances the README quotes come from here."""
+the tolerances docs/inference.md quotes come from here."""
 
 from __future__ import annotations
 

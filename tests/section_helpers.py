@@ -19,7 +19,7 @@ from unet_service.pipeline.sinks import Segmentation
 __all__ = ["TILE"]
 
 LIMITS = {"max_pixels": 10**8, "max_pages": 16}
-TOLERANCE = 1e-5  # README, Precision: tiled vs whole, fp32
+TOLERANCE = 1e-5  # docs/inference.md, Precision: tiled vs whole, fp32
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The model card's figures under one name each: `pixel_error` only on the ISBI 2012
 challenge's scale, the mismatch and the components' Rand error under their own names, old
-cards read in today's names; the shipped card describes its model; and README.md and
+cards read in today's names; the shipped card describes its model; and docs/training.md and
 weights/README.md quote the card's figures, figure for figure. (tests/test_web_card.py
 holds the v2 metadata and the web page to the same figures.)"""
 
@@ -160,10 +160,15 @@ def four(value: float) -> str:
     return f"{value:.4f}"
 
 
-def test_readme_quotes_the_cards_figures(shipped: ModelCard) -> None:
-    readme = (REPO / "README.md").read_text()
+# The docs' table of the shipped model's figures (the README links to it).
+FIGURES_DOC = REPO / "docs" / "training.md"
+
+
+def test_the_docs_quote_the_cards_figures(shipped: ModelCard) -> None:
+    doc = FIGURES_DOC.read_text()
+    assert "## The shipped model's figures" in doc
     for figure in shipped.metrics_summary().values():
-        assert table_row(readme, figure["label"])[1] == four(figure["value"]), figure["label"]
+        assert table_row(doc, figure["label"])[1] == four(figure["value"]), figure["label"]
 
 
 def test_weights_readme_quotes_the_cards_figures(shipped: ModelCard) -> None:

@@ -41,7 +41,8 @@ def test_writes_masks_and_probabilities(tiny_weights: Path, images: list[Path], 
         assert probs.dtype == np.float32
         assert set(np.unique(mask)) <= {0, 255}
         expected = seg.segment(image[..., None], tile_size=96, probabilities=True)
-        # Masks are equal wherever float noise (<= 1e-5, the README's bound) cannot flip them.
+        # Masks are equal wherever float noise (<= 1e-5, docs/inference.md's bound) cannot flip
+        # them.
         decided = np.abs(expected.probabilities[0] - seg.card.threshold) > 1e-5
         assert np.array_equal(mask[decided], expected.mask[decided] * 255)
         assert np.abs(probs - expected.probabilities[0]).max() <= 1e-5

@@ -1,6 +1,6 @@
-"""The deployment files agree with each other, with the README and with the service, and the
-CI checks in .ci/check-deploy (hadolint, Compose and Kubernetes schemas) catch real mistakes.
-No Docker engine or cluster is needed."""
+"""The deployment files agree with each other, with the docs (docs/deployment.md and the
+README) and with the service, and the CI checks in .ci/check-deploy (hadolint, Compose and
+Kubernetes schemas) catch real mistakes. No Docker engine or cluster is needed."""
 
 from __future__ import annotations
 
@@ -127,10 +127,15 @@ def run_commands(stage: Stage) -> list[str]:
     return [re.sub(r"^(--\S+\s+)+", "", rest) for rest in stage.all("RUN")]
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text()
+# Where "Run with Docker" lives in full; the README keeps its first commands and links to it.
+DEPLOYMENT_DOC = REPO / "docs" / "deployment.md"
+README = REPO / "README.md"
+
+
+def doc_section(title: str, doc: Path = DEPLOYMENT_DOC) -> str:
+    text = doc.read_text()
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README.md has a section '## {title}'"
+    assert match, f"{doc.relative_to(REPO)} has a section '## {title}'"
     return match[1]
 
 
@@ -139,20 +144,20 @@ def code_lines(markdown: str) -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
-def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> None:
-    readme = set().union(
-        *(pip_installs(line) for line in code_lines(readme_section("Run with Docker")))
+def test_images_install_what_the_docs_document(stages: dict[str, Stage]) -> None:
+    documented = set().union(
+        *(pip_installs(line) for line in code_lines(doc_section("Run with Docker")))
     )
     cpu = set().union(*(pip_installs(c) for c in run_commands(stages["cpu"])))
     cuda = set().union(*(pip_installs(c) for c in run_commands(stages["cuda"])))
-    assert (PROJECT, None) in readme
+    assert (PROJECT, None) in documented
     # Every dependency but torch from the serving lock (tests/test_lock.py checks it).
-    assert ("-r requirements/serve.txt", None) in readme
-    assert cpu == readme
-    torch = {(what, index) for what, index in readme if what.startswith("torch")}
+    assert ("-r requirements/serve.txt", None) in documented
+    assert cpu == documented
+    torch = {(what, index) for what, index in documented if what.startswith("torch")}
     assert len(torch) == 1
     # The CUDA base ships torch itself: the same release as the CPU image pins.
-    assert cuda == readme - torch
+    assert cuda == documented - torch
     ((pin, index),) = torch
     version = pin.removeprefix("torch==")
     assert stages["cuda"].base.startswith(f"pytorch/pytorch:{version}-cuda")
@@ -170,10 +175,10 @@ def test_images_install_what_the_readme_documents(stages: dict[str, Stage]) -> N
     assert any(re.search(r"\bpip wheel\b.*\s\.$", c) for c in run_commands(stages["wheel"]))
 
 
-def test_images_start_the_readme_entrypoint(stages: dict[str, Stage]) -> None:
+def test_images_start_the_documented_entrypoint(stages: dict[str, Stage]) -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["unet-serve"] == "unet_service.cli.serve:main"
-    assert "unet-serve" in code_lines(readme_section("Run with Docker"))
+    assert "unet-serve" in code_lines(doc_section("Run with Docker"))
     for name in ("cpu", "cuda"):
         # JSON (exec) form: unet-serve is PID 1 and gets SIGTERM itself, not a shell.
         assert json.loads(stages[name].one("ENTRYPOINT")) == ["unet-serve"]
@@ -422,7 +427,11 @@ def test_compose_gpu_check_says_what_a_machine_without_a_gpu_runs(
     else:
         assert run.returncode == 1
         assert "docker compose up unet-cpu" in run.stderr and "no NVIDIA GPU" in run.stderr
-        assert "docker compose up unet-cpu" in readme_section("Run with Docker")
+        assert "docker compose up unet-cpu" in doc_section("Run with Docker")
+        # The README says it too, and links to the whole section.
+        readme = doc_section("Run with Docker", README)
+        assert "docker compose up unet-cpu" in readme
+        assert "(docs/deployment.md#run-with-docker)" in readme
 
 
 def test_compose_cpu_profile_and_prometheus() -> None:
@@ -452,10 +461,10 @@ def test_compose_publishes_on_loopback_unless_opened() -> None:
             # HOST_IP:HOST_PORT:CONTAINER_PORT, with the host address a loopback default.
             match = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):(\$\{[^}]*\}|\d+):\d+", port)
             assert match and interpolation_default(match[1]) == "127.0.0.1", (name, port)
-    # One variable opens the service, and the README says which.
+    # One variable opens the service, and the docs say which.
     (port,) = services["unet"]["ports"]
     assert port.startswith("${UNET_BIND:-127.0.0.1}:")
-    section = readme_section("Run with Docker")
+    section = doc_section("Run with Docker")
     assert "UNET_BIND=0.0.0.0" in section and "UNET_API_KEY" in section
 
 
@@ -483,12 +492,16 @@ def compose_up_services(command: str) -> set[str]:
     return started
 
 
-def test_readme_compose_commands_start_what_they_say() -> None:
-    commands = [
+def compose_commands(markdown: str) -> list[str]:
+    return [
         line.split("#")[0].strip()
-        for line in code_lines(readme_section("Run with Docker"))
+        for line in code_lines(markdown)
         if line.startswith("docker compose")
     ]
+
+
+def test_documented_compose_commands_start_what_they_say() -> None:
+    commands = compose_commands(doc_section("Run with Docker"))
     started = {command: compose_up_services(command) for command in commands}
     assert started == {
         "docker compose up": {"unet", "gpu-check"},
@@ -496,6 +509,9 @@ def test_readme_compose_commands_start_what_they_say() -> None:
         "docker compose --profile monitoring up": {"unet", "gpu-check", "prometheus"},
         "docker compose up unet-cpu prometheus": {"unet-cpu", "prometheus"},
     }
+    # The README's commands are among them.
+    readme = compose_commands(doc_section("Run with Docker", README))
+    assert "docker compose up unet-cpu" in readme and set(readme) <= set(started)
     # The CPU commands start nothing that reserves a GPU.
     services = load_compose()["services"]
     for command in ("docker compose up unet-cpu", "docker compose up unet-cpu prometheus"):

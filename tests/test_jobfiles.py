@@ -1,4 +1,4 @@
-"""The job API's files on disk (app/jobfiles.py): uploads streamed to disk under a size limit
+"""The job API's files on disk (jobs/files.py): uploads streamed to disk under a size limit
 and a quota, nothing left behind by a refused or broken upload, results renamed into place."""
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def jobs_app(weights: Path, tmp_path: Path, **overrides: object):
     """Job pages in batches as large as a request's (8 tiles), so that a page computed by a
     job and the same page sent to /v1/segment go through the same batches: equal results
-    on any CPU, not only within the README's tolerances."""
+    on any CPU, not only within docs/inference.md's tolerances."""
     values: dict[str, object] = {
         "jobs_dir": tmp_path / "jobs",
         "job_progress_s": 0.02,
@@ -305,7 +305,7 @@ async def test_whole_page_outputs_equal_the_synchronous_ones(weights: Path, tmp_
                     "/v1/segment", params=params, files={"file": png_bytes(page)}
                 )
                 assert sync.status_code == 200
-                # Job pages run in batches of their own size: the README's tolerances.
+                # Job pages run in batches of their own size: docs/inference.md's tolerances.
                 if params["output"] == "overlay":
                     expected = np.asarray(Image.open(io.BytesIO(sync.content)))
                     probs = await client.post(
@@ -361,7 +361,7 @@ async def test_every_stack_result_is_one_imagej_volume(weights: Path, tmp_path: 
             if params["output"] == "probabilities":
                 np.testing.assert_allclose(volume, expected, rtol=0, atol=1e-5)
                 continue
-            # Equal wherever float noise (the README's 1e-5) cannot flip the decision.
+            # Equal wherever float noise (docs/inference.md's 1e-5) cannot flip the decision.
             tta = {"tta": params["tta"]} if "tta" in params else {}
             probs = await sync_pages(client, pages, output="probabilities", **tta)
             clear = np.abs(probs - threshold) > 1e-5

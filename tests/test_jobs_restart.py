@@ -111,8 +111,8 @@ def test_killed_server_resumes_its_jobs(tmp_path: Path) -> None:
     for job, pixels, body in ((first, small, kept.content), (second, big, result.content)):
         expected = segmenter.segment(pixels[:, :, None], TILE, probabilities=True)
         assert expected.probabilities is not None
-        # The README's guarantee: masks agree wherever the probability is not within 1e-5
-        # of the threshold (batches of other sizes may round differently).
+        # The guarantee of docs/inference.md: masks agree wherever the probability is not within
+        # 1e-5 of the threshold (batches of other sizes may round differently).
         clear = np.abs(expected.probabilities[0] - segmenter.card.threshold) > 1e-5
         with tifffile.TiffFile(io.BytesIO(body)) as tif:
             assert len(tif.pages) == 1

@@ -65,7 +65,7 @@ def test_bf16_result_does_not_depend_on_the_batch(em_slice: np.ndarray) -> None:
     together = seg.forward(batch)
     alone = np.concatenate([seg.forward(batch[i : i + 1]) for i in range(len(batch))])
     reversed_batch = seg.forward(batch[::-1].copy())[::-1]
-    # Measured on an AMX CPU: at most 6e-8 apart. The README's bound for bf16 on any
+    # Measured on an AMX CPU: at most 6e-8 apart. The bound of docs/inference.md for bf16 on any
     # device is 1e-2: another CPU's kernels may round an intermediate to the next bf16.
     assert np.abs(alone - together).max() <= 1e-2
     assert np.abs(reversed_batch - together).max() <= 1e-2
@@ -78,4 +78,4 @@ def test_bf16_tiled_equals_whole_image_within_tolerance(em_slice: np.ndarray) ->
     tiled = seg.segment(image, tile_size=60, probabilities=True).probabilities
     canvas = seg.normalize(plan.padded_image(image).transpose(2, 0, 1))[None]
     whole = seg.forward(canvas)[0][:, :150, :170]
-    assert np.abs(tiled - whole).max() <= 1e-2  # the README's bf16 bound; 2e-3 measured
+    assert np.abs(tiled - whole).max() <= 1e-2  # docs/inference.md's bf16 bound; 2e-3 measured

@@ -61,7 +61,7 @@ async def segment(client, data: bytes, output: str, name: str = "stack.tif"):
 
 async def test_v1_a_stack_in_gives_the_same_pages_out_each_as_if_alone(weights: Path) -> None:
     # One tile per pass: every tile is computed exactly as when its page is sent alone, so
-    # every output must be equal, bit for bit (batch composition is covered by the README's
+    # every output must be equal, bit for bit (batch composition is covered by docs/inference.md's
     # bounds and by the tests of batching).
     async with running(make_app(weights, max_batch_tiles=1)) as client:
         for output in OUTPUTS:
@@ -144,7 +144,7 @@ async def test_v2_json_binary_and_cli_agree_with_v1(weights: Path, tmp_path: Pat
         np.testing.assert_array_equal(as_binary[name], v1_arrays[name], err_msg=name)
         np.testing.assert_allclose(as_json[name], v1_arrays[name], atol=1e-6, err_msg=name)
 
-    # unet-predict (its own backend and batches: the README's bounds, not bits).
+    # unet-predict (its own backend and batches: docs/inference.md's bounds, not bits).
     source = tmp_path / "stack.tif"
     source.write_bytes(tiff_bytes(*PAGES))
     out = tmp_path / "out"

@@ -2,7 +2,7 @@
 
 Exact in arithmetic, that is: every tile computes the same sums as the single pass, but a
 CPU's GEMM kernels may add them in another order for another matrix width (seen: one
-float64 ulp on an AMD EPYC). So the tests hold what the README promises on any machine:
+float64 ulp on an AMD EPYC). So the tests hold what docs/inference.md promises on any machine:
 float64 within 1e-12, float32 within 1e-5, masks identical wherever the probability is not
 within 1e-5 of the threshold. The stitcher itself, fed by a predictor without arithmetic,
 is held to exact equality."""
@@ -23,7 +23,7 @@ from unet_service.pipeline.views import view
 
 SIZES = [(1, 1), (7, 300), (300, 7), (389, 389), (700, 300), (1000, 1000)]
 TILE_SIZES = [36, 100]  # legal for depth 2 (4 + 4j)
-# What the README guarantees on every CPU and GPU (measured: 0 to 1.1e-16 and <= 6e-8).
+# What docs/inference.md guarantees on every CPU and GPU (measured: 0 to 1.1e-16 and <= 6e-8).
 FLOAT64_TOLERANCE = 1e-12
 FLOAT32_TOLERANCE = 1e-5
 

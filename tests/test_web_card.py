@@ -1,7 +1,7 @@
 """The shipped model's card, figure for figure: its validation figures as the card holds
 them, as `GET /v2/models/isbi2012` gives them and as the web page shows them (a real
-browser), each with its scale and the slices it was measured on, and as README.md quotes
-them; and its description, on the page too (its first sentence, the rest a click away)."""
+browser), each with its scale and the slices it was measured on, and as docs/training.md
+quotes them; and its description, on the page too (its first sentence, the rest a click away)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,23 @@ from pathlib import Path
 
 import httpx
 from browser import browser_page, live_server
-from test_card_figures import table_row
+from test_card_figures import FIGURES_DOC, table_row
 from test_web_browser import WAIT_MS, assert_accessible, expect
 
-from conftest import REPO
 from unet_service.api.app import create_app
 from unet_service.core.engine import DEFAULT_WEIGHTS
 from unet_service.core.weights import load_card
 from unet_service.settings import Settings
 
 
-def test_card_metadata_page_and_readme_give_the_same_figures(tmp_path: Path) -> None:
+def test_card_metadata_page_and_docs_give_the_same_figures(tmp_path: Path) -> None:
     card = load_card(DEFAULT_WEIGHTS)
     summary = card.metrics_summary()
     assert list(summary) == ["pixel_error", "instances_rand_error", "mismatch"]
     settings = Settings(
         weights=DEFAULT_WEIGHTS, device="cpu", backend="torch", jobs_dir=tmp_path / "jobs"
     )
-    readme = (REPO / "README.md").read_text()
+    doc = FIGURES_DOC.read_text()
     with live_server(create_app(settings)) as base, browser_page(base) as (page, log):
         meta = httpx.get(f"{base}/v2/models/{card.name}", timeout=30).json()
         assert meta["parameters"]["metrics"] == summary
@@ -49,8 +48,8 @@ def test_card_metadata_page_and_readme_give_the_same_figures(tmp_path: Path) -> 
             expect(shown.locator(".figure")).to_have_text(value)
             expect(shown).to_contain_text(f"{value} {figure['label']}")
             expect(shown.locator(".definition")).to_have_text(figure["definition"])
-            # The README's table quotes the same figure under the same label.
-            assert table_row(readme, figure["label"])[1] == value
+            # The docs' table quotes the same figure under the same label.
+            assert table_row(doc, figure["label"])[1] == value
         (where,) = {f["measured_on"] for f in summary.values()}
         assert where == "validation slices 20-23 (held out from training)"
         expect(model.locator(".figures .where")).to_have_text(f"On {where}:")

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unet-serve",
         description="Serve a UNet over HTTP (docs at http://HOST:PORT/docs). Every setting "
-        "is read from UNET_* environment variables (see the README); the options below "
+        "is read from UNET_* environment variables (see docs/settings.md); the options below "
         "override them.",
     )
     p.add_argument("--host", help="bind address (UNET_HOST, default 127.0.0.1: this machine only)")

@@ -1,5 +1,5 @@
 """Prometheus metrics (health lives under /v2/health, per KServe; the page at `/` is in
-app/routes/web.py)."""
+api/routes/web.py)."""
 
 from __future__ import annotations
 
