@@ -68,15 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[Path, list[tuple[float, float]]] = {exe: [] for exe in servers}
     with tempfile.TemporaryDirectory() as tmp:
         weights = random_weights(Path(tmp), "nearfree", CHANNELS)
-        for _ in range(args.rounds):
-            for exe in servers:
+        for round_ in range(args.rounds):
+            # Each round in the other order, so that a drift of the machine within a round
+            # does not always favour the same server.
+            for exe in servers if round_ % 2 == 0 else servers[::-1]:
                 results[exe].append(measure(exe, weights, body, args.requests))
-    print("| unet-serve | host CPU ms / request | wall ms / request | rounds |")
+    first = results[servers[0]]
+    print(
+        "| unet-serve | host CPU ms / request | wall ms / request | CPU / the first's, per round |"
+    )
     print("| --- | --- | --- | --- |")
     for exe, rows in results.items():
         cpu = statistics.median(r[0] for r in rows)
         wall = statistics.median(r[1] for r in rows)
-        print(f"| {exe} | {cpu:.2f} | {wall:.2f} | {len(rows)} |")
+        ratios = [r[0] / f[0] for r, f in zip(rows, first, strict=True)]
+        shown = ", ".join(f"{x:.3f}" for x in ratios)
+        print(
+            f"| {exe} | {cpu:.2f} | {wall:.2f} | median {statistics.median(ratios):.3f} ({shown}) |"
+        )
     return 0
 
 
