@@ -31,7 +31,7 @@ from unet_service.settings import Settings
 TILE = 60
 
 
-def save_tiny(tmp_path: Path, out_channels: int = 1, name: str = "tiny") -> Path:
+def save_tiny(tmp_path: Path, out_channels: int = 1, name: str = "tiny", seed: int = 0) -> Path:
     """A tiny random UNet. Its outputs sit in a narrow band around 0.49, so for one class the
     card's threshold is set to the median on a real EM slice: masks then have both values
     and comparisons of masks test something."""
@@ -42,7 +42,7 @@ def save_tiny(tmp_path: Path, out_channels: int = 1, name: str = "tiny") -> Path
         class_names=[f"class{i}" for i in range(out_channels)],
         normalization={"mean": [0.5], "std": [0.25]},
     )
-    model = tiny_unet(out_channels=out_channels)
+    model = tiny_unet(out_channels=out_channels, seed=seed)
     if out_channels > 1:
         # Centre each class's logit on real data, so the arg-max varies over the image.
         pixels = isbi_slice(0)[:140, :140].astype(np.float32) / 255
@@ -223,10 +223,21 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
     }
 
 
+def metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels` (a metric that
+    has a `model` label sums over the models unless one is named), 0 when there are none."""
+    wanted = set(labels.items())
+    return sum(
+        value
+        for (sample, sample_labels), value in metric_samples(text).items()
+        if sample == name and wanted <= set(sample_labels)
+    )
+
+
 async def metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
-    """One sample from the app's /metrics, 0 when absent."""
-    samples = metric_samples((await client.get("/metrics")).text)
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The samples called `name` with `labels` from the app's /metrics, summed (see
+    metric_total)."""
+    return metric_total((await client.get("/metrics")).text, name, **labels)
 
 
 def binary_infer(

@@ -243,7 +243,7 @@ async def test_metrics_report_requests_batches_and_queue(weights: Path) -> None:
     assert 'unet_requests_total{endpoint="/v1/segment",method="POST",status="200"} 1.0' in text
     assert 'unet_requests_total{endpoint="/v1/segment",method="POST",status="415"} 1.0' in text
     assert "unet_queue_tiles 0.0" in text
-    assert "unet_tiles_total 4.0" in text  # 100x100 at tile 60: 2 x 2
+    assert 'unet_tiles_total{model="tiny"} 4.0' in text  # 100x100 at tile 60: 2 x 2
     for name in (
         "unet_batch_tiles_bucket",
         "unet_forward_seconds_bucket",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import shutil
 import signal
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from app_helpers import em_crop, png_bytes, save_tiny
+from app_helpers import em_crop, metric_total, png_bytes, save_tiny
 from PIL import Image
 
 pytestmark = pytest.mark.slow
@@ -38,10 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def metric(base: str, name: str) -> float:
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+def metric(base: str, name: str, **labels: str) -> float:
+    return metric_total(httpx.get(f"{base}/metrics", timeout=5).text, name, **labels)
 
 
 def wait_for(condition, timeout: float, what: str) -> None:
@@ -113,8 +110,8 @@ def test_unet_serve_process(tmp_path: Path) -> None:
             wait_for(lambda: metric(base, "unet_queue_tiles") > 500, 30, "queued tiles")
         wait_for(lambda: metric(base, "unet_queue_tiles") == 0, 10, "the queue to empty")
         assert metric(base, "unet_tiles_total") < 1 + 1024 - 100  # most tiles never ran
-        gone = 'unet_requests_total{endpoint="/v1/segment",method="POST",status="499"}'
-        assert metric(base, gone) == 1
+        gone = {"endpoint": "/v1/segment", "method": "POST", "status": "499"}
+        assert metric(base, "unet_requests_total", **gone) == 1
 
         # SIGTERM while a request is in flight: it completes, then the process exits 0.
         result: dict[str, httpx.Response] = {}

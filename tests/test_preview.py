@@ -232,5 +232,5 @@ async def test_the_preview_is_documented_in_the_openapi(weights: Path) -> None:
     form = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["properties"]["file"]["format"] == "binary"
     params = {p["name"]: p for p in operation["parameters"]}
-    assert set(params) == {"page", "max_side", "colour"}
+    assert set(params) == {"page", "max_side", "colour", "model"}
     assert params["max_side"]["schema"]["maximum"] == 8192

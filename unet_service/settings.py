@@ -32,6 +32,24 @@ class Settings(BaseSettings):
         DEFAULT_WEIGHTS,
         description="Path to NAME.safetensors; its model card NAME.json must sit beside it.",
     )
+    models: Path | None = Field(
+        None,
+        description="A model repository: a folder where each model is NAME.safetensors with "
+        "its card NAME.json beside it, served under NAME; unset = the one model UNET_WEIGHTS "
+        "names.",
+    )
+    default_model: str = Field(
+        "",
+        description="The model /v1/segment and jobs use when a request names none; empty = "
+        "the first of the repository (with one model, that one). It is loaded at start and "
+        "stays loaded.",
+    )
+    max_loaded_models: int = Field(
+        4,
+        ge=1,
+        description="Most models on the device at once; loading one more unloads the least "
+        "recently used one that no request or job holds.",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
@@ -190,6 +208,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _empty_models_is_unset(cls, v: object) -> object:
+        # `UNET_MODELS=` in a compose file means "no repository", not the working directory.
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("api_key", "api_keys")
     @classmethod

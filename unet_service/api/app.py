@@ -31,7 +31,7 @@ from unet_service.jobs.files import JobFiles
 from unet_service.jobs.runner import JobRunner
 from unet_service.jobs.table.connect import open_job_table
 from unet_service.serving.metrics import Metrics
-from unet_service.serving.service import InferenceService, load_segmenter
+from unet_service.serving.service import InferenceService
 from unet_service.settings import Settings
 
 log = logging.getLogger("app")
@@ -103,15 +103,14 @@ def job_files(settings: Settings) -> JobFiles:
 
 
 def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
-    """The service. With `segmenter`, that already-loaded model is served; otherwise the
-    lifespan loads `settings.weights`. Readiness turns true after the warm-up."""
+    """The service. With `segmenter`, that already-loaded engine is the default model;
+    otherwise the lifespan loads it. Readiness turns true after its warm-up."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        seg = segmenter or await asyncio.to_thread(load_segmenter, settings)
-        service = InferenceService(settings, seg, metrics)
+        service = await asyncio.to_thread(InferenceService, settings, metrics, segmenter)
         table = await asyncio.to_thread(open_job_table, settings.jobs_db_url)
         try:
             await service.start()

@@ -78,6 +78,7 @@ def job_json(record: JobRecord) -> dict:
     return {
         "id": record.id,
         "state": record.state,
+        "model": params.get("model"),
         "output": params.get("output"),
         "options": {k: params[k] for k in ("colour", "tta") if params.get(k) is not None},
         "input": {

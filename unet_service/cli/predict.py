@@ -6,6 +6,7 @@ page axis."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -61,6 +62,16 @@ def output_clash(images: list[Path], output_dir: Path) -> str | None:
     return None
 
 
+def repository_weights(name: str, folder: Path | None) -> Path:
+    """The weights of model `name` in a repository folder (the service's UNET_MODELS)."""
+    folder = folder or Path(os.environ.get("UNET_MODELS") or DEFAULT_WEIGHTS.parent)
+    path = folder / f"{name}.safetensors"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.safetensors"))
+        raise ValueError(f"no model {name!r} in {folder} (it holds: {', '.join(names) or 'none'})")
+    return path
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="unet-predict",
@@ -72,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--output-dir", "-o", type=Path, required=True, metavar="DIR")
     p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="%(default)s")
+    p.add_argument(
+        "--model",
+        metavar="NAME",
+        help="a model of the repository --models names (NAME.safetensors + NAME.json), "
+        "instead of --weights",
+    )
+    p.add_argument(
+        "--models",
+        type=Path,
+        metavar="DIR",
+        help="the model repository for --model (default: UNET_MODELS, else the folder of the "
+        "shipped weights)",
+    )
     p.add_argument(
         "--tile-size",
         type=int,
@@ -111,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     try:
-        seg = Segmenter.from_weights(args.weights, device=args.device, precision=args.precision)
+        weights = repository_weights(args.model, args.models) if args.model else args.weights
+        seg = Segmenter.from_weights(weights, device=args.device, precision=args.precision)
         seg.geometry.check_tile(args.tile_size)
     except (WeightsError, ValueError) as e:
         parser.exit(2, f"unet-predict: error: {e}\n")

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from unet_service.api.app import create_app
 from unet_service.core.weights import WeightsError
+from unet_service.serving.models import discover
 from unet_service.serving.service import InferenceService, State, load_segmenter
 from unet_service.settings import Settings
 
@@ -73,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     # Load before the server starts, so a bad weights file ends in one line, not in the
     # traceback uvicorn prints for a failed lifespan.
     try:
-        segmenter = load_segmenter(settings)
-    except (WeightsError, ValueError) as e:
+        models = discover(settings)
+        default = settings.default_model or next(iter(models))
+        if default not in models:
+            raise ValueError(f"UNET_DEFAULT_MODEL={default} is not one of {', '.join(models)}")
+        segmenter = load_segmenter(settings, models[default])
+    except (WeightsError, ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1
     app = create_app(settings, segmenter=segmenter)

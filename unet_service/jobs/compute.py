@@ -60,10 +60,20 @@ async def compute_job(
     """The job's result, its pages' tiles queued on `service` as background work; `report`
     is awaited every UNET_JOB_PROGRESS_S while it runs (raising JobLost stops it)."""
     request = job_request(record.params)
-    source = await asyncio.to_thread(open_input, files.input_path(record.id), settings)
+    # A job from before the service served several models names none: the default one.
+    async with service.models.hold(record.params.get("model")) as model:
+        source = await asyncio.to_thread(open_input, files.input_path(record.id), settings)
+        try:
+            await _run(record, request, model, source, service, files, settings, progress, report)
+        finally:
+            source.close()
+    path = files.result_path(record.id)
+    return ResultFile(path.stat().st_size, "image/tiff", f"{request.outputs[0]}.tif")
 
+
+async def _run(record, request, model, source, service, files, settings, progress, report) -> None:
     async def compute(entry):
-        queued = service.submit_background(entry)
+        queued = service.submit_background(model, entry)
         try:
             return await queued.future
         finally:
@@ -73,11 +83,11 @@ async def compute_job(
     work = segment_to_file(
         source,
         request,
-        service.segmenter.recipe(service.info.tile_sizes),
+        model.recipe,
         tmp,
         compute=compute,
         progress=progress,
-        instances=service.segmenter.instances if request.labels else None,
+        instances=model.segmenter.instances if request.labels else None,
     )
     task = asyncio.ensure_future(work)
     try:
@@ -95,7 +105,3 @@ async def compute_job(
                 await task
         files.discard_result(record.id)
         raise
-    finally:
-        source.close()
-    path = files.result_path(record.id)
-    return ResultFile(path.stat().st_size, "image/tiff", f"{request.outputs[0]}.tif")

@@ -24,14 +24,18 @@ async def submit_job(
     request: SegmentRequest,
     chunks: AsyncIterator[bytes],
     *,
+    model: str | None = None,
     caller: str | None,
     filename: Callable[[], str],
     declared_bytes: int | None = None,
 ) -> JobRecord:
     """Receive an upload (`chunks`; `filename()` is the name its sender gave it, known once
-    it has arrived) and accept it as a job computing `request`, or refuse it."""
+    it has arrived) and accept it as a job computing `request` with model `model` (None: the
+    default one), or refuse it."""
     service, settings, files = runner.service, runner.settings, runner.files
-    out_channels = service.info.out_channels
+    name = service.models.entry(model).name  # an unknown model is refused before the upload
+    info = service.models.info(name)
+    out_channels = info.out_channels
     if request.labels:
         check_instances(settings, out_channels)
     service.check_available()
@@ -50,7 +54,7 @@ async def submit_job(
             check_job(settings, request, out_channels, source.height, source.width)
             (output,) = request.outputs
             reserve = result_nbytes(source.pixels, source.pages, output, out_channels)
-            recipe = service.segmenter.recipe(service.info.tile_sizes)
+            recipe = (await service.models.get(name)).recipe
             tiles = recipe.tiles(source.height, source.width, source.pages, request.tta)
         now = time.time()
         record = JobRecord(
@@ -58,6 +62,7 @@ async def submit_job(
             owner=caller,
             state="queued",
             params={
+                "model": name,
                 "output": output,
                 "colour": request.colour,
                 "tta": request.tta,

@@ -1,20 +1,18 @@
 """Cross-request tile batching: one worker fills each batch with tiles from any number of
-requests and hands it to the one batch callable it was given.
+requests and hands it to its lane's batch callable (a lane per model: a batch holds one
+model's tiles; the lanes with work are served in turn).
 
-The batcher schedules and knows nothing of the model: each request is a `TiledImage` (plan,
-tile cutting, stitching: `pipeline.tiled_image`), and the callable (`core.runner.BatchRunner`)
-turns a list of (image, tile) into outputs and owns the device, its precision and its
-out-of-memory splitting. Tiles of one size share a shape whatever image they come from, so
-a batch can mix tiles of a 4096x4096 slice and a 200x300 crop.
-
-Flow: a request is decoded and planned first, then `submit` admits it (or refuses at once
-when the queue is full) as a `QueuedImage`. The worker picks the oldest waiting job's tile size,
-takes tiles of that size round-robin over the waiting jobs (one per job per turn, so a huge
-image cannot starve small ones), waits at most `max_wait_s` for a batch to fill (only while
-other requests are still arriving), and runs the batch callable in its own thread so the
-event loop stays free. Tiles are cut only when their batch runs: a 100-megapixel image never
-has more than one batch of tiles in memory. Outputs go back to each job's image, which
-stitches them; any failure on the way fails exactly the jobs with tiles in that batch.
+The batcher schedules and knows nothing of the model: each request is a queue entry
+(`pipeline.tiled_image`: plan, tile cutting, stitching) and the callable
+(`core.runner.BatchRunner`) turns a list of (image, tile) into outputs and owns the device, its
+precision and its out-of-memory splitting. Tiles of one size share a shape, so a batch can mix
+tiles of a 4096x4096 slice and a 200x300 crop. `submit` admits a planned image (or refuses it
+at once when the queue is full); the worker takes the oldest waiting image's tile size, tiles
+of that size round-robin over the waiting images (a huge image cannot starve small ones), waits
+at most `max_wait_s` for a batch to fill (only while other requests are still arriving), and
+runs the callable in its own thread. Tiles are cut only when their batch runs, and outputs go
+back to each image, which stitches them; any failure on the way fails exactly the images with
+tiles in that batch.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.events import wait_event
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import (
+    Lane,
     QueuedImage,
     ShuttingDownError,
     batch_failure,
@@ -55,7 +54,7 @@ class TileBatcher:
 
     def __init__(
         self,
-        run_batch: BatchCallable,
+        run_batch: BatchCallable | None,
         batch_limit: Callable[[], int],
         *,
         background_batch_limit: Callable[[], int] = lambda: 1,
@@ -63,15 +62,16 @@ class TileBatcher:
         max_queue_tiles: int,
         metrics: Metrics | None = None,
     ) -> None:
-        self.run_batch = run_batch
-        self.batch_limit = batch_limit  # read before every batch: it may shrink and grow
-        self.background_batch_limit = background_batch_limit
+        # For images submitted without a lane of their own (a batcher serving one model).
+        self.lane = Lane("", run_batch, batch_limit, background_batch_limit) if run_batch else None
+        self._served: dict[Lane, int] = {}  # lane -> number of the batch that last served it
+        self._batches = 0
         self.max_wait_s = max_wait_s
         self.max_queue_tiles = max_queue_tiles
         self.metrics = metrics
         self._ready: deque[QueuedImage] = deque()  # jobs with tiles not yet handed to the worker
         self._active: set[QueuedImage] = set()  # jobs not finished, failed or cancelled
-        self._queued_tiles = 0  # foreground (request) tiles only: the queue limit's count
+        self.queued_tiles = 0  # requests' tiles not yet computed (what the queue limit counts)
         self._background_tiles = 0
         self._arriving = 0
         self._wakeup = asyncio.Event()
@@ -94,7 +94,7 @@ class TileBatcher:
         when work had to be abandoned. (The service stops admitting new work first.)"""
         finished = True
         if self._active:
-            images, tiles = len(self._active), self._queued_tiles
+            images, tiles = len(self._active), self.queued_tiles
             log.info("draining %d image(s), %d tile(s), for up to %.0f s", images, tiles, timeout)
             if not await wait_event(self._idle, timeout):
                 finished = False
@@ -131,18 +131,16 @@ class TileBatcher:
                 self._wakeup.set()
 
     @property
-    def queued_tiles(self) -> int:
-        return self._queued_tiles
-
-    @property
     def queued_images(self) -> int:
         return len(self._active)
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained, from the measured throughput."""
-        return max(1, min(60, math.ceil(self._queued_tiles * self._seconds_per_tile)))
+        return max(1, min(60, math.ceil(self.queued_tiles * self._seconds_per_tile)))
 
-    def submit(self, image: TiledImage | TileGroup, *, background: bool = False) -> QueuedImage:
+    def submit(
+        self, image: TiledImage | TileGroup, *, background: bool = False, lane: Lane | None = None
+    ) -> QueuedImage:
         """Admit an image or a stack (all its pages' tiles count), or raise at once:
         ShuttingDownError, TooManyTilesError, QueueFullError. A `background` image (a section
         job's page) is computed only when no request's tiles wait, `background_batch_limit()`
@@ -151,8 +149,10 @@ class TileBatcher:
             raise ShuttingDownError()
         n = image.total
         if not background:
-            check_room(image, self._queued_tiles, self.max_queue_tiles, self.retry_after)
-        job = QueuedImage(image, asyncio.get_running_loop(), background=background)
+            check_room(image, self.queued_tiles, self.max_queue_tiles, self.retry_after)
+        lane = lane or self.lane
+        assert lane is not None, "a batcher without a model of its own takes lanes"
+        job = QueuedImage(image, asyncio.get_running_loop(), lane, background=background)
         self._active.add(job)
         self._ready.append(job)
         self._count(job, n)
@@ -165,7 +165,7 @@ class TileBatcher:
         if job.background:
             self._background_tiles += tiles
         else:
-            self._queued_tiles += tiles
+            self.queued_tiles += tiles
 
     async def result(
         self,
@@ -219,7 +219,7 @@ class TileBatcher:
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:
-            self.metrics.set_queue(self._queued_tiles, len(self._active), self._background_tiles)
+            self.metrics.set_queue(self.queued_tiles, len(self._active), self._background_tiles)
 
     async def _run(self) -> None:
         while True:
@@ -242,7 +242,7 @@ class TileBatcher:
             self._fail(job, failure(reason))
 
     def _line(self) -> tuple[list[QueuedImage], int]:
-        return next_line(self._ready, self.batch_limit, self.background_batch_limit)
+        return next_line(self._ready, self._served)
 
     async def _next_batch(self) -> int:
         """Wait for work, then for the batch to fill or the oldest job's wait to run out;
@@ -282,11 +282,14 @@ class TileBatcher:
         loop = asyncio.get_running_loop()
         items = [(job.image, tile) for job, tile in picks]
         start = time.monotonic()
-        outputs = await loop.run_in_executor(self._executor, self.run_batch, items)
+        lane = picks[0][0].lane
+        self._batches += 1
+        self._served[lane] = self._batches
+        outputs = await loop.run_in_executor(self._executor, lane.run_batch, items)
         elapsed = time.monotonic() - start
         self._seconds_per_tile = 0.8 * self._seconds_per_tile + 0.2 * elapsed / len(picks)
         if self.metrics is not None:
-            self.metrics.observe_batch(len(picks), elapsed)
+            self.metrics.observe_batch(lane.name, len(picks), elapsed)
         for (job, tile), (probabilities, mask) in zip(picks, outputs, strict=True):
             if not job.active:  # cancelled or timed out while its batch ran
                 continue

@@ -38,25 +38,40 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        by_model = ["model"]
         self.batch_tiles = Histogram(
             "unet_batch_tiles",
             "Tiles per forward pass.",
+            by_model,
             buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.forward_seconds = Histogram(
             "unet_forward_seconds",
             "Duration of one batched forward pass, tile preparation included.",
+            by_model,
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.forward_passes = Counter(
-            "unet_forward_passes", "Forward passes run by the inference worker.", registry=r
+            "unet_forward_passes",
+            "Forward passes run by the inference worker.",
+            by_model,
+            registry=r,
         )
-        self.tiles = Counter("unet_tiles", "Tiles computed by the inference worker.", registry=r)
+        self.tiles = Counter(
+            "unet_tiles", "Tiles computed by the inference worker.", by_model, registry=r
+        )
         self.oom_splits = Counter(
             "unet_oom_splits",
             "Batches halved and retried after a CUDA out-of-memory error.",
+            by_model,
+            registry=r,
+        )
+        self.model_loaded = Gauge(
+            "unet_model_loaded",
+            "1 for a model on the device and warm, 0 for one of the repository not loaded.",
+            by_model,
             registry=r,
         )
         self.worker_errors = Counter(
@@ -99,15 +114,15 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.ready = Gauge("unet_ready", "1 when the model is loaded and warm.", registry=r)
+        self.ready = Gauge("unet_ready", "1 when the default model is loaded and warm.", registry=r)
         self._device_gauges = False
 
-    def observe_batch(self, tiles: int, seconds: float) -> None:
-        """One forward pass of the inference worker: `tiles` tiles in `seconds`."""
-        self.forward_passes.inc()
-        self.tiles.inc(tiles)
-        self.batch_tiles.observe(tiles)
-        self.forward_seconds.observe(seconds)
+    def observe_batch(self, model: str, tiles: int, seconds: float) -> None:
+        """One forward pass of the inference worker: `tiles` tiles of `model` in `seconds`."""
+        self.forward_passes.labels(model).inc()
+        self.tiles.labels(model).inc(tiles)
+        self.batch_tiles.labels(model).observe(tiles)
+        self.forward_seconds.labels(model).observe(seconds)
 
     def set_queue(self, tiles: int, images: int, background_tiles: int) -> None:
         """The tile queue's depth: requests' tiles and images, and section jobs' tiles."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from unet_service.core.tiling import Tile
 from unet_service.errors import (
@@ -94,6 +96,18 @@ def check_room(
         raise QueueFullError(retry_after())
 
 
+@dataclass(frozen=True, eq=False)
+class Lane:
+    """One model's way through the batcher: the callable that computes its batches and its
+    batch limits (read before every batch: they may shrink and grow). A batch holds the
+    tiles of one lane only; the worker serves the lanes that have work in turn."""
+
+    name: str
+    run_batch: Callable[[Sequence[Any]], list[Any]]
+    batch_limit: Callable[[], int]
+    background_batch_limit: Callable[[], int] = lambda: 1
+
+
 class QueuedImage:
     """One request's image (or stack of pages, as one entry) in the queue: the TiledImage
     or TiledStack, its future and its timings."""
@@ -102,10 +116,12 @@ class QueuedImage:
         self,
         image: TiledImage | TileGroup,
         loop: asyncio.AbstractEventLoop,
+        lane: Lane,
         *,
         background: bool = False,
     ) -> None:
         self.image = image
+        self.lane = lane
         self.background = background  # a section job's page: computed when requests are not
         # A TiledStack's result is the list of its pages' segmentations.
         self.future: asyncio.Future[Segmentation | list[Segmentation]] = loop.create_future()
@@ -138,18 +154,18 @@ class QueuedImage:
 
 
 def next_line(
-    ready: Iterable[QueuedImage],
-    batch_limit: Callable[[], int],
-    background_limit: Callable[[], int],
+    ready: Iterable[QueuedImage], last_served: dict[Lane, int]
 ) -> tuple[list[QueuedImage], int]:
-    """The jobs the next batch is taken from, and its size limit: requests' images whenever
-    any wait, else background images (section jobs' pages) in batches of their own (small)
-    limit."""
+    """The jobs the next batch is taken from, and its size limit: of the lane served least
+    recently among those with work (so a flood for one model cannot starve another), its
+    requests' images whenever any wait, else its background images (section jobs' pages)
+    in batches of their own (small) limit. Requests of any lane go before background work."""
     ready = list(ready)
-    foreground = [job for job in ready if not job.background]
-    if foreground:
-        return foreground, batch_limit()
-    return ready, background_limit()
+    pool = [job for job in ready if not job.background] or ready
+    lanes = list(dict.fromkeys(job.lane for job in pool))  # oldest work first
+    lane = min(lanes, key=lambda lane: last_served.get(lane, -1))
+    line = [job for job in pool if job.lane is lane]
+    return line, lane.batch_limit() if not line[0].background else lane.background_batch_limit()
 
 
 def take_round_robin(

@@ -23,14 +23,16 @@ import numpy as np
 from unet_service.errors import DeadlineExceededError
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
-from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.limits import check_instances, check_stack
+from unet_service.serving.models import LoadedModel
 from unet_service.serving.queued import QueuedImage
 from unet_service.serving.service import InferenceService
 
 
 @dataclass
 class SegmentResult:
+    model: str  # the name of the model that segmented it
+    out_channels: int  # its classes
     images: list[np.ndarray]  # the decoded pages, (H, W, C) each (one for a plain image)
     pages: list[Segmentation]  # one per page
     labels: list[np.ndarray] | None  # (H, W) uint32 cell ids per page, when asked for
@@ -61,37 +63,40 @@ class SegmentResult:
 
 async def segment(
     service: InferenceService,
+    model: str | None,
     read: Callable[[], Awaitable[tuple[SegmentRequest, list[np.ndarray]]]],
     *,
     started: float,
     disconnected: Callable[[], Awaitable[object]] | None = None,
 ) -> SegmentResult:
     """Read what is asked and the image (its pages, each (H, W, C) of one size), segment it
-    so, and return everything asked for. `started`: the request's arrival
-    (time.monotonic()), from which its deadline counts."""
+    so with model `model` (None: the default one), and return everything asked for.
+    `started`: the request's arrival (time.monotonic()), from which its deadline counts."""
     service.check_available()
-    with service.arriving():
-        request, images = await read()
-        height, width = images[0].shape[:2]
-        if request.labels:  # per page, before the stack's own limits (the sharper reason)
-            check_instances(service.settings, service.info.out_channels, height, width)
-        check_stack(service.settings, len(images), height, width)
-        queued = service.submit(await asyncio.to_thread(_plan, service, images, request))
-    result = await _wait(service, queued, images, started, disconnected)
-    if request.labels:
-        result.labels = await asyncio.to_thread(service.label, result.pages)
+    async with service.models.hold(model) as loaded:
+        with service.arriving():
+            request, images = await read()
+            height, width = images[0].shape[:2]
+            if request.labels:  # per page, before the stack's limits (the sharper reason)
+                out_channels = loaded.info.out_channels
+                check_instances(service.settings, out_channels, height, width)
+            check_stack(service.settings, len(images), height, width)
+            entry = await asyncio.to_thread(
+                loaded.recipe.for_images,
+                images,
+                probabilities=request.probabilities,
+                tta=request.tta,
+            )
+            queued = service.submit(loaded, entry)
+        result = await _wait(service, loaded, queued, images, started, disconnected)
+        if request.labels:
+            result.labels = await asyncio.to_thread(service.label, loaded, result.pages)
     return result
-
-
-def _plan(
-    service: InferenceService, images: list[np.ndarray], request: SegmentRequest
-) -> TiledImage | TileGroup:
-    recipe = service.segmenter.recipe(service.info.tile_sizes)
-    return recipe.for_images(images, probabilities=request.probabilities, tta=request.tta)
 
 
 async def _wait(
     service: InferenceService,
+    model: LoadedModel,
     queued: QueuedImage,
     images: list[np.ndarray],
     started: float,
@@ -106,6 +111,8 @@ async def _wait(
             f"the request did not finish within {timeout:g} s (UNET_REQUEST_TIMEOUT_S)"
         ) from None
     return SegmentResult(
+        model=model.name,
+        out_channels=model.info.out_channels,
         images=images,
         pages=segmentation if isinstance(segmentation, list) else [segmentation],
         labels=None,

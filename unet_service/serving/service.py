@@ -9,15 +9,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from pathlib import Path
 
 import numpy as np
 
 from unet_service.core.engine import Segmenter
 from unet_service.core.runner import BatchRunner
-from unet_service.core.tiling import tile_sizes
 from unet_service.errors import UnavailableError
 from unet_service.imaging.pages import decode_pages
 from unet_service.pipeline.sinks import Segmentation
@@ -25,6 +23,7 @@ from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.batcher import TileBatcher
 from unet_service.serving.limits import check_instances
 from unet_service.serving.metrics import Metrics
+from unet_service.serving.models import LoadedModel, ModelInfo, ModelRepository, discover
 from unet_service.serving.queued import QueuedImage, ShuttingDownError
 from unet_service.settings import Settings
 
@@ -40,94 +39,97 @@ class State(StrEnum):
     stopped = "stopped"
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the routes show of the model (from its card) and of how it is served."""
-
-    name: str
-    description: str
-    class_names: list[str]
-    threshold: float
-    depth: int
-    in_channels: int
-    out_channels: int
-    tile_sizes: tuple[int, ...]
-    # The card's headline validation figures, each defined (core.card_metrics); {} if none.
-    metrics: dict[str, dict[str, Any]]
-
-
-def load_segmenter(settings: Settings) -> Segmenter:
-    """The one way the service loads its model (at start-up, in production and in tests).
-    Raises WeightsError or ValueError with a one-line reason."""
+def load_segmenter(settings: Settings, weights: Path | None = None) -> Segmenter:
+    """The one way the service loads a model's weights (at start-up and on demand, in
+    production and in tests). Raises WeightsError or ValueError with a one-line reason."""
     segmenter = Segmenter.from_weights(
-        settings.weights, settings.device, settings.precision, settings.backend, settings.compile
+        weights or settings.weights,
+        settings.device,
+        settings.precision,
+        settings.backend,
+        settings.compile,
     )
     settings.check_tile_size(segmenter.geometry)
     return segmenter
 
 
 class InferenceService:
-    def __init__(self, settings: Settings, segmenter: Segmenter, metrics: Metrics) -> None:
-        settings.check_tile_size(segmenter.geometry)
+    """The models (`serving.models`), the one tile batcher that owns the device (a lane per
+    model), and the lifecycle. `preloaded`: the default model's engine, already loaded."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, preloaded: Segmenter | None = None
+    ) -> None:
         self.settings = settings
-        self.segmenter = segmenter
         self.metrics = metrics
-        card = segmenter.card
-        self.info = ModelInfo(
-            name=card.name,
-            description=card.description,
-            class_names=list(card.class_names),
-            threshold=card.threshold,
-            depth=card.depth,
-            in_channels=card.in_channels,
-            out_channels=card.out_channels,
-            tile_sizes=tile_sizes(segmenter.geometry, settings.tile_size),
-            metrics=card.metrics_summary(),
-        )
-        self.runner = BatchRunner(
-            segmenter,
-            settings.batch_tiles_for(segmenter.device.type),
-            on_oom_split=metrics.oom_splits.inc,
-        )
+
+        def load(name: str, weights: Path) -> LoadedModel:
+            if preloaded is not None and name == self.models.default:
+                segmenter = preloaded
+            else:
+                segmenter = load_segmenter(settings, weights)
+            metrics.add_device_memory(segmenter.memory_stats)
+            return LoadedModel(name, segmenter, settings, metrics)
+
+        def loaded(name: str, on_device: bool) -> None:
+            metrics.model_loaded.labels(name).set(1 if on_device else 0)
+
+        self.models = ModelRepository(settings, load, discover(settings), loaded)
         self.batcher = TileBatcher(
-            self.runner,
-            lambda: self.runner.limit,
-            background_batch_limit=lambda: min(
-                self.runner.limit, settings.job_batch_tiles_for(segmenter.device.type)
-            ),
+            None,
+            lambda: 1,
             max_wait_s=settings.max_wait_ms / 1000,
             max_queue_tiles=settings.max_queue_tiles,
             metrics=metrics,
         )
         self.state = State.starting
-        metrics.add_device_memory(segmenter.memory_stats)
+
+    # The default model, which is loaded from the start to the end: what a service of one
+    # model (and its tests) speaks of.
+    @property
+    def model(self) -> LoadedModel:
+        return self.models.loaded()
 
     @property
     def model_name(self) -> str:
-        return self.info.name
+        return self.models.default
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    @property
+    def segmenter(self) -> Segmenter:
+        return self.model.segmenter
+
+    @property
+    def runner(self) -> BatchRunner:
+        return self.model.runner
 
     @property
     def ready(self) -> bool:
         return self.state is State.ready
 
     async def start(self) -> None:
-        """Warm up every tile size (and, for compiled graphs, every batch shape), then start
-        the worker and report ready."""
+        """Load and warm up the default model (every tile size, and for compiled graphs
+        every batch shape), then start the worker and report ready."""
         started = time.monotonic()
-        seg = self.segmenter
-        await asyncio.to_thread(seg.warm_up, self.info.tile_sizes, self.runner.max_batch)
+        await self.models.load_default()
         self.batcher.start()
         self._set_state(State.ready)
+        seg, info = self.segmenter, self.info
         log.info(
-            "model %r ready on %s (%s, %s) in %.1f s: depth %d, tile sizes %s, batch <= %d tiles",
+            "model %r ready on %s (%s, %s) in %.1f s: depth %d, tile sizes %s, batch <= %d "
+            "tiles; %d model(s) served",
             self.model_name,
             seg.device,
             seg.backend.name,
             seg.precision,
             time.monotonic() - started,
             seg.geometry.depth,
-            "/".join(map(str, self.info.tile_sizes)),
+            "/".join(map(str, info.tile_sizes)),
             self.runner.max_batch,
+            len(self.models.names),
         )
 
     def _set_state(self, state: State) -> None:
@@ -161,19 +163,19 @@ class InferenceService:
         settings = self.settings
         return await asyncio.to_thread(decode_pages, data, settings.max_pixels, settings.max_pages)
 
-    def submit(self, entry: TiledImage | TileGroup) -> QueuedImage:
-        """Queue a request's planned image or stack, or refuse at once (QueueFullError,
-        TooManyTilesError, ShuttingDownError)."""
+    def submit(self, model: LoadedModel, entry: TiledImage | TileGroup) -> QueuedImage:
+        """Queue a request's planned image or stack for `model`, or refuse at once
+        (QueueFullError, TooManyTilesError, ShuttingDownError)."""
         self.check_available()  # the state may have changed while the image was planned
-        return self.batcher.submit(entry)
+        return self.batcher.submit(entry, lane=model.lane)
 
-    def submit_background(self, image: TiledImage | TileGroup) -> QueuedImage:
+    def submit_background(self, model: LoadedModel, image: TiledImage | TileGroup) -> QueuedImage:
         """Queue a section job's page (prepared and planned by the job): computed when no
         request's tiles wait (see serving.batcher)."""
-        return self.batcher.submit(image, background=True)
+        return self.batcher.submit(image, background=True, lane=model.lane)
 
-    def label(self, pages: list[Segmentation]) -> list[np.ndarray]:
+    def label(self, model: LoadedModel, pages: list[Segmentation]) -> list[np.ndarray]:
         """(H, W) uint32 cell labels of each page (its probabilities kept); each page is
         labelled on its own (ids start at 1 on every page). Blocking."""
-        check_instances(self.settings, self.info.out_channels)
-        return [self.segmenter.instances(page.probabilities) for page in pages]
+        check_instances(self.settings, model.info.out_channels)
+        return [model.segmenter.instances(page.probabilities) for page in pages]

@@ -14,7 +14,7 @@ from unet_service.api.auth import Caller
 from unet_service.api.errors import ApiError
 from unet_service.api.job_views import job_json
 from unet_service.api.routes.common import get_service
-from unet_service.api.routes.segment import REQUEST_BODY, segment_request
+from unet_service.api.routes.segment import REQUEST_BODY, ModelName, segment_request
 from unet_service.api.upload_stream import StreamedUpload
 from unet_service.jobs.submit import submit_job
 from unet_service.pipeline.outputs import Colour, Output
@@ -86,6 +86,7 @@ async def create_job(
             json_schema_extra={"enum": [1, 8]},
         ),
     ] = 1,
+    model: ModelName = None,
 ) -> JSONResponse:
     service = get_service(request)
     runner = get_runner(request)
@@ -96,6 +97,7 @@ async def create_job(
         runner,
         ask,
         upload.chunks(),
+        model=model,
         caller=caller,
         filename=lambda: upload.filename,
         declared_bytes=_declared_length(request) if raw else None,

@@ -15,6 +15,7 @@ from PIL import Image
 from unet_service.api.auth import require_api_key
 from unet_service.api.errors import ApiError
 from unet_service.api.routes.common import get_service
+from unet_service.api.routes.segment import ModelName
 from unet_service.api.uploads import read_image_upload
 from unet_service.imaging.display import cell_ids, cells_view, classes_view, image_view
 from unet_service.imaging.encode import png_bytes
@@ -106,9 +107,11 @@ async def preview(
         "upload is cell instances, each cell in the colour of the instance overlay "
         "(`output=overlay&colour=instances`). Without it: the image itself.",
     ),
+    model: ModelName = None,
 ) -> Response:
     service = get_service(request)
     service.check_available()
+    out_channels = service.models.info(service.models.entry(model).name).out_channels
     data = await read_image_upload(request, service.settings.max_upload_bytes)
     pages = await service.decode(data)
     # Only a 32-bit instances TIFF is read again (display.cell_ids); else the bytes can go.
@@ -119,7 +122,6 @@ async def preview(
         raise ApiError(422, f"page {page} asked for, but the upload has {count}")
     shown = pages[page - 1]
     height, width = shown.shape[:2]
-    out_channels = service.info.out_channels
 
     def render() -> bytes:
         if colour == "classes":

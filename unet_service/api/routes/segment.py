@@ -122,6 +122,7 @@ async def segment(
             json_schema_extra={"enum": [1, 8]},
         ),
     ] = None,
+    model: ModelName = None,
 ) -> Response:
     service = get_service(request)
     ask = segment_request((output,), colour, service.settings.tta if tta is None else tta)
@@ -132,6 +133,7 @@ async def segment(
 
     result = await segment_image(
         service,
+        model,
         read,
         started=arrival(request),
         disconnected=lambda: wait_for_disconnect(request),
@@ -142,13 +144,24 @@ async def segment(
         result.images,
         result.pages,
         result.labels,
-        service.info.out_channels,
+        result.out_channels,
     )
-    headers = timing_headers(request, result, result.height, result.width, service.model_name)
+    headers = timing_headers(request, result, result.height, result.width, result.model)
     headers["X-Pages"] = str(len(result.pages))
     headers["Content-Disposition"] = f'inline; filename="{filename}"'
     headers["Content-Length"] = str(len(body))
     return StreamingResponse(slices(body), media_type=media, headers=headers)
+
+
+# `?model=NAME`: which of the server's models (GET /v2/models lists them; default:
+# UNET_DEFAULT_MODEL).
+ModelName = Annotated[
+    str | None,
+    Query(
+        description="The model to use, by name (POST /v2/repository/index lists them); "
+        "default: the server's default model (UNET_DEFAULT_MODEL)."
+    ),
+]
 
 
 def segment_request(outputs: tuple[str, ...], colour: str | None, tta: int) -> SegmentRequest:

@@ -22,6 +22,7 @@ from unet_service.api.errors import ApiError
 from unet_service.api.routes.common import get_service
 from unet_service.api.uploads import read_body
 from unet_service.api.v2_tensors import DATATYPES, LAYOUTS
+from unet_service.errors import NotFoundError
 from unet_service.serving.service import InferenceService
 
 router = APIRouter(prefix="/v2", tags=["KServe v2"])
@@ -36,13 +37,13 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 
 def find_model(request: Request, name: str, model_version: str | None = None) -> InferenceService:
+    """The service, once `name` (and the version, if given) is one of its models."""
     service = get_service(request)
-    if name != service.model_name or model_version not in (None, MODEL_VERSION):
-        shown = name if model_version is None else f"{name}/versions/{model_version}"
-        raise ApiError(
-            404,
-            f"model {shown!r} not found; this server serves {service.model_name!r} "
-            f"version {MODEL_VERSION}",
+    service.models.entry(name)  # NotFoundError naming the models
+    if model_version not in (None, MODEL_VERSION):
+        raise NotFoundError(
+            f"model '{name}/versions/{model_version}' not found; {name!r} has version "
+            f"{MODEL_VERSION}"
         )
     return service
 
@@ -91,12 +92,39 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
     except ValidationError:
         raise ApiError(422, 'the body must be empty or {"ready": true|false}') from None
     service = get_service(request)
-    if query.ready and not service.ready:
-        return []
-    entry = {"name": service.model_name, "version": MODEL_VERSION}
-    if service.ready:
-        return [{**entry, "state": "READY"}]
-    return [{**entry, "state": "UNAVAILABLE", "reason": "loading or shutting down"}]
+    rows = service.models.index()
+    if not service.ready:  # starting or draining: no model takes work
+        rows = [
+            {**row, "state": "UNAVAILABLE", "reason": "loading or shutting down"}
+            if row["state"] == "READY"
+            else row
+            for row in rows
+        ]
+    return [row for row in rows if row["state"] == "READY"] if query.ready else rows
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    summary="Load a model (Triton's repository extension)",
+    dependencies=[Depends(require_api_key)],
+)
+async def load_model(request: Request, name: str) -> dict[str, Any]:
+    """Load model `name` onto the device now (the least recently used idle model is
+    unloaded first when UNET_MAX_LOADED_MODELS are loaded)."""
+    await get_service(request).models.load(name)
+    return {}
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    summary="Unload a model (Triton's repository extension)",
+    dependencies=[Depends(require_api_key)],
+)
+async def unload_model(request: Request, name: str) -> dict[str, Any]:
+    """Unload model `name` from the device (not while a request or job holds it; never the
+    default model). A request naming it later loads it again."""
+    await get_service(request).models.unload(name)
+    return {}
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
@@ -105,9 +133,8 @@ async def model_ready(
     request: Request, name: str, model_version: str | None = None
 ) -> JSONResponse:
     service = find_model(request, name, model_version)
-    return JSONResponse(
-        {"name": name, "ready": service.ready}, status_code=200 if service.ready else 503
-    )
+    ready = service.ready and service.models.entry(name).state == "READY"
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
 @router.get("/models/{name}", summary="Model metadata", dependencies=[Depends(require_api_key)])
@@ -120,10 +147,10 @@ async def model_metadata(
     request: Request, name: str, model_version: str | None = None
 ) -> dict[str, Any]:
     service = find_model(request, name, model_version)
-    info = service.info
+    info = service.models.info(name)
     k = info.out_channels
     return {
-        "name": service.model_name,
+        "name": name,
         "versions": [MODEL_VERSION],
         "platform": "pytorch",
         "inputs": [

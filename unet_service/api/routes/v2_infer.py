@@ -86,7 +86,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     parsed: dict[str, Any] = {}
 
     async def read() -> tuple[SegmentRequest, list[np.ndarray]]:
-        payload, as_binary, pages = await _parse_request(request, service)
+        payload, as_binary, pages = await _parse_request(request, service, name)
         parsed.update(payload=payload, as_binary=as_binary)
         tta = _tta(payload.parameters)
         outputs = tuple(as_binary)
@@ -96,6 +96,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
 
     result = await segment(
         service,
+        name,
         read,
         started=arrival(request),
         disconnected=lambda: wait_for_disconnect(request),
@@ -105,7 +106,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
     pieces, length, header_length = await asyncio.to_thread(
         _reply, service, payload, as_binary, result, stack
     )
-    headers = timing_headers(request, result, result.height, result.width, service.model_name)
+    headers = timing_headers(request, result, result.height, result.width, result.model)
     headers["X-Pages"] = str(len(result.pages))
     if length is not None:
         headers["Content-Length"] = str(length)
@@ -117,7 +118,7 @@ async def infer(request: Request, name: str, model_version: str | None = None) -
 
 
 async def _parse_request(
-    request: Request, service: InferenceService
+    request: Request, service: InferenceService, name: str
 ) -> tuple[InferRequest, dict[str, bool], list[np.ndarray]]:
     """Body -> (the request, which outputs go back as binary, the image's pages: one but
     for a stack); ApiError if bad.
@@ -139,19 +140,20 @@ async def _parse_request(
     tensor = payload.inputs[0]
     raw = _binary_input(tensor, binary)
     requested = payload.outputs or [RequestedOutput(name=n) for n in DEFAULT_OUTPUTS]
-    offered = [n for n in OUTPUTS if n != "instances" or service.info.out_channels == 1]
+    info = service.models.info(name)
+    offered = [n for n in OUTPUTS if n != "instances" or info.out_channels == 1]
     unknown = sorted({o.name for o in requested} - set(offered))
     if unknown:
         raise ApiError(422, f"unknown output(s) {unknown}; this model has {offered}")
     binary_default = _flag(payload.parameters, "binary_data_output", False)
     as_binary = {o.name: _flag(o.parameters, "binary_data", binary_default) for o in requested}
     layout = _layout(payload.parameters)
-    _check_channels(tensor.shape, layout, service.info.in_channels)
+    _check_channels(tensor.shape, layout, info.in_channels)
     pages = await asyncio.to_thread(
         tensor_to_pages, tensor, settings.max_pixels, raw, layout, settings.max_pages
     )
     tensor.data = None  # the parsed list can be far bigger than the image
-    _check_json_reply(service, pages, as_binary)
+    _check_json_reply(service, info.out_channels, pages, as_binary)
     return payload, as_binary, pages
 
 
@@ -185,13 +187,12 @@ def _json_too_large(limit: int) -> ApiError:
 
 
 def _check_json_reply(
-    service: InferenceService, pages: list[np.ndarray], as_binary: dict[str, bool]
+    service: InferenceService, channels: int, pages: list[np.ndarray], as_binary: dict[str, bool]
 ) -> None:
     """Refuse before computing a reply whose JSON could pass UNET_MAX_JSON_REPLY_MB (all
     pages of a stack count)."""
     image = pages[0]
     pixels = image.shape[0] * image.shape[1] * len(pages)
-    channels = service.info.out_channels
     values = {
         name: pixels * (channels if name == "probabilities" else 1)
         for name, binary in as_binary.items()
@@ -284,7 +285,7 @@ def _reply(
         datatype = OUTPUT_DATATYPES[name]
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         outputs.append((entry, array, binary))
-    content: dict[str, Any] = {"model_name": service.model_name, "model_version": MODEL_VERSION}
+    content: dict[str, Any] = {"model_name": result.model, "model_version": MODEL_VERSION}
     if payload.id is not None:
         content["id"] = payload.id
     content["parameters"] = {"tile_size": result.tile_size, "tiles": result.tiles}
