@@ -98,6 +98,25 @@ class TilePlan:
             for j, col in enumerate(cols):
                 yield Tile(i * len(cols) + j, row, col)
 
+    def tiles_owning(self, y0: int, y1: int, x0: int, x1: int) -> list[Tile]:
+        """The tiles that own (`write_window`) some pixel of rows y0..y1-1 and columns
+        x0..x1-1, in plan order and with their plan indices: what a block of the image
+        computes, so that each of its pixels comes from the tile the whole plan takes it
+        from."""
+
+        def owners(origins: list[int], lo: int, hi: int, length: int) -> list[int]:
+            ends = [*origins[1:], length]
+            return [
+                i for i, (o, e) in enumerate(zip(origins, ends, strict=True)) if o < hi and e > lo
+            ]
+
+        cols = self.cols
+        return [
+            Tile(i * len(cols) + j, self.rows[i], cols[j])
+            for i in owners(self.rows, y0, y1, self.height)
+            for j in owners(cols, x0, x1, self.width)
+        ]
+
     @property
     def computed_pixels(self) -> int:
         return len(self) * self.tile_size**2

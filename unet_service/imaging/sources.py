@@ -1,7 +1,8 @@
 """Where an image's pixels come from: a `Source` is a stack of pages of one size, read by
 window. Every image the pipeline segments is one: an upload decoded in memory (`ArraySource`),
-a job's file on disk (`TiffSource`, read by window; other formats decoded whole), and test-time
-augmentation's rotated and mirrored views of either (`pipeline.views`).
+a job's file on disk (`TiffSource`, read by window; other formats decoded whole), an OME-Zarr
+image at a path or URL (`ZarrSource`, its z planes the pages), and test-time augmentation's
+rotated and mirrored views of either (`pipeline.views`).
 
 Pixels come out as uploads are decoded (`imaging.decode`): (h, w, channels), uint8, uint16 or
 float32, alpha dropped. The values are checked once, before a source is used
@@ -22,6 +23,7 @@ from unet_service.imaging.decode import TIFF_MAGIC, check_float_range, read_imag
 from unet_service.imaging.errors import ImageError, ImageTooLargeError
 from unet_service.imaging.tiff_layout import MAX_CHUNK_BYTES
 from unet_service.imaging.tiff_source import TiffSource
+from unet_service.imaging.zarr_source import ZarrSource
 
 # Rows per read when a file is scanned for its values: bounded memory at any width.
 SCAN_BYTES = 8 << 20
@@ -81,7 +83,7 @@ class ArraySource:
         self.close()
 
 
-def check_values(source: ArraySource | TiffSource) -> None:
+def check_values(source: ArraySource | TiffSource | ZarrSource) -> None:
     """The one check of an image's values, for every way in: float pixels finite and within
     +-MAX_FLOAT_PIXEL (beyond, the normalisation overflows to NaN); and, for a file whose
     integers are neither uint8 nor uint16, the value range that maps them (a pass over the
@@ -102,7 +104,7 @@ def check_values(source: ArraySource | TiffSource) -> None:
         source.set_value_range((int(lo), int(hi)))
 
 
-def _scan(source: TiffSource) -> tuple[float, float]:
+def _scan(source: TiffSource | ZarrSource) -> tuple[float, float]:
     """The smallest and largest stored value of every page, in bands of rows."""
     rows = max(1, SCAN_BYTES // max(1, source.width * source.channels * source.stored.itemsize))
     lo, hi = np.inf, -np.inf
@@ -155,4 +157,12 @@ def open_source(
     except BaseException:
         source.close()
         raise
+    return source
+
+
+def open_zarr(location: str, *, max_pixels: int, max_pages: int) -> ZarrSource:
+    """The OME-Zarr image at a path or fsspec URL, checked from its metadata and then its
+    values (`check_values`). Raises ImageError subclasses."""
+    source = ZarrSource(location, max_pixels=max_pixels, max_pages=max_pages)
+    check_values(source)
     return source

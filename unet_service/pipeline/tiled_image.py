@@ -29,10 +29,17 @@ from unet_service.pipeline.sinks import Segmentation, Sink
 
 class TiledImage(TileCounts):
     """Page `page` of `source`, tiled by `plan`, its outputs to `sink`. Tiles are handed out
-    by `take` in plan order (row after row) and may come back through `add` in any order."""
+    by `take` in plan order (row after row) and may come back through `add` in any order.
+    `tiles`: only these of the plan's tiles (a block of the page, `pipeline.blocks`)."""
 
     def __init__(
-        self, source: Source, page: int, plan: TilePlan, sink: Sink, in_channels: int
+        self,
+        source: Source,
+        page: int,
+        plan: TilePlan,
+        sink: Sink,
+        in_channels: int,
+        tiles: Sequence[Tile] | None = None,
     ) -> None:
         if (plan.height, plan.width) != (source.height, source.width):
             raise ValueError(f"the plan {plan.height}x{plan.width} does not match the source")
@@ -41,10 +48,10 @@ class TiledImage(TileCounts):
         self.source, self.page, self.plan, self.sink = source, page, plan, sink
         self._in_channels = in_channels
         self._before_read = getattr(sink, "before_read", None)
-        self.total = len(plan)
+        self.total = len(plan) if tiles is None else len(tiles)
         self.taken = 0  # tiles handed out
         self.done = 0  # tiles stitched
-        self._tiles = iter(plan)
+        self._tiles = iter(plan if tiles is None else tiles)
 
     @property
     def tile_size(self) -> int:
