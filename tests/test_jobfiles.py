@@ -13,7 +13,8 @@ from fastapi import FastAPI, Request
 
 from unet_service.api.errors import answer_for, install_error_handlers
 from unet_service.errors import ServiceError
-from unet_service.jobs.files import WRITE_PIECE, DiskUsage, JobFiles, JobStorageFull, UploadTooLarge
+from unet_service.jobs.files import WRITE_PIECE, DiskUsage, JobFiles
+from unet_service.jobs.storage_errors import JobStorageFull, UploadTooLarge
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20

@@ -12,7 +12,8 @@ from app_helpers import em_crop, save_tiny, service_of, stepped, tiff_bytes
 from app_helpers import running as running_app
 from test_jobs_api import jobs_app, submit, wait_state
 
-from unet_service.jobs.files import DiskUsage, size_text
+from unet_service.jobs.files import DiskUsage
+from unet_service.jobs.storage_errors import size_text
 from unet_service.pipeline.outputs import result_nbytes
 
 pytestmark = pytest.mark.anyio

@@ -56,3 +56,7 @@ class InferenceError(ServiceError):
 class UnreadableImageError(InferenceError):
     """A batch failed because a tile of an image read from disk (a section job's page)
     could not be read: the upload's fault, not the worker's."""
+
+
+class ForbiddenError(ServiceError):
+    """Asks to read or write somewhere the operator has not allowed."""

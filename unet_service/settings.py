@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from unet_service.core.geometry import Geometry
+from unet_service.locations import LocationSettings
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
 from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
 
@@ -23,7 +24,10 @@ CUDA_BATCH_TILES = 8
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
-class Settings(BaseSettings):
+class Settings(LocationSettings):
+    """Every `UNET_*` setting; those of inputs and results named by location are
+    `LocationSettings`' (`locations.py`)."""
+
     model_config = SettingsConfigDict(
         env_prefix="UNET_", env_file=".env", extra="ignore", validate_default=True
     )

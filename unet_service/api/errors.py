@@ -16,6 +16,7 @@ from unet_service.errors import (
     ClientGoneError,
     ConflictError,
     DeadlineExceededError,
+    ForbiddenError,
     InferenceError,
     InvalidRequestError,
     LimitError,
@@ -56,6 +57,7 @@ STATUS: tuple[tuple[type[Exception], int], ...] = (
     (ImageError, 422),  # empty, truncated, unusable pixels
     (LimitError, 413),
     (InvalidRequestError, 422),
+    (ForbiddenError, 403),
     (NotFoundError, 404),
     (ConflictError, 409),
     (StorageFullError, 507),

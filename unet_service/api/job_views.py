@@ -18,18 +18,22 @@ def _when(t: float | None) -> str | None:
 
 
 def eta_s(record: JobRecord, now: float | None = None) -> float | None:
-    """Seconds left for a running job at the rate its current attempt has kept (an attempt
-    after a restart starts again from the first tile, so the time of an earlier one says
-    nothing); None before the attempt's first tiles are done, 0 once it is finished."""
+    """Seconds left for a running job at the rate its current attempt has kept (the time of
+    an earlier attempt says nothing, and the tiles a resumed attempt found done, an OME-Zarr
+    result's written blocks, took none of this one's); None before the attempt's first
+    tiles are done, 0 once it is finished."""
     if record.state in ("done", "failed", "cancelled"):
         return 0.0
     # Rows of an older schema have no attempt_started_at.
     since = record.attempt_started_at or record.started_at
     if record.state != "running" or not since or record.tiles_done <= 0:
         return None
+    computed = record.tiles_done - record.tiles_resumed  # by this attempt
+    if computed <= 0:
+        return None
     elapsed = (now or time.time()) - since
     left = max(record.tiles_total - record.tiles_done, 0)
-    return round(elapsed * left / record.tiles_done, 1)
+    return round(elapsed * left / computed, 1)
 
 
 # Longest upload stem kept in a result's name.
@@ -48,16 +52,18 @@ def _stem(input_name: str) -> str:
 
 
 def download_name(record: JobRecord) -> str:
-    """`<upload stem>_<output>.tif` (`section_mask.tif` for `section.tif`); the job id takes
-    the stem's place when the upload had no name."""
-    return f"{_stem(record.input_name) or record.id}_{record.params.get('output', 'result')}.tif"
+    """`<upload stem>_<output>.tif` (`section_mask.tif` for `section.tif`), or `.zarr.zip`
+    for an OME-Zarr result; the job id takes the stem's place when the input had no name."""
+    ending = ".zarr.zip" if record.params.get("format") == "zarr" else ".tif"
+    stem = _stem(record.input_name.rstrip("/\\"))
+    return f"{stem or record.id}_{record.params.get('output', 'result')}{ending}"
 
 
 def content_disposition(record: JobRecord) -> str:
     """An attachment named download_name: a plain ASCII `filename` every client reads, and
     the name itself as `filename*` (RFC 6266) when it is more than that."""
     name = download_name(record)
-    stem, _, ending = name.rpartition("_")
+    stem, _, ending = name.rpartition("_")  # ending: <output>.tif or <output>.zarr.zip
     # Accents dropped (é -> e), anything else not plainly safe in a header -> _.
     ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
     ascii_stem = _NOT_ASCII_SAFE.sub("_", ascii_stem).strip("_")
@@ -75,12 +81,14 @@ def job_json(record: JobRecord) -> dict:
     params = record.params
     done = record.state == "done"
     total = record.tiles_total
+    store = params.get("store")  # where an OME-Zarr result is written
     return {
         "id": record.id,
         "state": record.state,
         "model": params.get("model"),
         "output": params.get("output"),
         "options": {k: params[k] for k in ("colour", "tta") if params.get(k) is not None},
+        "format": params.get("format", "tiff"),
         "input": {
             "name": record.input_name,
             "media_type": record.input_type,
@@ -108,6 +116,7 @@ def job_json(record: JobRecord) -> dict:
                 "media_type": record.result_type,
                 "bytes": record.result_bytes,
                 "name": download_name(record),
+                **({"store": store} if store else {}),
             }
             if done
             else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -23,7 +23,9 @@ from unet_service.imaging.decode import TIFF_MAGIC, check_float_range, read_imag
 from unet_service.imaging.errors import ImageError, ImageTooLargeError
 from unet_service.imaging.tiff_layout import MAX_CHUNK_BYTES
 from unet_service.imaging.tiff_source import TiffSource
-from unet_service.imaging.zarr_source import ZarrSource
+
+if TYPE_CHECKING:  # zarr (and dask, under ome-zarr) are imported only when a store is read
+    from unet_service.imaging.zarr_source import ZarrSource
 
 # Rows per read when a file is scanned for its values: bounded memory at any width.
 SCAN_BYTES = 8 << 20
@@ -163,6 +165,8 @@ def open_source(
 def open_zarr(location: str, *, max_pixels: int, max_pages: int) -> ZarrSource:
     """The OME-Zarr image at a path or fsspec URL, checked from its metadata and then its
     values (`check_values`). Raises ImageError subclasses."""
+    from unet_service.imaging.zarr_source import ZarrSource
+
     source = ZarrSource(location, max_pixels=max_pixels, max_pages=max_pages)
     check_values(source)
     return source

@@ -31,20 +31,11 @@ from unet_service.imaging.errors import (
     TooManyPagesError,
     UnsupportedImageError,
 )
+from unet_service.imaging.location import is_url, local_path
 
 # The axes an image may have (NGFF order), and the OME-Zarr version of each Zarr format.
 AXES = (("y", "x"), ("z", "y", "x"), ("c", "y", "x"), ("c", "z", "y", "x"))
 NGFF_VERSIONS = {2: "0.4", 3: "0.5"}
-
-
-def is_url(location: str) -> bool:
-    """Whether `location` is an fsspec URL (s3://, https://, memory://...) rather than a path."""
-    scheme, sep, _ = location.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme != "file"
-
-
-def local_path(location: str) -> str:
-    return location[len("file://") :] if location.startswith("file://") else location
 
 
 def zarr_store(location: str, *, read_only: bool) -> FsspecStore | LocalStore:

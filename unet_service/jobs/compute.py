@@ -1,22 +1,39 @@
-"""One section job from its input file to its result file: the job's request and input,
-computed by `pipeline.to_file` with the service's tile queue (each page's tiles as background
-work, computed when no request's tiles wait), its progress reported while it runs."""
+"""One section job from its input to its result: the job's request and input (an upload in
+its folder, or an OME-Zarr image at a location), computed with the service's tile queue (each
+page's or block's tiles as background work, computed when no request's tiles wait) into a
+TIFF (`pipeline.to_file`) or an OME-Zarr store (`pipeline.to_store`), its progress reported
+while it runs."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from unet_service.imaging.sources import Source, open_source
-from unet_service.jobs.files import JobFiles
+from unet_service.imaging.errors import ImageError
+from unet_service.imaging.location import location_exists
+from unet_service.imaging.sources import Source, open_source, open_zarr
+from unet_service.imaging.zarr_result import ZarrResult
+from unet_service.jobs.files import JobFiles, tree_bytes
 from unet_service.jobs.table.records import JobRecord
+from unet_service.pipeline.blocks import BlockJob
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.to_file import Progress, segment_to_file
+from unet_service.pipeline.to_store import (
+    create_results,
+    plan_volume,
+    segment_to_store,
+    volume_of,
+)
+from unet_service.serving.models import LoadedModel
 from unet_service.serving.service import InferenceService
 from unet_service.settings import Settings
+
+log = logging.getLogger("app.jobs")
 
 
 class JobLost(Exception):
@@ -43,6 +60,14 @@ def open_input(path: Path, settings: Settings) -> Source:
     )
 
 
+def open_job_input(record: JobRecord, files: JobFiles, settings: Settings) -> Source:
+    """The uploaded file, or the OME-Zarr image the job names."""
+    location = record.params.get("input_location")
+    if location is None:
+        return open_input(files.input_path(record.id), settings)
+    return open_zarr(location, max_pixels=settings.max_job_pixels, max_pages=settings.max_job_pages)
+
+
 def job_request(params: dict) -> SegmentRequest:
     """The request a job's record holds."""
     return SegmentRequest((params["output"],), params.get("colour"), int(params.get("tta", 1)))
@@ -57,21 +82,28 @@ async def compute_job(
     progress: Progress,
     report: Callable[[], Awaitable[None]],
 ) -> ResultFile:
-    """The job's result, its pages' tiles queued on `service` as background work; `report`
-    is awaited every UNET_JOB_PROGRESS_S while it runs (raising JobLost stops it)."""
+    """The job's result, its tiles queued on `service` as background work; `report` is
+    awaited every UNET_JOB_PROGRESS_S while it runs (raising JobLost stops it)."""
     request = job_request(record.params)
+    output = request.outputs[0]
+    zarr = record.params.get("format") == "zarr"
     # A job from before the service served several models names none: the default one.
     async with service.models.hold(record.params.get("model")) as model:
-        source = await asyncio.to_thread(open_input, files.input_path(record.id), settings)
+        source = await asyncio.to_thread(open_job_input, record, files, settings)
         try:
-            await _run(record, request, model, source, service, files, settings, progress, report)
+            run = _run_store if zarr else _run
+            await run(record, request, model, source, service, files, settings, progress, report)
         finally:
             source.close()
+    if zarr:  # the bytes of a store in the job's folder count against the quota
+        named = record.params.get("store_named")
+        size = 0 if named else tree_bytes(Path(record.params["store"]))
+        return ResultFile(size, "application/zip", f"{output}.zarr")
     path = files.result_path(record.id)
-    return ResultFile(path.stat().st_size, "image/tiff", f"{request.outputs[0]}.tif")
+    return ResultFile(path.stat().st_size, "image/tiff", f"{output}.tif")
 
 
-async def _run(record, request, model, source, service, files, settings, progress, report) -> None:
+def _queue(service: InferenceService, model: LoadedModel):
     async def compute(entry):
         queued = service.submit_background(model, entry)
         try:
@@ -79,29 +111,103 @@ async def _run(record, request, model, source, service, files, settings, progres
         finally:
             service.batcher.cancel(queued)
 
+    return compute
+
+
+async def _supervised(
+    work: Awaitable[Any], settings: Settings, report: Callable[[], Awaitable[None]]
+) -> Any:
+    """`work`'s result, `report` awaited every UNET_JOB_PROGRESS_S meanwhile; the work is
+    cancelled if reporting (or anything else) raises."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=settings.job_progress_s)
+            if done:
+                return task.result()
+            await report()
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        raise
+
+
+async def _run(record, request, model, source, service, files, settings, progress, report) -> None:
     tmp = await asyncio.to_thread(files.result_part, record.id)
     work = segment_to_file(
         source,
         request,
         model.recipe,
         tmp,
-        compute=compute,
+        compute=_queue(service, model),
         progress=progress,
         instances=model.segmenter.instances if request.labels else None,
     )
-    task = asyncio.ensure_future(work)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=settings.job_progress_s)
-            if done:
-                task.result()
-                break
-            await report()
+        await _supervised(work, settings, report)
         await asyncio.to_thread(files.commit_result, record.id)
     except BaseException:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         files.discard_result(record.id)
         raise
+
+
+def _store(record: JobRecord, location: str, source: Source, model: LoadedModel) -> ZarrResult:
+    """The job's result store: the one an earlier attempt began, or a new one."""
+    if location_exists(location):
+        result = ZarrResult.open(location)
+        if result.info.get("job") != record.id:
+            raise ImageError(f"{location} holds another result than this job's")
+        return result
+    request, card = job_request(record.params), model.segmenter.card
+    volume = plan_volume(source, model.recipe, request.outputs, record.params["block"])
+    info = {
+        "job": record.id,
+        "input": record.params.get("input_location") or record.input_name,
+        "model": model.name,
+        "card": {"name": card.name, "threshold": card.threshold, "classes": card.class_names},
+        "settings": {
+            "output": request.outputs[0],
+            "tile_size": volume.tile_size,
+            "block": list(volume.block),
+            "precision": model.segmenter.precision,
+        },
+    }
+    (output,) = request.outputs
+    return create_results({output: location}, source, model.recipe, volume, info)[output]
+
+
+async def _run_store(
+    record, request, model, source, service, files, settings, progress, report
+) -> None:
+    location = record.params["store"]
+    (output,) = request.outputs
+    try:
+        result = await asyncio.to_thread(_store, record, location, source, model)
+        job = BlockJob(
+            volume_of(result),
+            source,
+            model.recipe,
+            {output: result},
+            model.segmenter.instances if request.labels else None,
+            tag=max(1, record.attempts),
+        )
+        work = segment_to_store(
+            job,
+            compute=_queue(service, model),
+            progress=progress,
+            name=Path(record.input_name.rstrip("/")).name or record.id,
+            class_names=model.segmenter.card.class_names,
+        )
+        counts = await _supervised(work, settings, report)
+    except Exception as e:
+        # A failed job's store in its folder goes (an interrupted one stays, to resume).
+        if not isinstance(e, JobLost) and not record.params.get("store_named"):
+            files.discard_store(record.id)
+        raise
+    if counts.skipped:
+        log.info(
+            "job %s: %d of %d blocks were written before this attempt; computed %d",
+            *(record.id, counts.skipped, counts.total, counts.computed),
+        )

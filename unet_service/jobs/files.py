@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from unet_service.errors import LimitError, StorageFullError
+from unet_service.jobs.storage_errors import JobStorageFull, UploadTooLarge
 
 # Written to disk once this much has arrived: large enough that the thread hand-off per write
 # costs little, small enough that memory stays flat.
@@ -41,54 +41,14 @@ class DiskUsage(NamedTuple):
     free: int
 
 
-class UploadTooLarge(LimitError):
-    """The upload is over the per-job size limit."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        super().__init__(
-            f"the upload is larger than the limit of {limit_bytes / 2**20:g} MiB for a job "
-            "(UNET_MAX_JOB_UPLOAD_MB)",
-        )
-        self.limit_bytes = limit_bytes
-
-
-def size_text(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} bytes"
-
-
-class JobStorageFull(StorageFullError):
-    """The upload, and the result its job will write, would not fit: under the jobs
-    folder's quota, or on its disk. `used_bytes` is what everything else takes there, the
-    results that unfinished jobs have yet to write included."""
-
-    def __init__(
-        self,
-        upload_bytes: int,
-        used_bytes: int,
-        limit_bytes: int,
-        *,
-        result_bytes: int | None = None,
-        on_disk: bool = False,
-        so_far: bool = False,
-    ) -> None:
-        what = f"this upload ({size_text(upload_bytes)}{' so far' if so_far else ''})"
-        if result_bytes is not None:
-            what += f" and its result ({size_text(result_bytes)})"
-        where = (
-            "on the disk of the jobs folder"
-            if on_disk
-            else "in the job storage (UNET_JOBS_QUOTA_GB)"
-        )
-        super().__init__(
-            f"{what} would not fit {where}: {size_text(used_bytes)} of "
-            f"{size_text(limit_bytes)} used, with the results of unfinished jobs; delete "
-            "finished jobs or wait for them to expire",
-        )
-        self.used_bytes = used_bytes
-        self.limit_bytes = limit_bytes
+def tree_bytes(root: Path) -> int:
+    """Bytes of the files under `root` (0 when there is none)."""
+    total = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):  # removed while counting
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def _fsync(path: Path) -> None:
@@ -135,6 +95,11 @@ class JobFiles:
     def result_path(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "result"
 
+    def store_path(self, job_id: str) -> Path:
+        """Where an OME-Zarr result is written, block by block, when the job names no
+        location for it: resumable, so never under a temporary name."""
+        return self.job_dir(job_id) / "result.zarr"
+
     def job_ids(self) -> list[str]:
         """The jobs that have a folder (for finding folders the job table no longer knows)."""
         with os.scandir(self.root) as entries:
@@ -148,19 +113,14 @@ class JobFiles:
         """Bytes in all files under the root, partial uploads and the SQLite job table
         included (it lives there by default), and what the results `reserved` (job id ->
         reserved bytes, JobTable.reserved) have yet to write."""
-        total = 0
-        for folder, _, names in os.walk(self.root):
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):  # removed while counting
-                    total += os.lstat(os.path.join(folder, name)).st_size
-        return total + self.unwritten_bytes(reserved or {})
+        return tree_bytes(self.root) + self.unwritten_bytes(reserved or {})
 
     def unwritten_bytes(self, reserved: Mapping[str, int]) -> int:
         """What the reserved results have yet to write: each reservation less what its
         result holds so far (a running job's result grows into its reservation)."""
         total = 0
         for job_id, nbytes in reserved.items():
-            written = 0
+            written = tree_bytes(self.store_path(job_id))
             for name in ("result.part", "result"):
                 with contextlib.suppress(FileNotFoundError):
                     written = max(written, os.stat(self.job_dir(job_id) / name).st_size)
@@ -288,6 +248,10 @@ class JobFiles:
         """Remove a result being written (a failed, cancelled or interrupted job's)."""
         with contextlib.suppress(FileNotFoundError):
             self.result_path(job_id).with_name("result.part").unlink()
+
+    def discard_store(self, job_id: str) -> None:
+        """Remove a failed job's OME-Zarr result from its folder."""
+        shutil.rmtree(self.store_path(job_id), ignore_errors=True)
 
     def remove(self, job_id: str) -> None:
         """Delete the job's folder and everything in it (nothing to do if there is none)."""

@@ -137,6 +137,7 @@ class JobRunner:
                 pages_done=progress.pages_done,
                 pages_total=progress.pages_total,
                 lease_s=self.lease_s,
+                tiles_resumed=progress.resumed_tiles,
             )
             if not still_ours:
                 raise JobLost(record.id)

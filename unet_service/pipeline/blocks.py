@@ -109,13 +109,11 @@ class BlockJob:
     tag: int = 1
 
     def plan(self) -> TilePlan:
-        v = self.volume
-        return TilePlan(v.height, v.width, self.recipe.geometry, v.tile_size)
+        return self.volume.plan(self.recipe.geometry)
 
     def tiles(self, index: int) -> int:
         """Tiles block `index` computes (every page's)."""
-        area = self.volume.computed(index)
-        return area.shape[0] * len(self.plan().tiles_owning(area.y0, area.y1, area.x0, area.x1))
+        return self.volume.block_tiles(index, self.recipe.geometry)
 
     def written(self) -> np.ndarray:
         """Per block, whether every result has it."""

@@ -17,6 +17,11 @@ COLOURS: tuple[Colour, ...] = get_args(Colour)
 TTA_VIEWS = (1, 8)
 # Outputs a job computes tile by tile into its file (the others hold each page whole).
 STREAMED: tuple[Output, ...] = ("mask", "probabilities")
+# What a job's result is written as: a TIFF volume, or an OME-Zarr store (computed block by
+# block, for these outputs only).
+ResultFormat = Literal["tiff", "zarr"]
+RESULT_FORMATS: tuple[ResultFormat, ...] = get_args(ResultFormat)
+STORE_OUTPUTS: tuple[Output, ...] = ("mask", "probabilities", "instances")
 # Bytes per pixel of a job's result beyond its classes: cell ids are spooled as uint32 and,
 # at the end, copied as uint16 beside the spool (6 at the peak); RGB.
 WHOLE_PAGE_PIXEL_BYTES = {"instances": 6, "overlay": 3}
@@ -80,3 +85,12 @@ def result_nbytes(pixels: int, pages: int, output: Output, out_channels: int) ->
         per_pixel = WHOLE_PAGE_PIXEL_BYTES[output]
     pixel_bytes = pixels * per_pixel
     return pixel_bytes + pixel_bytes // 256 + pages * PAGE_OVERHEAD + FILE_OVERHEAD
+
+
+def store_nbytes(pixels: int, output: Output, out_channels: int) -> int:
+    """The most bytes an OME-Zarr result takes: its full resolution uncompressed (mask 1 a
+    pixel, probabilities 4 a class, cell ids 4), a third more for the pyramid's levels, and
+    room for the metadata and each chunk's codec header."""
+    per_pixel = {"mask": 1, "instances": 4}.get(output, 4 * out_channels)
+    pixel_bytes = pixels * per_pixel
+    return pixel_bytes + pixel_bytes // 3 + pixel_bytes // 256 + FILE_OVERHEAD

@@ -55,7 +55,8 @@ class Progress:
     tiles_total: int = 0
     pages_total: int = 0
     pages_done: int = 0
-    finished_tiles: int = 0  # of the pages done
+    finished_tiles: int = 0  # of the pages (or blocks) done
+    resumed_tiles: int = 0  # of those, done by an earlier attempt (blocks already written)
     page: TileCounts | None = None  # the page being computed
     # Told after every page (a job's worker instead reads the counts when it reports).
     on_page: Callable[[Progress], None] | None = None

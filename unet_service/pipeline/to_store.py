@@ -115,6 +115,11 @@ def create_results(
     }
 
 
+def volume_of(result: ZarrResult) -> Volume:
+    """The layout a result store was made with (`create_results`)."""
+    return Volume.from_json(result.info["layout"])
+
+
 def label_properties(output: Output, class_names: list[str]) -> list[dict[str, Any]] | None:
     """What a labels image's values are: the class of each mask value, none for cell ids."""
     if output != "mask":
@@ -150,7 +155,9 @@ async def segment_to_store(
     skipped = 0
     for index in range(len(volume)):
         if written[index]:
-            progress.finished_tiles += await asyncio.to_thread(job.tiles, index)
+            tiles = await asyncio.to_thread(job.tiles, index)
+            progress.finished_tiles += tiles
+            progress.resumed_tiles += tiles
             skipped += 1
         else:
             await compute_block(job, index, compute, progress)

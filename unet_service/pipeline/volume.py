@@ -18,6 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from unet_service.core.geometry import Geometry
+from unet_service.core.tiling import TilePlan
+
 # A block holds at most this many pixels (z planes x rows x columns), whatever the setting
 # asks per side: its probabilities are held in memory while it is computed (4 bytes a pixel
 # a class, 64 MiB here for one class).
@@ -105,6 +108,24 @@ class Volume:
     def computed(self, index: int) -> Region:
         """The region block `index` computes: its own and the halo around it."""
         return self.region(index).grown(self.halo, self.height, self.width)
+
+    def plan(self, geometry: Geometry) -> TilePlan:
+        """The one tile plan of every page."""
+        return TilePlan(self.height, self.width, geometry, self.tile_size)
+
+    def block_tiles(self, index: int, geometry: Geometry) -> int:
+        """Tiles block `index` computes, over all its pages."""
+        area = self.computed(index)
+        tiles = self.plan(geometry).tiles_owning(area.y0, area.y1, area.x0, area.x1)
+        return area.shape[0] * len(tiles)
+
+    def total_tiles(self, geometry: Geometry) -> int:
+        """Tiles of every block (a tile shared by two blocks is computed by both)."""
+        _, ny, nx = self.grid
+        plan = self.plan(geometry)
+        areas = [self.computed(i) for i in range(ny * nx)]  # the blocks of one plane
+        per_page = sum(len(plan.tiles_owning(a.y0, a.y1, a.x0, a.x1)) for a in areas)
+        return self.pages * per_page
 
     def borders(self) -> Iterator[tuple[int, int, str]]:
         """(block, its neighbour after it along y or x, "y" or "x"): every shared border."""

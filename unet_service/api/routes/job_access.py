@@ -9,12 +9,14 @@ import math
 from urllib.parse import urlencode
 
 from fastapi import Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
 from unet_service.api.auth import Caller
 from unet_service.api.errors import ApiError
-from unet_service.api.job_views import content_disposition, job_json
+from unet_service.api.job_views import content_disposition, download_name, job_json
 from unet_service.api.routes.jobs import ERROR, get_runner, job_router
+from unet_service.api.zip_stream import zipped_store
+from unet_service.imaging.location import location_exists
 from unet_service.jobs.files import JOB_ID
 from unet_service.jobs.table.records import JOB_STATES, JobRecord, JobState
 
@@ -106,7 +108,10 @@ async def get_job(request: Request, caller: Caller, job_id: str = JobId) -> dict
 
 
 RESULT_RESPONSES = {
-    200: {"description": "The result TIFF.", "content": {"image/tiff": {}}},
+    200: {
+        "description": "The result TIFF, or an OME-Zarr result's store as a zip archive.",
+        "content": {"image/tiff": {}, "application/zip": {}},
+    },
     **NOT_FOUND,
     409: {"description": "The job is not done (yet, or it failed or was cancelled).", **ERROR},
 }
@@ -117,21 +122,27 @@ async def _result(request: Request, caller: str | None, job_id: str) -> Response
     if record.state != "done":
         detail = f": {record.error}" if record.error else ""
         raise ApiError(409, f"job {job_id} is {record.state}, it has no result{detail}")
+    headers = {"Content-Disposition": content_disposition(record)}
+    if record.params.get("format") == "zarr":
+        store = record.params["store"]
+        if not await asyncio.to_thread(location_exists, store):
+            raise ApiError(404, f"the result of job {job_id} is gone (expired or deleted)")
+        if request.method == "HEAD":
+            return Response(media_type="application/zip", headers=headers)
+        archive = zipped_store(store, download_name(record).removesuffix(".zip"))
+        return StreamingResponse(archive, media_type="application/zip", headers=headers)
     path = get_runner(request).files.result_path(job_id)
     if not path.exists():
         raise ApiError(404, f"the result of job {job_id} is gone (expired or deleted)")
     # FileResponse answers a HEAD with the headers alone.
-    return FileResponse(
-        path,
-        media_type=record.result_type or "image/tiff",
-        headers={"Content-Disposition": content_disposition(record)},
-    )
+    return FileResponse(path, media_type=record.result_type or "image/tiff", headers=headers)
 
 
 @router.get(
     "/v1/jobs/{job_id}/result",
     summary="Download a finished job's result",
-    description="The result TIFF, named after the upload: `<upload name>_<output>.tif`.",
+    description="The result TIFF, named after the upload: `<upload name>_<output>.tif`; an "
+    "OME-Zarr result as a zip of its store, `<input name>_<output>.zarr.zip`.",
     response_class=Response,
     responses=RESULT_RESPONSES,
 )

@@ -13,11 +13,12 @@ from fastapi.responses import JSONResponse
 from unet_service.api.auth import Caller
 from unet_service.api.errors import ApiError
 from unet_service.api.job_views import job_json
+from unet_service.api.named_input import names_input, read_named_input
 from unet_service.api.routes.common import get_service
 from unet_service.api.routes.segment import REQUEST_BODY, ModelName, segment_request
 from unet_service.api.upload_stream import StreamedUpload
-from unet_service.jobs.submit import submit_job
-from unet_service.pipeline.outputs import Colour, Output
+from unet_service.jobs.submit import submit_job, submit_location_job
+from unet_service.pipeline.outputs import Colour, Output, ResultFormat
 
 ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
 
@@ -47,8 +48,13 @@ def get_runner(request: Request):
     "raw bytes) of any size up to UNET_MAX_JOB_PIXELS; it is segmented in the background. "
     "Answers 202 with the job (and `Location`); poll `GET /v1/jobs/{id}` for progress and "
     "fetch `GET /v1/jobs/{id}/result` when its state is `done`. Results are TIFF files "
-    "(tiled, compressed, BigTIFF when large), one page per input page.",
+    "(tiled, compressed, BigTIFF when large), one page per input page, or OME-Zarr stores "
+    "(`format=zarr`). Instead of an upload, a JSON body or form may name an OME-Zarr image "
+    '(`{"input": "PATH_OR_URL", "output_location": "PATH_OR_URL"}`) under the locations '
+    "the server allows (UNET_DATA_ROOTS, UNET_DATA_URLS).",
     responses={
+        403: {"description": "A named location the server may not use.", **ERROR},
+        409: {"description": "The output location already exists.", **ERROR},
         413: {"description": "Upload, image or stack beyond the job limits.", **ERROR},
         415: {"description": "Not an image in a supported format.", **ERROR},
         422: {"description": "Truncated, corrupt or unusable image or stack.", **ERROR},
@@ -87,21 +93,44 @@ async def create_job(
         ),
     ] = 1,
     model: ModelName = None,
+    result_format: Annotated[
+        ResultFormat | None,
+        Query(
+            alias="format",
+            description="`tiff` (the default for uploads) or `zarr` (the default for a named "
+            "OME-Zarr input): an OME-Zarr store computed block by block, masks and cell ids "
+            "as a labels image, probabilities float32, with a pyramid; downloaded zipped. "
+            "Gives mask, probabilities or instances, without tta.",
+        ),
+    ] = None,
 ) -> JSONResponse:
     service = get_service(request)
     runner = get_runner(request)
     ask = segment_request((output,), colour, tta)
-    upload = StreamedUpload(request, service.settings.max_job_upload_bytes)
-    raw = not request.headers.get("content-type", "").lower().startswith("multipart/")
-    record = await submit_job(
-        runner,
-        ask,
-        upload.chunks(),
-        model=model,
-        caller=caller,
-        filename=lambda: upload.filename,
-        declared_bytes=_declared_length(request) if raw else None,
-    )
+    if names_input(request):
+        named = await read_named_input(request)
+        record = await submit_location_job(
+            runner,
+            ask,
+            named.input,
+            output_location=named.output_location,
+            model=model,
+            caller=caller,
+            result_format=result_format or "zarr",
+        )
+    else:
+        upload = StreamedUpload(request, service.settings.max_job_upload_bytes)
+        raw = not request.headers.get("content-type", "").lower().startswith("multipart/")
+        record = await submit_job(
+            runner,
+            ask,
+            upload.chunks(),
+            model=model,
+            caller=caller,
+            filename=lambda: upload.filename,
+            declared_bytes=_declared_length(request) if raw else None,
+            result_format=result_format or "tiff",
+        )
     location = f"/v1/jobs/{record.id}"
     return JSONResponse(job_json(record), status_code=202, headers={"Location": location})
 

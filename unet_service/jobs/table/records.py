@@ -46,6 +46,9 @@ class JobRecord:
     attempt_started_at: float | None = None
     # Result bytes held in the jobs folder's quota while the job is queued or running.
     reserved_bytes: int = 0
+    # Of tiles_done, those the running attempt found done by an earlier one (an OME-Zarr
+    # result's written blocks): the ETA counts the rate of the rest.
+    tiles_resumed: int = 0
 
 
 class JobExists(ValueError):
@@ -87,8 +90,10 @@ class JobTable(Protocol):
         pages_done: int,
         pages_total: int,
         lease_s: float,
+        tiles_resumed: int = 0,
     ) -> bool:
-        """Record progress and renew the lease; False when the job is no longer running for
+        """Record progress (`tiles_resumed` of the tiles done were found done by an earlier
+        attempt) and renew the lease; False when the job is no longer running for
         this worker (cancelled, deleted, or claimed by another after the lease ran out)."""
 
     def finish(

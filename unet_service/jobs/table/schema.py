@@ -14,7 +14,7 @@ from typing import Any
 
 from unet_service.jobs.table.records import JOB_STATES, JobRecord
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TABLE = "unet_jobs"
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(JobRecord))
 
@@ -45,7 +45,8 @@ SCHEMA = (
         lease_until DOUBLE PRECISION,
         attempts INTEGER NOT NULL DEFAULT 0,
         attempt_started_at DOUBLE PRECISION,
-        reserved_bytes BIGINT NOT NULL DEFAULT 0
+        reserved_bytes BIGINT NOT NULL DEFAULT 0,
+        tiles_resumed BIGINT NOT NULL DEFAULT 0
     )""",
     # claim() scans by state and age, list() by owner and age, the TTL sweep by finish time.
     f"CREATE INDEX IF NOT EXISTS {TABLE}_by_state ON {TABLE} (state, created_at)",
@@ -62,6 +63,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE {TABLE} ADD COLUMN attempt_started_at DOUBLE PRECISION",
         f"ALTER TABLE {TABLE} ADD COLUMN reserved_bytes BIGINT NOT NULL DEFAULT 0",
     ),
+    # The tiles a resumed attempt found done (OME-Zarr results resume block by block).
+    3: (f"ALTER TABLE {TABLE} ADD COLUMN tiles_resumed BIGINT NOT NULL DEFAULT 0",),
 }
 
 

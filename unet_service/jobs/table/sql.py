@@ -174,7 +174,8 @@ class SqlJobTable(ABC):
                 cur,
                 f"UPDATE {TABLE} SET state = 'running', worker = ?, lease_until = ?,"
                 " attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
-                " attempt_started_at = ?, tiles_done = 0, pages_done = 0, updated_at = ?"
+                " attempt_started_at = ?, tiles_done = 0, tiles_resumed = 0, pages_done = 0,"
+                " updated_at = ?"
                 " WHERE id = ?",
                 (worker, now + lease_s, now, now, now, job.id),
             )
@@ -190,13 +191,17 @@ class SqlJobTable(ABC):
         pages_done: int,
         pages_total: int,
         lease_s: float,
+        tiles_resumed: int = 0,
     ) -> bool:
         now = self._now()
         return self._update_one(
             f"UPDATE {TABLE} SET tiles_done = ?, tiles_total = ?, pages_done = ?,"
-            " pages_total = ?, lease_until = ?, updated_at = ?"
+            " pages_total = ?, tiles_resumed = ?, lease_until = ?, updated_at = ?"
             " WHERE id = ? AND state = 'running' AND worker = ?",
-            (tiles_done, tiles_total, pages_done, pages_total, now + lease_s, now, job_id, worker),
+            (
+                *(tiles_done, tiles_total, pages_done, pages_total, tiles_resumed),
+                *(now + lease_s, now, job_id, worker),
+            ),
         )
 
     def finish(
