@@ -128,10 +128,12 @@ class ZarrResult:
         return cls(location, group)
 
     @classmethod
-    def open(cls, location: str) -> ZarrResult:
-        """A store `create` made, to resume it or write blocks of it. Raises ImageError."""
+    def open(cls, location: str, *, read_only: bool = False) -> ZarrResult:
+        """A store `create` made, to resume it or write blocks of it (or to read it).
+        Raises ImageError."""
         try:
-            group = zarr.open_group(zarr_store(location, read_only=False), mode="r+")
+            store = zarr_store(location, read_only=read_only)
+            group = zarr.open_group(store, mode="r" if read_only else "r+")
         except Exception as e:
             raise ImageError(f"{location} holds no result store ({e})") from None
         return cls(location, group)

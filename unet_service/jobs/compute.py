@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_service.imaging.errors import ImageError
-from unet_service.imaging.location import location_exists
+from unet_service.imaging.location import is_empty, location_exists, remove_location
 from unet_service.imaging.sources import Source, open_source, open_zarr
 from unet_service.imaging.zarr_result import ZarrResult
 from unet_service.jobs.files import JobFiles, tree_bytes
@@ -154,12 +154,18 @@ async def _run(record, request, model, source, service, files, settings, progres
 
 
 def _store(record: JobRecord, location: str, source: Source, model: LoadedModel) -> ZarrResult:
-    """The job's result store: the one an earlier attempt began, or a new one."""
+    """The job's result store: the one an earlier attempt began, or a new one (where an
+    attempt was stopped before it had made one)."""
     if location_exists(location):
-        result = ZarrResult.open(location)
-        if result.info.get("job") != record.id:
+        try:
+            result = ZarrResult.open(location)
+        except ImageError:
+            result = None
+        if result is not None and result.info.get("job") == record.id:
+            return result
+        if record.params.get("store_named") and not is_empty(location):
             raise ImageError(f"{location} holds another result than this job's")
-        return result
+        remove_location(location)
     request, card = job_request(record.params), model.segmenter.card
     volume = plan_volume(source, model.recipe, request.outputs, record.params["block"])
     info = {
