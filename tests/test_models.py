@@ -312,3 +312,31 @@ def test_tritonclient_lists_and_calls_both_models(repository: Path, tmp_path: Pa
     for name in ("a", "b"):
         _, expected = alone(repository, name, pixels)
         np.testing.assert_allclose(got[name], expected.probabilities[0], atol=1e-5)
+
+
+async def test_a_model_with_a_broken_card_is_a_503_everywhere(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    save_tiny(folder, name="a", seed=1)
+    save_tiny(folder, name="badcard", seed=2)
+    (folder / "badcard.json").write_text('{"channels": [1, 4')  # cut off mid-file
+    upload = {"file": ("em.png", png_bytes(em_crop(0, 0, 0, 40, 40)))}
+    app = app_of(folder, tmp_path)
+    async with running(app) as client:
+        answers = [
+            await client.get("/v2/models/badcard"),
+            await client.post("/v1/preview", params={"model": "badcard"}, files=upload),
+            await client.post("/v1/segment", params={"model": "badcard"}, files=upload),
+            await client.post("/v1/jobs", params={"model": "badcard"}, files=upload),
+        ]
+        for r in answers:
+            assert r.status_code == 503, (r.request.url, r.text)
+            assert "badcard" in r.json()["error"]
+        (row,) = [
+            row
+            for row in (await client.post("/v2/repository/index")).json()
+            if row["name"] == "badcard"
+        ]
+        assert row["state"] == "FAILED" and "badcard.json" in row["reason"]
+        ok = await client.post("/v1/segment", files=upload)
+        assert ok.status_code == 200
