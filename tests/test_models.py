@@ -193,7 +193,8 @@ async def test_a_broken_model_is_reported_and_the_others_serve(
     repository: Path, tmp_path: Path
 ) -> None:
     upload = {"file": ("em.png", png_bytes(em_crop(0, 0, 0, 40, 40)))}
-    async with running(app_of(repository, tmp_path)) as client:
+    app = app_of(repository, tmp_path)
+    async with running(app) as client:
         r = await client.post("/v1/segment", params={"model": "broken"}, files=upload)
         assert r.status_code == 503 and "failed to load" in r.json()["error"]
         (row,) = [
@@ -205,13 +206,39 @@ async def test_a_broken_model_is_reported_and_the_others_serve(
         for name in ("a", "b"):
             ok = await client.post("/v1/segment", params={"model": name}, files=upload)
             assert ok.status_code == 200
+        # v1's listing (the web page's picker): the same rows, and the default model.
+        listing = (await client.get("/v1/models")).json()
+        assert listing == {
+            "default": "a",
+            "models": (await client.post("/v2/repository/index")).json(),
+        }
+        assert [m["state"] for m in listing["models"]] == [
+            "READY",
+            "READY",
+            "FAILED",
+            "UNAVAILABLE",
+        ]
+        # Draining: no model takes work, whatever is loaded.
+        service_of(app).begin_drain()
+        for rows in (
+            (await client.get("/v1/models")).json()["models"],
+            (await client.post("/v2/repository/index")).json(),
+        ):
+            assert [(m["state"], m.get("reason")) for m in rows] == [
+                ("UNAVAILABLE", "loading or shutting down"),
+                ("UNAVAILABLE", "loading or shutting down"),
+                ("FAILED", row["reason"]),
+                ("UNAVAILABLE", None),
+            ]
 
 
 async def test_the_repository_api_needs_the_key(repository: Path, tmp_path: Path) -> None:
     async with running(app_of(repository, tmp_path, api_key="k")) as client:
         for path in ("/v2/repository/models/b/load", "/v2/repository/models/b/unload"):
             assert (await client.post(path)).status_code == 401
+        assert (await client.get("/v1/models")).status_code == 401
         auth = {"Authorization": "Bearer k"}
+        assert (await client.get("/v1/models", headers=auth)).json()["default"] == "a"
         assert (await client.post("/v2/repository/models/b/load", headers=auth)).status_code == 200
 
 
@@ -285,3 +312,31 @@ def test_tritonclient_lists_and_calls_both_models(repository: Path, tmp_path: Pa
     for name in ("a", "b"):
         _, expected = alone(repository, name, pixels)
         np.testing.assert_allclose(got[name], expected.probabilities[0], atol=1e-5)
+
+
+async def test_a_model_with_a_broken_card_is_a_503_everywhere(tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    folder.mkdir()
+    save_tiny(folder, name="a", seed=1)
+    save_tiny(folder, name="badcard", seed=2)
+    (folder / "badcard.json").write_text('{"channels": [1, 4')  # cut off mid-file
+    upload = {"file": ("em.png", png_bytes(em_crop(0, 0, 0, 40, 40)))}
+    app = app_of(folder, tmp_path)
+    async with running(app) as client:
+        answers = [
+            await client.get("/v2/models/badcard"),
+            await client.post("/v1/preview", params={"model": "badcard"}, files=upload),
+            await client.post("/v1/segment", params={"model": "badcard"}, files=upload),
+            await client.post("/v1/jobs", params={"model": "badcard"}, files=upload),
+        ]
+        for r in answers:
+            assert r.status_code == 503, (r.request.url, r.text)
+            assert "badcard" in r.json()["error"]
+        (row,) = [
+            row
+            for row in (await client.post("/v2/repository/index")).json()
+            if row["name"] == "badcard"
+        ]
+        assert row["state"] == "FAILED" and "badcard.json" in row["reason"]
+        ok = await client.post("/v1/segment", files=upload)
+        assert ok.status_code == 200

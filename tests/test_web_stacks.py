@@ -23,6 +23,9 @@ def test_a_stack_shows_its_first_page_and_downloads_every_page(tmp_path: Path) -
     with live_server(make_app(save_tiny(tmp_path))) as base, browser_page(base) as (page, log):
         page.goto(f"{base}/")
         expect(page.locator("#server-state")).to_have_text("Ready", timeout=WAIT_MS)
+        expect(page.locator("#model-name")).to_have_text(
+            "tiny", timeout=WAIT_MS
+        )  # the model it is sent to
         page.locator("#files").set_input_files([str(stack)])
         status = job(page, stack.name).locator(".status")
         expect(status).to_contain_text("3 pages (the first shown)", timeout=WAIT_MS)
@@ -34,7 +37,10 @@ def test_a_stack_shows_its_first_page_and_downloads_every_page(tmp_path: Path) -
         # read: the server renders its page 1 for the page.
         assert np.array_equal(read_volume(answer), np.stack(masks))
         previews = sorted(u.split("?")[1] for u in log.urls if "/v1/preview?" in u)
-        assert previews == ["page=1&max_side=4096", "page=1&max_side=4096&colour=classes"]
+        assert previews == [
+            "page=1&max_side=4096&colour=classes&model=tiny",
+            "page=1&max_side=4096&model=tiny",
+        ]
         image = pixels(page, "[data-panel=image] canvas")
         assert np.array_equal(image[..., 0], pages[0])
         assert np.array_equal(pixels(page, "[data-panel=mask] canvas")[..., 0], masks[0])

@@ -1,8 +1,10 @@
 """Takes docs/web-page.png: the page at `/` serving the shipped weights, with two ISBI slices
 segmented (a training slice, then a test slice, which is shown); with --cells, the overlay
-colours each cell instance.
+colours each cell instance. The settings come from the environment as for `unet-serve`:
+with a model repository (UNET_MODELS, UNET_DEFAULT_MODEL) the page shows its model picker,
+and --model NAME is chosen in it.
 
-    .venv/bin/python tests/web_screenshot.py [--out docs/web-page.png] [--cells]
+    .venv/bin/python tests/web_screenshot.py [--out docs/web-page.png] [--cells] [--model NAME]
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "web-page.png")
     parser.add_argument("--cells", action="store_true", help='with "Colour each cell" on')
+    parser.add_argument("--model", help="the model to choose in the picker (UNET_MODELS)")
     args = parser.parse_args()
     settings = Settings(weights=REPO / "weights" / "isbi2012.safetensors", device="cpu")
     with live_server(create_app(settings)) as base, browser_page(base) as (page, log):
         page.set_viewport_size({"width": 1440, "height": 640})
         page.goto(f"{base}/")
-        page.locator("#model").get_by_text("isbi2012", exact=True).wait_for()
+        page.locator("#model-card").get_by_text("Tile sizes", exact=True).wait_for()
+        if args.model:
+            page.get_by_label("Name", exact=True).select_option(args.model)
         page.locator("#files").set_input_files([str(p) for p in SLICES])
         for path in SLICES:
             entry = page.locator("li.job").filter(has=page.get_by_text(path.name, exact=True))

@@ -19,6 +19,7 @@ from unet_service.api.routes import (
     health_metrics,
     job_access,
     jobs,
+    models,
     preview,
     segment,
     v2,
@@ -48,6 +49,8 @@ requests share forward passes.
 * `POST /v1/jobs`: a section job for stacks and images of any size (up to
   `UNET_MAX_JOB_PIXELS`), computed in the background; poll `GET /v1/jobs/{id}`, download
   `GET /v1/jobs/{id}/result`.
+* `GET /v1/models`: the models served (`?model=NAME` picks one), their states and the
+  default one.
 * `/v2/...`: the Open Inference Protocol (KServe v2) with JSON tensors.
 * `GET /metrics`: Prometheus metrics.
 
@@ -148,6 +151,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.include_router(segment.router)
     app.include_router(preview.router)
+    app.include_router(models.router)
     app.include_router(jobs.router)
     app.include_router(job_access.router)
     app.include_router(v2.router)

@@ -172,7 +172,12 @@ class ModelRepository:
         entry = self.entry(name)
         if entry.loaded is not None:
             return entry.loaded.info
-        return model_info(entry.name, load_card(entry.weights), self.settings)
+        try:
+            return model_info(entry.name, load_card(entry.weights), self.settings)
+        except ValueError as e:  # a broken or missing card (WeightsError), a bad depth
+            if entry.state != "LOADING":
+                entry.state, entry.reason = "FAILED", str(e)
+            raise UnavailableError(f"model {entry.name!r} cannot be served: {e}") from None
 
     def loaded(self, name: str | None = None) -> LoadedModel:
         """A model that is loaded now (the default one always is, once started)."""

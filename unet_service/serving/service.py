@@ -110,6 +110,19 @@ class InferenceService:
     def ready(self) -> bool:
         return self.state is State.ready
 
+    def model_index(self) -> list[dict[str, str]]:
+        """Every model with its state, as the repository index lists them; while the service
+        starts or drains, no model takes work, so none is READY."""
+        rows = self.models.index()
+        if self.ready:
+            return rows
+        return [
+            {**row, "state": "UNAVAILABLE", "reason": "loading or shutting down"}
+            if row["state"] == "READY"
+            else row
+            for row in rows
+        ]
+
     async def start(self) -> None:
         """Load and warm up the default model (every tile size, and for compiled graphs
         every batch shape), then start the worker and report ready."""

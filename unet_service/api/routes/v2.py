@@ -91,15 +91,7 @@ async def repository_index(request: Request) -> list[dict[str, str]]:
         query = RepositoryIndexRequest.model_validate_json(body or b"{}")
     except ValidationError:
         raise ApiError(422, 'the body must be empty or {"ready": true|false}') from None
-    service = get_service(request)
-    rows = service.models.index()
-    if not service.ready:  # starting or draining: no model takes work
-        rows = [
-            {**row, "state": "UNAVAILABLE", "reason": "loading or shutting down"}
-            if row["state"] == "READY"
-            else row
-            for row in rows
-        ]
+    rows = get_service(request).model_index()
     return [row for row in rows if row["state"] == "READY"] if query.ready else rows
 
 

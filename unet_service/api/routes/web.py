@@ -1,8 +1,8 @@
 """The web page at `/`: plain HTML, CSS and JavaScript modules shipped in the package
 (unet_service/api/web/), served by the service itself. The page calls only the public API
-(/v1/segment, /v1/preview, /v1/jobs, /v2, /metrics) with the same optional bearer token, so
-it has no code path of its own; its Content-Security-Policy lets it reach nothing but this
-server."""
+(/v1/segment, /v1/preview, /v1/jobs, /v1/models, /v2, /metrics) with the same optional
+bearer token, so it has no code path of its own; its Content-Security-Policy lets it reach
+nothing but this server."""
 
 from __future__ import annotations
 

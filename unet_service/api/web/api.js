@@ -1,5 +1,5 @@
 // The page's only way into the service: its public API (/v1/segment, /v1/preview, /v1/jobs,
-// /v2, /metrics), with the optional bearer token kept in sessionStorage for this tab.
+// /v1/models, /v2, /metrics), with the optional bearer token kept in sessionStorage for this tab.
 
 const KEY_STORE = "unet-api-key";
 const MAX_ATTEMPTS = 20; // 503s retried, each after the server's Retry-After
@@ -172,13 +172,22 @@ async function retrying(attempt, onRetry = IGNORE) {
   }
 }
 
+/** `path` with the query `params` (those that are null or "" left out). */
+function withQuery(path, params) {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== null && value !== undefined && value !== "") query.set(name, String(value));
+  }
+  return `${path}?${query}`;
+}
+
 /**
- * POST /v1/segment, retrying a 503 after the Retry-After the server sends; resolves to
- * {blob, headers}. handlers (each optional): onUpload(loaded, total), onComputing(),
- * onRetry(secondsLeft, error).
+ * POST /v1/segment with `output` and `model` (null: the server's default model), retrying a
+ * 503 after the Retry-After the server sends; resolves to {blob, headers}. handlers (each
+ * optional): onUpload(loaded, total), onComputing(), onRetry(secondsLeft, error).
  */
-export async function segment(file, output, handlers = {}) {
-  const path = `/v1/segment?output=${encodeURIComponent(output)}`;
+export async function segment(file, { output, model = null }, handlers = {}) {
+  const path = withQuery("/v1/segment", { output, model });
   const { response, headers } = await retrying(
     () => postFile(path, file, "blob", handlers),
     handlers.onRetry,
@@ -186,10 +195,10 @@ export async function segment(file, output, handlers = {}) {
   return { blob: response, headers };
 }
 
-/** POST /v1/jobs: the file as a background job (503s retried as for segment); resolves to
- * the job's JSON. handlers as for segment. */
-export async function submitJob(file, output, handlers = {}) {
-  const path = `/v1/jobs?output=${encodeURIComponent(output)}`;
+/** POST /v1/jobs: the file as a background job of `model` (503s retried as for segment);
+ * resolves to the job's JSON. handlers as for segment. */
+export async function submitJob(file, { output, model = null }, handlers = {}) {
+  const path = withQuery("/v1/jobs", { output, model });
   const { response } = await retrying(() => postFile(path, file, "json", handlers), handlers.onRetry);
   return response;
 }
@@ -197,13 +206,14 @@ export async function submitJob(file, output, handlers = {}) {
 /**
  * POST /v1/preview: page `page` of `file` as the server shows it, a PNG Blob at most
  * `maxSide` pixels on its longer side: an image as the overlay shows it, or with `colour`
- * ("classes", "instances") a mask or instances answer sent back, in the overlay's colours.
- * 503s are retried as for segment.
+ * ("classes", "instances") a mask or instances answer sent back, in the overlay's colours
+ * (a class's colour depends on the `model`'s classes). 503s are retried as for segment.
  */
-export async function preview(file, { page = 1, maxSide, colour = null, name = file.name }) {
-  const query = new URLSearchParams({ page: String(page), max_side: String(maxSide) });
-  if (colour) query.set("colour", colour);
-  const path = `/v1/preview?${query}`;
+export async function preview(
+  file,
+  { page = 1, maxSide, colour = null, model = null, name = file.name },
+) {
+  const path = withQuery("/v1/preview", { page, max_side: maxSide, colour, model });
   const { response } = await retrying(() => postFile(path, file, "blob", {}, name));
   return response;
 }

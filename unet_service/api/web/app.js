@@ -1,23 +1,27 @@
-// The page: images in a queue, each sent to POST /v1/segment (one at a time), its result
-// shown in the three views as the server renders them (POST /v1/preview, render.js),
-// downloads from the same API; an image too large for a request (413) can go to the job API
-// instead (sectionjob.js).
+// The page: images in a queue, each sent to POST /v1/segment (one at a time) with the model
+// chosen when it was added (models.js), its result shown in the three views as the server
+// renders them (POST /v1/preview, render.js), downloads from the same API and model; an image
+// too large for a request (413) can go to the job API instead (sectionjob.js).
 
 import { apiKey, describe, segment, setApiKey } from "./api.js";
 import { el, percent } from "./dom.js";
+import { ModelPanel } from "./modelpanel.js";
+import { cardOf } from "./models.js";
 import { downloads, fetchOutput } from "./outputs.js";
 import { imageCanvas, maskCanvas, tintCanvas } from "./render.js";
 import { runAsJob } from "./sectionjob.js";
-import { loadModel, refreshServer, tintedClasses } from "./status.js";
+import { refreshServer, showLegends } from "./status.js";
 import { Viewer } from "./viewer.js";
 
 const $ = (id) => document.getElementById(id);
 const REFRESH_MS = 5000;
 
-const entries = []; // the files chosen, in order: {file, item, status, progress, ...}
-let model = null;
+const entries = []; // the files chosen, in order: {file, model, card, item, status, ...}
 let current = null; // the entry whose result is shown
-let modelLater = false; // the card could not be had yet (server loading or unreachable)
+// The model picker and card; the legends follow the chosen model until a result is shown.
+const models = new ModelPanel($("model-choice"), $("model-card"), (card) => {
+  if (!current) legends(card);
+});
 let busy = false;
 const viewer = new Viewer(document.querySelectorAll(".viewport"), (zoom) => {
   $("zoom-level").textContent = `Zoom ${Math.round(zoom * 100)}%`;
@@ -27,29 +31,13 @@ function announce(text) {
   $("announce").textContent = text;
 }
 
-async function refreshModel() {
-  try {
-    model = await loadModel($("model"));
-    modelLater = false;
-  } catch (error) {
-    model = null;
-    modelLater = error.status === 0 || error.status === 503;
-  }
-  const legend = $("legend");
-  legend.replaceChildren();
-  const classes = model?.parameters?.class_names || [];
-  for (const [name, [r, g, b]] of tintedClasses(classes)) {
-    const swatch = el("span", { className: "swatch" });
-    swatch.style.background = `rgb(${r}, ${g}, ${b})`;
-    legend.append(swatch, ` ${name} `);
-  }
-  const alone = { 0: "", 1: `white: ${classes[0]}` }[classes.length];
-  $("mask-legend").textContent = alone ?? "colours as in the overlay";
+function legends(card) {
+  showLegends($("legend"), $("mask-legend"), card);
 }
 
-/** Whether the model offers cell instances (one-class models do). */
-function hasInstances() {
-  return Boolean(model?.outputs?.some((o) => o.name === "instances"));
+/** Whether results of model `card` offer cell instances (one-class models' do). */
+function hasInstances(card) {
+  return Boolean(card?.outputs?.some((o) => o.name === "instances"));
 }
 
 function refreshState() {
@@ -60,7 +48,7 @@ function refreshState() {
  * own colour (the API's instances of the same file, asked for once). */
 async function showLayers(entry) {
   const { result } = entry;
-  const cells = $("cells").checked && hasInstances();
+  const cells = $("cells").checked && hasInstances(entry.card);
   let tint = result.layers.tint;
   if (cells) {
     if (!result.cellsTint) {
@@ -72,7 +60,7 @@ async function showLayers(entry) {
         onComputing: () => say("computing the cells…"),
         onRetry: (left, error) => say(`${describe(error)}. Retrying in ${left} s.`),
       });
-      result.cellsTint = await tintCanvas(blob, "instances");
+      result.cellsTint = await tintCanvas(blob, "instances", entry.model);
     }
     tint = result.cellsTint;
   }
@@ -101,14 +89,16 @@ function colourCells(entry) {
 }
 
 function display(entry) {
-  const { result, file } = entry;
+  const { result, file, card } = entry;
   current = entry;
-  $("cells-control").hidden = !hasInstances();
+  $("cells-control").hidden = !hasInstances(card);
   viewer.show({ image: result.image, ...result.layers });
-  if ($("cells").checked && hasInstances()) colourCells(entry);
+  if ($("cells").checked && hasInstances(card)) colourCells(entry);
   $("result-name").textContent = file.name;
+  $("result-model").textContent = models.several ? `model ${entry.model}` : "";
+  legends(card);
   $("empty").hidden = true;
-  $("downloads").replaceChildren(...downloads(entry, hasInstances()));
+  $("downloads").replaceChildren(...downloads(entry, hasInstances(card)));
   $("downloads").hidden = false;
   for (const other of entries) {
     other.item.classList.toggle("current", other === entry);
@@ -123,10 +113,10 @@ async function process(entry) {
   };
   // The server's rendering of the file, asked for beside its segmentation (it does not wait
   // for the tile queue); a refusal of the file is reported by the segmentation's answer.
-  const shown = imageCanvas(file);
+  const shown = imageCanvas(file, entry.model);
   shown.catch(() => {});
   try {
-    const { blob, headers } = await segment(file, "mask", {
+    const { blob, headers } = await segment(file, { output: "mask", model: entry.model }, {
       onUpload: (loaded, total) => {
         progress.value = loaded / total;
         say(`Uploading ${percent(loaded, total)}`);
@@ -140,11 +130,14 @@ async function process(entry) {
         say(`${describe(error)}. Retrying in ${left} s.`);
       },
     });
-    if (!model) await refreshModel(); // a key entered after the page loaded
+    // The model that answered (the server's default when the page knew none: a key entered
+    // after the page loaded); the entry's other outputs come from it too.
+    entry.setModel(headers.get("X-Model-Name"));
+    entry.card = await cardOf(entry.model).catch(() => null); // null: shown as one class
     const width = Number(headers.get("X-Image-Width"));
     const height = Number(headers.get("X-Image-Height"));
-    const classes = model?.parameters?.class_names?.length || 1;
-    const [image, tint] = await Promise.all([shown, tintCanvas(blob, "classes")]);
+    const classes = entry.card?.parameters?.class_names?.length || 1;
+    const [image, tint] = await Promise.all([shown, tintCanvas(blob, "classes", entry.model)]);
     const layers = { tint, mask: maskCanvas(tint, classes === 1), step: width / tint.width };
     const pages = Number(headers.get("X-Pages") || 1);
     entry.result = { image, layers, width, height, pages, maskUrl: URL.createObjectURL(blob) };
@@ -197,6 +190,7 @@ async function work() {
       entry.started = true;
       await process(entry);
       refreshState();
+      if (models.several) models.refresh(); // its model may have been loaded for it
     }
   } finally {
     busy = false;
@@ -213,11 +207,20 @@ function addFiles(files) {
     const again = el("button", { type: "button", hidden: true }, "Try again");
     again.setAttribute("aria-label", `Try ${file.name} again`);
     const name = el("span", { className: "file" }, file.name);
+    const model = el("span", { className: "model hint" });
     const actions = el("div", { className: "actions" });
-    const item = el("li", { className: "job" }, name, progress, status, show, again, actions);
+    const parts = [name, model, progress, status, show, again, actions];
+    const item = el("li", { className: "job" }, ...parts);
     const entry = {
       file, item, status, progress, show, actions, retry: again, outputs: {}, started: false,
     };
+    // The model the entry is sent to (shown when the server has several): the one chosen
+    // now, then the one the server says answered.
+    entry.setModel = (value) => {
+      entry.model = value;
+      model.textContent = value && models.several ? `Model: ${value}` : "";
+    };
+    entry.setModel(models.name);
     show.addEventListener("click", () => display(entry));
     again.addEventListener("click", () => retry(entry));
     entries.push(entry);
@@ -230,7 +233,7 @@ function setUp() {
   const key = $("api-key");
   key.value = apiKey();
   key.addEventListener("input", () => setApiKey(key.value.trim()));
-  key.addEventListener("change", () => refreshModel());
+  key.addEventListener("change", () => models.refresh());
 
   const input = $("files");
   input.addEventListener("change", () => {
@@ -266,12 +269,12 @@ function setUp() {
   $("zoom-out").addEventListener("click", () => viewer.zoom(0.8, ...viewer.centre()));
   $("zoom-fit").addEventListener("click", () => viewer.fit());
 
-  refreshModel();
+  models.refresh();
   refreshState();
   setInterval(async () => {
     if (document.hidden) return;
     const ready = await refreshState();
-    if (ready && modelLater) refreshModel();
+    if (ready && (models.later || models.name)) models.refresh(); // the models' states too
   }, REFRESH_MS);
 }
 

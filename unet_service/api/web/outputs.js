@@ -7,11 +7,13 @@ import { el, percent, saveBlob, stem } from "./dom.js";
 
 const TIFF = "image/tiff";
 
-/** The API's `output` for the entry's file as a Blob, asked for once: callers at the same
- * time share the request (a failed one is asked for again next time). */
+/** The API's `output` for the entry's file as a Blob, from the entry's model, asked for
+ * once: callers at the same time share the request (a failed one is asked for again next
+ * time). */
 export function fetchOutput(entry, output, handlers = {}) {
   if (!entry.outputs[output]) {
-    const pending = segment(entry.file, output, handlers).then(({ blob }) => {
+    const asked = { output, model: entry.model };
+    const pending = segment(entry.file, asked, handlers).then(({ blob }) => {
       entry.relabel?.[output]?.(blob.type); // its download button now knows the format
       return blob;
     });

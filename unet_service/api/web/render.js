@@ -29,16 +29,16 @@ async function canvasOf(png) {
 }
 
 /** The upload's first page as the server shows it: 8-bit as is, 16-bit and float stretched
- * from their minimum to their maximum, as in the overlay. */
-export async function imageCanvas(file) {
-  return canvasOf(await preview(file, { maxSide: VIEW_SIDE }));
+ * from their minimum to their maximum, as in the overlay (`model`: the one it is sent to). */
+export async function imageCanvas(file, model) {
+  return canvasOf(await preview(file, { maxSide: VIEW_SIDE, model }));
 }
 
-/** The overlay's tint from an answer of the API (its first page): `colour` "classes" for a
+/** The overlay's tint from an answer of `model` (its first page): `colour` "classes" for a
  * mask, each class above 0 in its colour; "instances" for cell instances, each cell in its
  * own colour; transparent elsewhere. */
-export async function tintCanvas(answer, colour) {
-  return canvasOf(await preview(answer, { maxSide: VIEW_SIDE, colour, name: colour }));
+export async function tintCanvas(answer, colour, model) {
+  return canvasOf(await preview(answer, { maxSide: VIEW_SIDE, colour, model, name: colour }));
 }
 
 /** The mask alone, from its tint: white on black for one class, each class in its colour

@@ -32,8 +32,9 @@ export function progressText(job) {
   return `Job ${job.state}: ${tiles}, ${pages}${eta}`;
 }
 
-/** The entry's file as a background job (mask output), shown in the entry until it ends;
- * the entry's `actions` holds its buttons (cancel, then the result's download). */
+/** The entry's file as a background job (mask output) of the entry's model, shown in the
+ * entry until it ends; the entry's `actions` holds its buttons (cancel, then the result's
+ * download), and the entry shows the model the job records. */
 export async function runAsJob(entry) {
   const { file, status, progress, actions } = entry;
   const say = (text, error = false) => {
@@ -52,7 +53,7 @@ export async function runAsJob(entry) {
   progress.value = 0;
   let job;
   try {
-    job = await submitJob(file, "mask", {
+    job = await submitJob(file, { output: "mask", model: entry.model }, {
       onUpload: (loaded, total) => {
         progress.value = loaded / total;
         say(`Uploading as a background job ${percent(loaded, total)}`);
@@ -60,6 +61,7 @@ export async function runAsJob(entry) {
       onComputing: () => say("Checking the upload…"),
       onRetry: (left, error) => say(`${describe(error)}. Retrying in ${left} s.`),
     });
+    entry.setModel(job.model);
     const cancel = action("Cancel job", `Cancel the job of ${file.name}`, async () => {
       cancel.disabled = true;
       cancelled = true;

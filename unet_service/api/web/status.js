@@ -1,5 +1,5 @@
-// The model card (POST /v2/repository/index, then GET /v2/models/NAME) and the server's
-// state (GET /v2/health/ready, queue depth from GET /metrics).
+// A model's card (from GET /v2/models/NAME) and the legends of its classes' colours, and the
+// server's state (GET /v2/health/ready, queue depth from GET /metrics).
 
 import { describe, requestJson, requestText } from "./api.js";
 import { el, facts } from "./dom.js";
@@ -59,38 +59,38 @@ function threshold(value) {
 }
 
 /** The classes the overlay tints, with their colours: [name, [r, g, b]]. */
-export function tintedClasses(classNames) {
+function tintedClasses(classNames) {
   if (classNames.length === 1) return [[classNames[0], PALETTE[0]]];
   return classNames.slice(1).map((name, i) => [name, PALETTE[i % PALETTE.length]]);
 }
 
-/** Fills `container` with the model card and resolves to the model metadata (null when the
- * server serves none); on an error, shows it and throws it. */
-export async function loadModel(container) {
-  try {
-    const index = await requestJson("/v2/repository/index", { method: "POST", body: {} });
-    if (!index.length) {
-      container.replaceChildren(el("p", {}, "The server serves no model."));
-      return null;
-    }
-    const meta = await requestJson(`/v2/models/${encodeURIComponent(index[0].name)}`);
-    const p = meta.parameters || {};
-    const classes = p.class_names || [];
-    container.replaceChildren(
-      facts([
-        ["Name", meta.name],
-        ["Segments", description(p.description)],
-        ["Classes", classes.join(", ")],
-        ["Threshold", classes.length === 1 ? threshold(p.threshold) : "arg-max over the classes"],
-        ["Validation", figures(p.metrics)],
-        ["Tile sizes", (p.tile_sizes || []).join(", ")],
-      ]),
-    );
-    return meta;
-  } catch (error) {
-    container.replaceChildren(el("p", { className: "error" }, describe(error)));
-    throw error;
+/** Shows model `meta`'s card (GET /v2/models/NAME) in `container`. */
+export function showCard(container, meta) {
+  const p = meta.parameters || {};
+  const classes = p.class_names || [];
+  container.replaceChildren(
+    facts([
+      ["Segments", description(p.description)],
+      ["Classes", classes.join(", ")],
+      ["Threshold", classes.length === 1 ? threshold(p.threshold) : "arg-max over the classes"],
+      ["Validation", figures(p.metrics)],
+      ["Tile sizes", (p.tile_sizes || []).join(", ")],
+    ]),
+  );
+}
+
+/** The legends of the overlay (each class tinted, with its colour) and of the mask, for a
+ * result of model `meta` (null: none known). */
+export function showLegends(overlayLegend, maskLegend, meta) {
+  overlayLegend.replaceChildren();
+  const classes = meta?.parameters?.class_names || [];
+  for (const [name, [r, g, b]] of tintedClasses(classes)) {
+    const swatch = el("span", { className: "swatch" });
+    swatch.style.background = `rgb(${r}, ${g}, ${b})`;
+    overlayLegend.append(swatch, ` ${name} `);
   }
+  const alone = { 0: "", 1: `white: ${classes[0]}` }[classes.length];
+  maskLegend.textContent = alone ?? "colours as in the overlay";
 }
 
 function gauge(text, name) {
