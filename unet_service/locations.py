@@ -18,7 +18,8 @@ DEFAULT_ZARR_BLOCK = 2048
 
 
 class LocationSettings(BaseSettings):
-    """The settings of named inputs and outputs (fields of `Settings`)."""
+    """The settings of named inputs and outputs and of block-wise OME-Zarr results (fields
+    of `Settings`)."""
 
     data_roots: str = Field(
         "",
@@ -36,6 +37,13 @@ class LocationSettings(BaseSettings):
         ge=1,
         description="Side of the blocks an OME-Zarr result is computed in, pixels (rounded up "
         "to whole chunks of the result, which has the input's chunks).",
+    )
+
+    dask_scheduler: str = Field(
+        "",
+        description="A Dask distributed scheduler (e.g. tcp://scheduler:8786) to compute "
+        "OME-Zarr results' blocks on its workers, which load the model and read and write "
+        "the same locations as the server; empty = in this server.",
     )
 
     @property

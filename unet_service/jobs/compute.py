@@ -24,6 +24,7 @@ from unet_service.pipeline.blocks import BlockJob
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.to_file import Progress, segment_to_file
 from unet_service.pipeline.to_store import (
+    BlockRunner,
     create_results,
     plan_volume,
     segment_to_store,
@@ -184,6 +185,40 @@ def _store(record: JobRecord, location: str, source: Source, model: LoadedModel)
     return create_results({output: location}, source, model.recipe, volume, info)[output]
 
 
+def _cluster(
+    record: JobRecord,
+    job: BlockJob,
+    service: InferenceService,
+    files: JobFiles,
+    settings: Settings,
+) -> BlockRunner | None:
+    """The job's blocks on the Dask cluster UNET_DASK_SCHEDULER names (None: in this
+    server, through its tile queue)."""
+    if not settings.dask_scheduler:
+        return None
+    from unet_service.pipeline.cluster import BlockTask, ModelSpec, on_cluster
+
+    location = record.params.get("input_location")
+    model = ModelSpec(
+        str(service.models.entry(record.params.get("model")).weights),
+        settings.device,
+        settings.precision,
+        settings.backend,
+        settings.job_batch_tiles_for("cpu"),
+        settings.batch_tiles_for("cuda"),
+    )
+    task = BlockTask(
+        record.id,
+        location or str(files.input_path(record.id)),
+        location is not None,
+        {output: result.location for output, result in job.results.items()},
+        model,
+        job.labeller is not None,
+        job.tag,
+    )
+    return on_cluster(settings.dask_scheduler, task)
+
+
 async def _run_store(
     record, request, model, source, service, files, settings, progress, report
 ) -> None:
@@ -202,6 +237,7 @@ async def _run_store(
         work = segment_to_store(
             job,
             compute=_queue(service, model),
+            runner=_cluster(record, job, service, files, settings),
             progress=progress,
             name=Path(record.input_name.rstrip("/")).name or record.id,
             class_names=model.segmenter.card.class_names,

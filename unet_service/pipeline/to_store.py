@@ -13,9 +13,11 @@ finished. Then, for cell instances, the ids are made unique and joined across bl
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from unet_service.imaging.sources import Source
 from unet_service.imaging.zarr_pyramid import build_pyramid
@@ -139,32 +141,68 @@ class BlockCounts:
         return self.total - self.skipped
 
 
+BlockFinished = Callable[[int], None]
+# Computes the blocks `indices` of a job (in any order, any of them at once), counting their
+# tiles in the progress and calling `finished(index)` as each is written.
+BlockRunner = Callable[[BlockJob, list[int], Progress, BlockFinished], Awaitable[None]]
+
+
+def in_process(compute: Compute) -> BlockRunner:
+    """The blocks one after the other in this process, their tiles through `compute`."""
+
+    async def run(
+        job: BlockJob, indices: list[int], progress: Progress, finished: BlockFinished
+    ) -> None:
+        for index in indices:
+            await compute_block(job, index, compute, progress)
+            finished(index)
+
+    return run
+
+
 async def segment_to_store(
     job: BlockJob,
     *,
-    compute: Compute,
+    compute: Compute | None = None,
+    runner: BlockRunner | None = None,
     progress: Progress,
     name: str,
     class_names: list[str],
 ) -> BlockCounts:
-    """Every block of `job` not written yet, then the finishing passes and the metadata of
-    each result (named `name`)."""
+    """Every block of `job` not written yet (by `runner`, or in this process through
+    `compute`), then the finishing passes and the metadata of each result (named `name`)."""
+    if runner is None:
+        if compute is None:
+            raise ValueError("segment_to_store needs a compute or a block runner")
+        runner = in_process(compute)
     volume = job.volume
     written = await asyncio.to_thread(job.written)
+    todo = [index for index in range(len(volume)) if not written[index]]
+    for index in np.flatnonzero(written):
+        tiles = await asyncio.to_thread(job.tiles, int(index))
+        progress.finished_tiles += tiles
+        progress.resumed_tiles += tiles
+    done = np.asarray(written, bool).copy()
     _, ny, nx = volume.grid
-    skipped = 0
-    for index in range(len(volume)):
-        if written[index]:
-            tiles = await asyncio.to_thread(job.tiles, index)
-            progress.finished_tiles += tiles
-            progress.resumed_tiles += tiles
-            skipped += 1
-        else:
-            await compute_block(job, index, compute, progress)
-        if index % (ny * nx) == ny * nx - 1:  # the last block of its planes
-            progress.pages_done = volume.region(index).z1
+    planes = done.reshape(-1, ny * nx).all(axis=1)
+
+    def count_pages() -> None:
+        # Pages are done up to the first row of blocks with a block still to do.
+        rows_done = len(planes) if planes.all() else int(np.argmin(planes))
+        pages = volume.region(rows_done * ny * nx - 1).z1 if rows_done else 0
+        if pages != progress.pages_done:
+            progress.pages_done = pages
             if progress.on_page is not None:
                 progress.on_page(progress)
+
+    def finished(index: int) -> None:
+        done[index] = True
+        row = index // (ny * nx)
+        planes[row] = done[row * ny * nx : (row + 1) * ny * nx].all()
+        count_pages()
+
+    count_pages()
+    await runner(job, todo, progress, finished)
     for output, result in job.results.items():
         if result.info.get("complete"):
             continue
@@ -173,4 +211,4 @@ async def segment_to_store(
         await asyncio.to_thread(build_pyramid, result)
         properties = label_properties(output, class_names)
         await asyncio.to_thread(result.finish, name, properties)
-    return BlockCounts(len(volume), skipped)
+    return BlockCounts(len(volume), len(volume) - len(todo))

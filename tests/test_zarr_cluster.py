@@ -1,0 +1,145 @@
+"""OME-Zarr jobs on a real Dask cluster (`dask scheduler` and two `dask worker --nthreads 1`
+processes) with the tiny real UNet: a server pointed at it by UNET_DASK_SCHEDULER gives the
+single-process whole-image result at any block size (a block smaller than the network's
+context, odd volume sizes), cell ids equal to the embedded block-wise run's, and the same
+result when a worker is killed in the middle of a job."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from app_helpers import running as running_app
+from app_helpers import save_tiny
+from dask_cluster import Cluster
+from test_jobs_api import wait_state
+from test_zarr_restart import written
+from zarr_helpers import em_volume, level, whole_image, write_ome_zarr
+
+from unet_service.core.engine import Segmenter
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+SHAPE = (2, 75, 61)  # odd sizes; chunks of 8 cut tiles anywhere
+CONTEXT = 20  # the tiny UNet's, each side
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("zarr-cluster"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    started = Cluster(2, tmp_path_factory.mktemp("dask-logs"))
+    yield started
+    started.close()
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    return em_volume(*SHAPE)
+
+
+@pytest.fixture(scope="module")
+def reference(weights: Path, volume: np.ndarray):
+    return whole_image(Segmenter.from_weights(weights, device="cpu", backend="torch"), volume)
+
+
+def app_for(weights: Path, tmp_path: Path, side: int, scheduler: str | None, **more: object):
+    from app_helpers import make_app
+
+    return make_app(
+        weights,
+        jobs_dir=tmp_path / "jobs",
+        job_progress_s=0.02,
+        data_roots=str(tmp_path / "data"),
+        zarr_block=side,
+        dask_scheduler=scheduler or "",
+        **more,
+    )
+
+
+async def run_job(app, source: str, output: str) -> dict:
+    async with running_app(app) as client:
+        answer = await client.post("/v1/jobs", params={"output": output}, json={"input": source})
+        assert answer.status_code == 202, answer.text
+        job = await wait_state(client, answer.json()["id"])
+    assert job["state"] == "done", job
+    assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"] > 0
+    return job
+
+
+# How many jobs a worker computed blocks of (its model plugin keeps them open); a lambda, so
+# that it is sent by value to workers that cannot import this test module.
+jobs_opened = lambda dask_worker: sum(  # noqa: E731
+    len(plugin.jobs)
+    for name, plugin in dask_worker.plugins.items()
+    if name.startswith("unet-model-")
+)
+
+
+@pytest.mark.parametrize("side", [16, 40, 72])
+async def test_blocks_on_the_cluster_equal_the_whole_image(
+    weights: Path, cluster: Cluster, volume: np.ndarray, reference, tmp_path: Path, side: int
+) -> None:
+    source = write_ome_zarr(tmp_path / "data" / "v.zarr", volume, version="0.5", chunks=(1, 8, 8))
+    app = app_for(weights, tmp_path, side, cluster.address)
+    mask_job = await run_job(app, source, "mask")
+    probs_job = await run_job(app, source, "probabilities")
+    blocks = mask_job["result"]["store"]
+    layout = np.asarray(written(Path(blocks)))
+    assert layout.size == 2 * -(-75 // min(side, 80)) * -(-61 // min(side, 64))
+    if side == 16:
+        assert side < CONTEXT and layout.size == 2 * 5 * 4
+    # Masks byte-equal; probabilities within docs/inference.md's fp32 bound.
+    assert np.array_equal(level(blocks), np.stack([r.mask for r in reference]))
+    probs = level(probs_job["result"]["store"])
+    assert np.abs(probs - np.stack([r.probabilities[0] for r in reference])).max() <= 1e-5
+    if layout.size > 2:  # more blocks than workers: both took some
+        assert all(n > 0 for n in cluster.run(jobs_opened).values())
+
+
+async def test_cell_ids_on_the_cluster_equal_the_embedded_run(
+    weights: Path, cluster: Cluster, volume: np.ndarray, tmp_path: Path
+) -> None:
+    source = write_ome_zarr(tmp_path / "data" / "v.zarr", volume, version="0.4", chunks=(1, 16, 16))
+    on_cluster = await run_job(app_for(weights, tmp_path, 32, cluster.address), source, "instances")
+    embedded = await run_job(app_for(weights, tmp_path, 32, None), source, "instances")
+    ids = level(on_cluster["result"]["store"])
+    assert ids.max() > 1 and np.array_equal(ids, level(embedded["result"]["store"]))
+
+
+async def test_a_worker_killed_mid_job_leaves_the_result_unchanged(
+    weights: Path, tmp_path: Path
+) -> None:
+    volume = em_volume(2, 181, 157)
+    source = write_ome_zarr(tmp_path / "data" / "v.zarr", volume, version="0.5", chunks=(1, 32, 32))
+    own = Cluster(2, tmp_path / "logs")  # one of its workers dies here
+    try:
+        app = app_for(weights, tmp_path, 32, own.address, tile_size=16)
+        async with running_app(app) as client:
+            answer = await client.post("/v1/jobs", json={"input": source})
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["id"]
+            store = tmp_path / "jobs" / job_id / "result.zarr"
+            total = 2 * 6 * 5
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 120
+            while np.count_nonzero(written(store)) < 4:  # the gate: some blocks recorded
+                assert loop.time() < end, "no block was written"
+                await asyncio.sleep(0.02)
+            own.kill_worker(1)
+            before = int(np.count_nonzero(written(store)))
+            job = await wait_state(client, job_id, timeout=300)
+        assert job["state"] == "done", (job, own.output()[-3000:])
+        assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"]
+    finally:
+        own.close()
+    assert before < total and np.count_nonzero(written(store)) == total
+    print(f"blocks: {total}, written when the worker was killed: {before}")
+    segmenter = Segmenter.from_weights(weights, device="cpu", backend="torch")
+    expected = np.stack([r.mask for r in whole_image(segmenter, volume, 16)])
+    assert np.array_equal(level(str(store)), expected)

@@ -1,0 +1,192 @@
+"""A volume's blocks on a Dask distributed cluster (UNET_DASK_SCHEDULER, or `unet-predict
+--scheduler`): each block is one task running the same `pipeline.blocks.compute_block` as the
+embedded path, on a worker that loaded the model once (`ModelPlugin`, registered by the
+client). A task opens the job's input and result stores from their locations (`BlockTask`:
+the workers share the data with the server), computes the block's tiles with a batch runner
+and writes its chunk-aligned region straight into the stores, recording the block as written;
+it returns the block's tiles, which the client counts as progress as the tasks complete.
+
+A worker that dies has its tasks given to another by the scheduler; a block written twice is
+written the same. Cancelling the job cancels the tasks not yet run (a task already running
+finishes its block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from distributed import WorkerPlugin
+
+from unet_service.core.engine import Segmenter
+from unet_service.core.runner import BatchRunner, run_tiles
+from unet_service.errors import InferenceError
+from unet_service.imaging.sources import open_source, open_zarr
+from unet_service.imaging.zarr_result import ZarrResult
+from unet_service.pipeline.blocks import BlockJob, compute_block
+from unet_service.pipeline.to_file import Progress
+from unet_service.pipeline.volume import Volume
+
+# Limits for a worker's reading of an input the server already checked against its own.
+_NO_LIMIT_PIXELS, _NO_LIMIT_PAGES = 10**13, 10**7
+# Jobs a worker keeps open (input and stores) between their blocks.
+_OPEN_JOBS = 2
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model a worker loads, and how (the server's settings for it)."""
+
+    weights: str
+    device: str = "auto"
+    precision: str = "fp32"
+    backend: str = "auto"
+    batch_cpu: int = 1  # tiles a forward pass on a worker's CPU
+    batch_cuda: int = 4  # on its GPU
+
+    @property
+    def plugin_name(self) -> str:
+        # The same in every process (hash() of a string is not).
+        return f"unet-model-{hashlib.sha256(repr(self).encode()).hexdigest()[:16]}"
+
+    def load(self) -> Segmenter:
+        return Segmenter.from_weights(self.weights, self.device, self.precision, self.backend)
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    """What a worker needs to compute any block of one result: where its input is (an
+    OME-Zarr location, or a file the workers can read), where each result store is, the
+    model, whether to label cells, and the tag recorded for each block (the job's attempt)."""
+
+    key: str
+    input: str
+    zarr_input: bool
+    results: dict[str, str]
+    model: ModelSpec
+    instances: bool = False
+    tag: int = 1
+
+    def open(self, segmenter: Segmenter) -> BlockJob:
+        """The job as `compute_block` takes it (blocking: opens the input and the stores)."""
+        limits = {"max_pixels": _NO_LIMIT_PIXELS, "max_pages": _NO_LIMIT_PAGES}
+        source = (open_zarr if self.zarr_input else open_source)(self.input, **limits)
+        results = {output: ZarrResult.open(where) for output, where in self.results.items()}
+        volume = Volume.from_json(next(iter(results.values())).info["layout"])
+        return BlockJob(
+            volume,
+            source,
+            segmenter.recipe(volume.tile_size),
+            results,
+            segmenter.instances if self.instances else None,
+            tag=self.tag,
+        )
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model once per worker (at registration, and on every worker that joins
+    later) and keeps the jobs it computes blocks of open between their blocks."""
+
+    def __init__(self, model: ModelSpec) -> None:
+        self.model = model
+        self.segmenter: Segmenter | None = None
+        self.jobs: dict[str, BlockJob] = {}
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model}  # the client sends the spec; each worker loads it
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"])
+
+    def setup(self, worker) -> None:
+        self.segmenter = self.model.load()
+
+    def teardown(self, worker) -> None:
+        with self.lock:
+            for job in self.jobs.values():
+                job.source.close()
+            self.jobs.clear()
+
+    def job(self, task: BlockTask) -> BlockJob:
+        """Task's job, opened on this worker once."""
+        assert self.segmenter is not None, "the plugin was not set up"
+        with self.lock:
+            key = f"{task.key}-{task.tag}"
+            job = self.jobs.get(key)
+            if job is None:
+                job = task.open(self.segmenter)
+                while len(self.jobs) >= _OPEN_JOBS:
+                    self.jobs.pop(next(iter(self.jobs))).source.close()
+                self.jobs[key] = job
+            return job
+
+
+def run_block(task: BlockTask, index: int) -> int:
+    """A Dask task: block `index` computed on this worker and written; returns its tiles."""
+    from distributed import get_worker
+
+    plugin: ModelPlugin = get_worker().plugins[task.model.plugin_name]
+    job = plugin.job(task)
+    segmenter = plugin.segmenter
+    assert segmenter is not None
+    model = task.model
+    runner = BatchRunner(
+        segmenter, model.batch_cuda if segmenter.device.type == "cuda" else model.batch_cpu
+    )
+
+    async def compute(entry):
+        def tiles():
+            run_tiles(entry, runner)
+            return entry.result()
+
+        return await asyncio.to_thread(tiles)
+
+    return asyncio.run(compute_block(job, index, compute))
+
+
+BlockFinished = Callable[[int], None]
+
+
+def on_cluster(address: str, task: BlockTask, *, connect_s: float = 30.0):
+    """A block runner for `segment_to_store`: the blocks as tasks of the cluster whose
+    scheduler is at `address`, each one's tiles counted in the progress as it completes."""
+
+    async def run(
+        job: BlockJob, indices: list[int], progress: Progress, finished: BlockFinished
+    ) -> None:
+        from distributed import Client, KilledWorker, as_completed
+
+        try:
+            client = await Client(address, asynchronous=True, timeout=connect_s)
+        except OSError as e:
+            raise ClusterError(f"the Dask scheduler at {address} cannot be reached ({e})") from None
+        try:
+            await client.register_plugin(ModelPlugin(task.model), name=task.model.plugin_name)
+            keys = [f"unet-block-{task.key}-{task.tag}-{i}" for i in indices]
+            futures = client.map(run_block, [task] * len(indices), indices, key=keys, pure=False)
+            index_of = {f.key: i for f, i in zip(futures, indices, strict=True)}
+            try:
+                async for future in as_completed(futures):
+                    try:
+                        progress.finished_tiles += await future
+                    except KilledWorker as e:
+                        raise ClusterError(
+                            f"block {index_of[future.key]} was lost with every worker that "
+                            f"computed it ({e})"
+                        ) from None
+                    finished(index_of[future.key])
+            finally:
+                await client.cancel(futures)
+        finally:
+            await client.close()
+
+    return run
+
+
+class ClusterError(InferenceError):
+    """The cluster could not compute the job: its scheduler unreachable, or a block's task
+    lost with every worker that tried it."""
