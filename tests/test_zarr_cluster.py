@@ -143,3 +143,28 @@ async def test_a_worker_killed_mid_job_leaves_the_result_unchanged(
     segmenter = Segmenter.from_weights(weights, device="cpu", backend="torch")
     expected = np.stack([r.mask for r in whole_image(segmenter, volume, 16)])
     assert np.array_equal(level(str(store)), expected)
+
+
+def test_unet_predict_segments_a_volume_on_the_cluster_and_alone(
+    weights: Path, cluster: Cluster, volume: np.ndarray, reference, tmp_path: Path
+) -> None:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    from unet_service.cli.predict import main
+
+    source = write_ome_zarr(tmp_path / "v.zarr", volume, version="0.4", chunks=(1, 16, 16))
+    common = ["--weights", str(weights), "--tile-size", "60", "--batch-size", "1"]
+    common += ["--device", "cpu", "--block", "32", "--probabilities"]
+    assert main([source, "-o", str(tmp_path / "alone"), *common]) == 0
+    assert (
+        main([source, "-o", str(tmp_path / "dask"), "--scheduler", cluster.address, *common]) == 0
+    )
+    for folder in ("alone", "dask"):
+        node = next(Reader(parse_url(str(tmp_path / folder / "v.zarr")))())
+        assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"]
+        assert np.array_equal(np.asarray(node.data[0]), np.stack([r.mask for r in reference]))
+        probs = level(str(tmp_path / folder / "v.probabilities.zarr"))
+        assert np.abs(probs - np.stack([r.probabilities[0] for r in reference])).max() <= 1e-5
+    # A finished result is never overwritten.
+    assert main([source, "-o", str(tmp_path / "alone"), *common]) == 1

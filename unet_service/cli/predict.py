@@ -14,14 +14,17 @@ import numpy as np
 from tqdm import tqdm
 
 from unet_service.cli.stream import predict_section, wants_stream
+from unet_service.cli.volume import is_zarr, predict_volume
 from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
 from unet_service.core.precision import PRECISIONS
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.weights import WeightsError
+from unet_service.errors import InferenceError
 from unet_service.imaging.encode import encode_output
 from unet_service.imaging.errors import ImageError
 from unet_service.imaging.pages import read_pages
 from unet_service.imaging.tiff_writer import WriterError
+from unet_service.locations import DEFAULT_ZARR_BLOCK
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
 
@@ -78,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment images with a UNet by exact overlap-tile inference; writes "
         "DIR/<name>.png masks (and DIR/<name>.npy probabilities with --probabilities). A "
         "multi-page TIFF is a stack: DIR/<name>.tif (one mask page per page), .npy with a "
-        "leading page axis, .instances.tif.",
+        "leading page axis, .instances.tif. An OME-Zarr image NAME.zarr gives OME-Zarr "
+        "results, computed block by block: DIR/NAME.zarr, .probabilities.zarr, "
+        ".instances.zarr.",
     )
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--output-dir", "-o", type=Path, required=True, metavar="DIR")
@@ -124,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "DIR/<name>.probabilities.tif instead), in flat memory; automatic for TIFFs over "
         "100 megapixels a page",
     )
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="an OME-Zarr volume's blocks on this Dask cluster (tcp://host:8786), whose "
+        "workers load the same --weights path and read and write the same paths",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        default=DEFAULT_ZARR_BLOCK,
+        help="side of an OME-Zarr volume's blocks, pixels (whole chunks; default %(default)s)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     return p
@@ -132,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.block < 1:
+        parser.error("--batch-size and --block must be >= 1")
     try:
         weights = repository_weights(args.model, args.models) if args.model else args.weights
         seg = Segmenter.from_weights(weights, device=args.device, precision=args.precision)
@@ -158,6 +175,23 @@ def main(argv: list[str] | None = None) -> int:
         for path in bar:
             bar.set_postfix_str(path.name)
             try:
+                if is_zarr(path):
+                    if args.tta != 1:
+                        raise ImageError("--tta is not available for OME-Zarr volumes")
+                    predict_volume(
+                        seg,
+                        weights,
+                        path,
+                        out_dir,
+                        outputs=request.outputs,
+                        tile_size=args.tile_size,
+                        batch_size=args.batch_size,
+                        block=args.block,
+                        scheduler=args.scheduler,
+                        device=args.device,
+                        precision=args.precision,
+                    )
+                    continue
                 if wants_stream(path, args.stream):
                     if args.tta != 1 or args.instances:
                         raise ImageError("--tta and --instances need the image in memory")
@@ -174,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Local files are trusted: no page limit (memory is the user's to spend).
                 pages = read_pages(str(path), max_pages=sys.maxsize)
                 results, labels = segment_pages(seg, pages, request, args)
-            except (OSError, ImageError, WriterError) as e:
+            except (OSError, ImageError, WriterError, InferenceError) as e:
                 failures += 1
                 tqdm.write(f"unet-predict: error: {path}: {e}", file=sys.stderr)
                 continue
