@@ -544,8 +544,47 @@ def test_compose_settings_are_the_service_defaults(stages: dict[str, Stage]) -> 
 
 
 def manifests() -> dict[str, dict]:
-    docs = [d for p in sorted(KUBE.glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
+    """The service's manifests by kind (the optional Dask cluster's apart)."""
+    files = [p for p in sorted(KUBE.glob("*.yaml")) if p.name != "dask-cluster.yaml"]
+    docs = [d for p in files for d in yaml.safe_load_all(p.read_text())]
     return {d["kind"]: d for d in docs}
+
+
+def test_dask_cluster_workers_reach_the_scheduler_with_a_gpu_and_the_jobs_volume() -> None:
+    docs = list(yaml.safe_load_all((KUBE / "dask-cluster.yaml").read_text()))
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    service = by_name["Service", "unet-dask-scheduler"]
+    scheduler = by_name["Deployment", "unet-dask-scheduler"]["spec"]["template"]
+    assert service["spec"]["selector"] == scheduler["metadata"]["labels"]
+    (port,) = service["spec"]["ports"]
+    worker = by_name["Deployment", "unet-dask-worker"]["spec"]["template"]["spec"]
+    (container,) = worker["containers"]
+    assert f"tcp://unet-dask-scheduler:{port['port']}" in container["command"]
+    assert container["command"][:2] == ["dask", "worker"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    service_pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    assert {m["mountPath"] for m in service_pod["containers"][0]["volumeMounts"]} <= mounts
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in worker["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {"unet-jobs"}
+
+
+def test_compose_dask_profile_points_the_service_at_its_scheduler() -> None:
+    services = load_compose()["services"]
+    dask = {name for name, s in services.items() if "dask" in s.get("profiles", [])}
+    assert dask == {"unet-dask", "dask-scheduler", "dask-worker"}
+    address = services["unet-dask"]["environment"]["UNET_DASK_SCHEDULER"]
+    assert address == "tcp://dask-scheduler:8786"
+    assert address in services["dask-worker"]["entrypoint"]
+    for name in ("unet", "unet-cpu"):
+        assert services[name]["environment"]["UNET_DASK_SCHEDULER"].endswith(":-}")
+    # Workers see what the service sees: the models and the jobs and data folders.
+    targets = {v["target"] for v in services["dask-worker"]["volumes"]}
+    assert targets == {v["target"] for v in services["unet-dask"]["volumes"]}
 
 
 def test_deployment_probes_gpu_and_drain() -> None:
