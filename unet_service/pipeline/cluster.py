@@ -18,17 +18,19 @@ import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin
 
-from unet_service.core.engine import Segmenter
-from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.errors import InferenceError
 from unet_service.imaging.sources import open_source, open_zarr
 from unet_service.imaging.zarr_result import ZarrResult
 from unet_service.pipeline.blocks import BlockJob, compute_block
 from unet_service.pipeline.to_file import Progress
 from unet_service.pipeline.volume import Volume
+
+if TYPE_CHECKING:  # the engine needs torch; pipeline/ imports without it
+    from unet_service.core.engine import Segmenter
 
 # Limits for a worker's reading of an input the server already checked against its own.
 _NO_LIMIT_PIXELS, _NO_LIMIT_PAGES = 10**13, 10**7
@@ -53,6 +55,8 @@ class ModelSpec:
         return f"unet-model-{hashlib.sha256(repr(self).encode()).hexdigest()[:16]}"
 
     def load(self) -> Segmenter:
+        from unet_service.core.engine import Segmenter
+
         return Segmenter.from_weights(self.weights, self.device, self.precision, self.backend)
 
 
@@ -128,6 +132,8 @@ class ModelPlugin(WorkerPlugin):
 def run_block(task: BlockTask, index: int) -> int:
     """A Dask task: block `index` computed on this worker and written; returns its tiles."""
     from distributed import get_worker
+
+    from unet_service.core.runner import BatchRunner, run_tiles
 
     plugin: ModelPlugin = get_worker().plugins[task.model.plugin_name]
     job = plugin.job(task)
