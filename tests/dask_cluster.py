@@ -58,6 +58,11 @@ class Cluster:
         with Client(self.address, timeout=60) as client:
             return client.run(function)
 
+    def run_on_scheduler(self, function) -> object:
+        """`function(dask_scheduler)` on the scheduler."""
+        with Client(self.address, timeout=60) as client:
+            return client.run_on_scheduler(function)
+
     def kill_worker(self, i: int) -> None:
         """SIGKILL the worker and its nanny: gone without a word to the scheduler."""
         os.killpg(self.workers[i].pid, signal.SIGKILL)

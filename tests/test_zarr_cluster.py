@@ -81,6 +81,21 @@ jobs_opened = lambda dask_worker: sum(  # noqa: E731
 )
 
 
+# The scheduler's (key, from state, to state) transitions; a lambda, sent by value.
+transitions = lambda dask_scheduler: [tuple(t)[:3] for t in dask_scheduler.transition_log]  # noqa: E731
+# Tasks the scheduler still holds.
+tasks_held = lambda dask_scheduler: len(dask_scheduler.tasks)  # noqa: E731
+
+
+def processing_counts(log: list[tuple[str, str, str]], prefix: str) -> dict[str, int]:
+    """How often each task whose key starts with `prefix` was given to a worker."""
+    counts: dict[str, int] = {}
+    for key, _, state in log:
+        if str(key).startswith(prefix) and state == "processing":
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 @pytest.mark.parametrize("side", [16, 40, 72])
 async def test_blocks_on_the_cluster_equal_the_whole_image(
     weights: Path, cluster: Cluster, volume: np.ndarray, reference, tmp_path: Path, side: int
@@ -134,12 +149,17 @@ async def test_a_worker_killed_mid_job_leaves_the_result_unchanged(
             own.kill_worker(1)
             before = int(np.count_nonzero(written(store)))
             job = await wait_state(client, job_id, timeout=300)
+        scheduler_log = own.run_on_scheduler(transitions)
         assert job["state"] == "done", (job, own.output()[-3000:])
         assert job["progress"]["tiles_done"] == job["progress"]["tiles_total"]
     finally:
         own.close()
     assert before < total and np.count_nonzero(written(store)) == total
-    print(f"blocks: {total}, written when the worker was killed: {before}")
+    # Blocks the scheduler gave to a worker again after the kill (those the dead worker was
+    # computing, or had queued).
+    again = sum(n > 1 for n in processing_counts(scheduler_log, f"unet-block-{job_id}-").values())
+    assert 1 <= again < total - before
+    print(f"blocks: {total}, written when the worker was killed: {before}, run again: {again}")
     segmenter = Segmenter.from_weights(weights, device="cpu", backend="torch")
     expected = np.stack([r.mask for r in whole_image(segmenter, volume, 16)])
     assert np.array_equal(level(str(store)), expected)
@@ -168,3 +188,30 @@ def test_unet_predict_segments_a_volume_on_the_cluster_and_alone(
         assert np.abs(probs - np.stack([r.probabilities[0] for r in reference])).max() <= 1e-5
     # A finished result is never overwritten.
     assert main([source, "-o", str(tmp_path / "alone"), *common]) == 1
+
+
+async def test_deleting_a_job_on_the_cluster_stops_its_blocks_and_removes_its_store(
+    weights: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    volume = em_volume(2, 181, 157)
+    source = write_ome_zarr(tmp_path / "data" / "v.zarr", volume, version="0.5", chunks=(1, 32, 32))
+    app = app_for(weights, tmp_path, 32, cluster.address, tile_size=16)
+    async with running_app(app) as client:
+        answer = await client.post("/v1/jobs", json={"input": source})
+        job_id = answer.json()["id"]
+        store = tmp_path / "jobs" / job_id / "result.zarr"
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 120
+        while np.count_nonzero(written(store)) < 2:  # the gate: the job is under way
+            assert loop.time() < end, "no block was written"
+            await asyncio.sleep(0.02)
+        deleted = await client.delete(f"/v1/jobs/{job_id}")
+        # The runner takes one job at a time: once the next is done, the deleted one stopped.
+        nxt = await client.post("/v1/jobs", json={"input": source})
+        assert (await wait_state(client, nxt.json()["id"], timeout=300))["state"] == "done"
+    assert deleted.json()["deleted"] is True
+    # Its blocks left the cluster, and those running at the deletion wrote nothing.
+    while cluster.run_on_scheduler(tasks_held):
+        assert loop.time() < end + 300, "tasks stayed on the scheduler"
+        await asyncio.sleep(0.05)
+    assert not (tmp_path / "jobs" / job_id).exists()

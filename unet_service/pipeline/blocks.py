@@ -28,6 +28,10 @@ from unet_service.pipeline.volume import Region, Volume
 Labeller = Callable[[np.ndarray], np.ndarray]
 
 
+class BlockAbandoned(Exception):
+    """A block computed for a job that no longer wants it; nothing was written."""
+
+
 class BlockWindow:
     """The pages of a block's source held for the rows and columns its tiles read, each read
     from the source once (not once per tile); looks like the whole source to the tiles."""
@@ -107,6 +111,9 @@ class BlockJob:
     results: Mapping[Output, ZarrResult]
     labeller: Labeller | None = None
     tag: int = 1
+    # Asked before a block is written (when given): a job cancelled or deleted while one of
+    # its blocks was computed elsewhere writes nothing into stores that may be gone.
+    wanted: Callable[[], bool] | None = None
 
     def plan(self) -> TilePlan:
         return self.volume.plan(self.recipe.geometry)
@@ -155,6 +162,8 @@ async def compute_block(
         if progress is not None:
             progress.page = None
     pages = [result] if isinstance(entry, TiledImage) else result
+    if job.wanted is not None and not await asyncio.to_thread(job.wanted):
+        raise BlockAbandoned(f"block {index}: its result stores are gone")
     await asyncio.to_thread(write_block, job, index, pages)
     if progress is not None:
         progress.finished_tiles += entry.total

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,17 +24,22 @@ from typing import TYPE_CHECKING
 from distributed import WorkerPlugin
 
 from unet_service.errors import InferenceError
+from unet_service.imaging.location import location_exists
 from unet_service.imaging.sources import open_source, open_zarr
 from unet_service.imaging.zarr_result import ZarrResult
 from unet_service.pipeline.blocks import BlockJob, compute_block
 from unet_service.pipeline.to_file import Progress
 from unet_service.pipeline.volume import Volume
 
+log = logging.getLogger("app.jobs")
+
 if TYPE_CHECKING:  # the engine needs torch; pipeline/ imports without it
     from unet_service.core.engine import Segmenter
 
 # Limits for a worker's reading of an input the server already checked against its own.
 _NO_LIMIT_PIXELS, _NO_LIMIT_PAGES = 10**13, 10**7
+# How long a stopped job waits for its blocks still running on workers, and how often it looks.
+STOP_WAIT_S, STOP_POLL_S = 600.0, 0.1
 # Jobs a worker keeps open (input and stores) between their blocks.
 _OPEN_JOBS = 2
 
@@ -80,6 +86,7 @@ class BlockTask:
         source = (open_zarr if self.zarr_input else open_source)(self.input, **limits)
         results = {output: ZarrResult.open(where) for output, where in self.results.items()}
         volume = Volume.from_json(next(iter(results.values())).info["layout"])
+        locations = list(self.results.values())
         return BlockJob(
             volume,
             source,
@@ -87,6 +94,7 @@ class BlockTask:
             results,
             segmenter.instances if self.instances else None,
             tag=self.tag,
+            wanted=lambda: all(location_exists(where) for where in locations),
         )
 
 
@@ -175,6 +183,7 @@ def on_cluster(address: str, task: BlockTask, *, connect_s: float = 30.0):
             keys = [f"unet-block-{task.key}-{task.tag}-{i}" for i in indices]
             futures = client.map(run_block, [task] * len(indices), indices, key=keys, pure=False)
             index_of = {f.key: i for f, i in zip(futures, indices, strict=True)}
+            done = 0
             try:
                 async for future in as_completed(futures):
                     try:
@@ -185,12 +194,40 @@ def on_cluster(address: str, task: BlockTask, *, connect_s: float = 30.0):
                             f"computed it ({e})"
                         ) from None
                     finished(index_of[future.key])
+                    done += 1
             finally:
                 await client.cancel(futures)
+                if done < len(futures):  # stopped: let no block be written after this returns
+                    await _until_stopped(client, f"unet-block-{task.key}-{task.tag}-")
         finally:
             await client.close()
 
     return run
+
+
+def executing_keys(dask_worker, prefix: str) -> list[str]:
+    """The keys starting with `prefix` of the tasks this worker is running (a cancelled task
+    runs to its end: a thread cannot be stopped)."""
+    return [
+        str(ts.key) for ts in dask_worker.state.all_running_tasks if str(ts.key).startswith(prefix)
+    ]
+
+
+async def _until_stopped(client, prefix: str) -> None:
+    """Wait until no worker runs a task of `prefix` (each finishes its block, which then
+    finds its stores gone or writes its block before the caller removes them), for at most
+    STOP_WAIT_S."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + STOP_WAIT_S
+    while loop.time() < end:
+        try:
+            running = await client.run(executing_keys, prefix=prefix)
+        except Exception:  # the cluster went away: nothing of ours runs there any more
+            return
+        if not any(running.values()):
+            return
+        await asyncio.sleep(STOP_POLL_S)
+    log.warning("tasks %s* still running %.0f s after they were cancelled", prefix, STOP_WAIT_S)
 
 
 class ClusterError(InferenceError):
