@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from unet_service.core.geometry import Geometry
+from unet_service.core.geometry import TileGeometry
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
 from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
 
@@ -285,10 +285,11 @@ class Settings(BaseSettings):
     def max_json_reply_bytes(self) -> int:
         return int(self.max_json_reply_mb * 1024 * 1024)
 
-    def check_tile_size(self, geometry: Geometry) -> None:
-        """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""
+    def check_tile_size(self, geometry: TileGeometry) -> None:
+        """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit (our
+        U-Net's; a bioimage.io package takes its largest legal tile not above it)."""
         try:
-            geometry.check_tile(self.tile_size)
+            geometry.tile_for(self.tile_size)
         except ValueError as e:
             raise ValueError(
                 f"UNET_TILE_SIZE={self.tile_size} does not fit the model: {e}"
