@@ -275,3 +275,20 @@ print("default", repo.default)
     rows = {line.split()[0]: line for line in run.stdout.splitlines()}
     assert rows["a"].startswith("a UNAVAILABLE") and rows["default"] == "default a"
     assert "pip install 'unet-service[bioimageio]'" in rows["pkg"] and "FAILED" in rows["pkg"]
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_a_job_page_too_large_to_measure_is_refused_at_once(
+    repository: Path, tmp_path: Path
+) -> None:
+    """The package's statistics are measured over each page in memory: a job's page over
+    UNET_MAX_PIXELS is refused before it is queued (our model streams it tile by tile)."""
+    page = {"file": ("s.tif", tiff_bytes(em_crop(2, 0, 0, 90, 110)))}
+    app = make_app(
+        repository / "a.safetensors", models=repository, jobs_dir=tmp_path, max_pixels=5000
+    )
+    async with running(app) as client:
+        r = await client.post("/v1/jobs", params={"model": "pkg"}, files=page)
+        assert r.status_code == 413 and "statistics of the whole page" in r.json()["error"]
+        assert (await client.post("/v1/jobs", params={"model": "a"}, files=page)).status_code == 202

@@ -51,10 +51,11 @@ async def submit_job(
         path = files.input_path(job_id)
         source = await asyncio.to_thread(open_input, path, settings)
         with source:
-            check_job(settings, request, out_channels, source.height, source.width)
+            recipe = (await service.models.get(name)).recipe
+            measured = recipe.measure is not None
+            check_job(settings, request, out_channels, source.height, source.width, measured)
             (output,) = request.outputs
             reserve = result_nbytes(source.pixels, source.pages, output, out_channels)
-            recipe = (await service.models.get(name)).recipe
             tiles = recipe.tiles(source.height, source.width, source.pages, request.tta)
         now = time.time()
         record = JobRecord(

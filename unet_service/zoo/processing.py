@@ -18,15 +18,16 @@ from typing import Any
 import numpy as np
 
 from unet_service.core.tiling import border_indices
-from unet_service.errors import LimitError
 from unet_service.imaging.decode import match_channels
+from unet_service.imaging.errors import ImageTooLargeError
 from unet_service.imaging.sources import Source
 from unet_service.zoo.package import Package
 
 
 class PackageProcessing:
     """The operators of `package`; `max_pixels` bounds the images whose statistics are
-    measured (each is read whole for them, as bioimageio.core reads it)."""
+    measured (each is read whole for them, as bioimageio.core reads it; the service refuses
+    larger job pages at once, `serving.limits.check_job`)."""
 
     def __init__(self, package: Package, max_pixels: int) -> None:
         from bioimageio.core.proc_ops import AddKnownDatasetStats, UpdateStats
@@ -50,10 +51,10 @@ class PackageProcessing:
 
         height, width = source.height, source.width
         if height * width > self.max_pixels:
-            raise LimitError(
+            raise ImageTooLargeError(
                 f"the model {self.package.path.name} normalises each image by statistics of "
-                f"the whole image, which is measured in memory up to {self.max_pixels} pixels "
-                f"(UNET_MAX_PIXELS); this one has {height * width}"
+                f"the whole image, measured in memory up to {self.max_pixels} pixels; this one "
+                f"has {height * width}"
             )
         pixels = match_channels(source.read(page, 0, height, 0, width), self.package.in_channels)
         (hy, hx), padding = self.package.halo_yx, self.package.geometry.padding
