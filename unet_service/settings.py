@@ -35,14 +35,14 @@ class Settings(BaseSettings):
     models: Path | None = Field(
         None,
         description="A model repository: a folder where each model is NAME.safetensors with "
-        "its card NAME.json beside it, served under NAME; unset = the one model UNET_WEIGHTS "
-        "names.",
+        "its card NAME.json beside it, or a bioimage.io package NAME.zip or NAME/, served under "
+        "NAME; unset = the one model UNET_WEIGHTS names.",
     )
     default_model: str = Field(
         "",
         description="The model /v1/segment and jobs use when a request names none; empty = "
-        "the first of the repository (with one model, that one). It is loaded at start and "
-        "stays loaded.",
+        "the first of the repository that can be served (with one model, that one). It is "
+        "loaded at start and stays loaded.",
     )
     max_loaded_models: int = Field(
         4,
@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     )
     tile_size: int = Field(
         DEFAULT_TILE_SIZE,
-        description="Largest output tile; must be legal for the model (4 + 2^depth * j).",
+        description="Largest output tile; must be legal for the model (4 + 2^depth * j); a "
+        "bioimage.io package takes its largest legal tile not above it.",
     )
     tta: int = Field(
         1,
