@@ -15,7 +15,7 @@ from unet_service.core.normalize import Normalizer
 from unet_service.core.precision import Precision, resolve_precision
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.tiling import TilePlan
-from unet_service.core.unet import UNet
+from unet_service.core.unet import UNet, to_probabilities
 from unet_service.core.weights import ModelCard, load_weights
 from unet_service.imaging.decode import match_channels
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS
@@ -132,9 +132,7 @@ class Segmenter:
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) normalised float32 tiles -> (N, K, S', S') float32 probabilities."""
-        logits = self.backend(batch)
-        probs = torch.sigmoid(logits) if self.out_channels == 1 else torch.softmax(logits, 1)
-        return probs.cpu().numpy()
+        return to_probabilities(self.backend(batch)).cpu().numpy()
 
     def to_mask(self, probabilities: np.ndarray) -> np.ndarray:
         """(K, ...) probabilities -> (...) uint8 mask: 0/1 at the card's threshold for one
