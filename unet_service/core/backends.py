@@ -116,6 +116,32 @@ class TorchBackend:
             return self.model(x)[:n].float().clone()
 
 
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    file: str | io.BytesIO,
+    names: tuple[str, str],
+    axes: tuple[str, str, str] = ("batch", "height", "width"),
+    opset: int | None = None,
+) -> None:
+    """The network as ONNX, its (input, output) named `names`, with dynamic batch, height and
+    width (`axes` names them): `example` is any legal input. The TorchScript-based exporter,
+    which needs no onnxscript and traces the centre crops' sizes as shape arithmetic."""
+    dims = dict(zip((0, 2, 3), axes, strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            copy.deepcopy(model).float().cpu().eval(),
+            (example,),
+            file,
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_axes={names[0]: dims, names[1]: dims},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
 class OnnxRuntimeBackend:
     """An ONNX model (its bytes) in an ONNX Runtime CPU session: our U-Net exported
     (`exported`), or a bioimage.io package's onnx weights as they are."""
@@ -138,19 +164,7 @@ class OnnxRuntimeBackend:
     @classmethod
     def exported(cls, model: nn.Module, in_channels: int) -> OnnxRuntimeBackend:
         buf = io.BytesIO()
-        example = torch.zeros(1, in_channels, 188, 188)  # any legal size; axes are dynamic
-        axes = {0: "batch", 2: "height", 3: "width"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(
-                copy.deepcopy(model).float().cpu().eval(),
-                (example,),
-                buf,
-                input_names=["tiles"],
-                output_names=["logits"],
-                dynamic_axes={"tiles": axes, "logits": axes},
-                dynamo=False,
-            )
+        export_onnx(model, torch.zeros(1, in_channels, 188, 188), buf, ("tiles", "logits"))
         return cls(buf.getvalue())
 
     def batch_shapes(self, max_batch: int) -> list[int]:

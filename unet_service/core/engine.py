@@ -18,7 +18,7 @@ from unet_service.core.normalize import Normalizer
 from unet_service.core.precision import Precision, resolve_precision
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.tiling import TilePlan
-from unet_service.core.unet import UNet
+from unet_service.core.unet import UNet, to_probabilities
 from unet_service.core.weights import ModelCard, load_weights
 from unet_service.imaging.decode import match_channels
 from unet_service.imaging.sources import Source
@@ -228,6 +228,4 @@ class Segmenter(TiledModel):
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) normalised float32 tiles -> (N, K, S', S') float32 probabilities."""
-        logits = self.backend(batch)
-        probs = torch.sigmoid(logits) if self.out_channels == 1 else torch.softmax(logits, 1)
-        return probs.cpu().numpy()
+        return to_probabilities(self.backend(batch)).cpu().numpy()
