@@ -6,6 +6,7 @@ command line and the `bioimageio test` command."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import io
 import json
 import subprocess
@@ -278,3 +279,48 @@ def test_errors_are_one_line(
     assert err.startswith("unet-export: error: ") and err.count("\n") == 1
     assert message in err
     assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_exported_package_served_from_a_repository_answers_as_its_weights(
+    backend: str, tiny_model: Path, tiny_package: Path, tmp_path: Path
+) -> None:
+    """Our package back in a model repository: its valid convolutions' offset is the trim of
+    its tiles, so the service tiles it exactly as it tiles the weights themselves, over HTTP
+    too (the package's own sizes, min + n * step)."""
+    from app_helpers import make_app, png_bytes, running
+
+    from unet_service.zoo.segmenter import PackageSegmenter
+
+    image = isbi_slice(5)[30:230, 60:235]  # 200 x 175: several tiles, not a legal size
+    served = PackageSegmenter.from_package(tiny_package, device="cpu", backend=backend)
+    weights = Segmenter.from_weights(tiny_model, device="cpu")
+    assert served.geometry.shrink == weights.geometry.shrink
+    assert served.geometry.trim == weights.geometry.margin and served.geometry.halo == 0
+    assert len(served.plan(*image.shape, 48)) > 1
+    ours = served.segment(image[:, :, None], 48, probabilities=True).probabilities
+    expected = weights.segment(image[:, :, None], 48, probabilities=True).probabilities
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        (folder / f"tiny{suffix}").write_bytes(tiny_model.with_suffix(suffix).read_bytes())
+    (folder / "exported.zip").write_bytes(tiny_package.read_bytes())
+    app = make_app(tiny_model, models=folder, default_model="tiny", backend=backend)
+
+    async def both() -> list[np.ndarray]:
+        answers = []
+        async with running(app) as client:
+            for name in ("exported", "tiny"):
+                r = await client.post(
+                    "/v1/segment",
+                    params={"model": name, "output": "probabilities"},
+                    files={"file": ("em.png", png_bytes(image))},
+                )
+                assert r.status_code == 200, r.text
+                answers.append(np.load(io.BytesIO(r.content)))
+        return answers
+
+    package_answer, weights_answer = asyncio.run(both())
+    np.testing.assert_allclose(package_answer, weights_answer, atol=1e-5)

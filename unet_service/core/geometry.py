@@ -8,9 +8,11 @@ bottleneck gives, for an output of size o:
 Shifting the input by a multiple of 2^d shifts the output by the same amount and changes
 nothing else, which is what makes overlap-tile inference exact.
 
-`HaloGeometry` is the same interface for a network that keeps its input's size (padded
-convolutions, as bioimage.io packages declare them): its outputs are cropped by the package's
-halo, so it "shrinks" by twice the halo, and its legal sizes are the package's.
+`HaloGeometry` is the same interface for a bioimage.io package's network: one that keeps its
+input's size (padded convolutions) or trims a fixed border itself (valid convolutions, a
+negative size offset, as our own exported packages declare), its outputs then cropped by the
+package's halo; it "shrinks" by twice the trim and the halo, and its legal sizes are the
+package's.
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ class Geometry:
 
 @dataclass(frozen=True)
 class HaloGeometry:
-    """A network whose output has its input's size, `halo` pixels of it at each border not
-    to be trusted (a bioimage.io package's output halo): a tile's input is a legal input size
+    """A network whose output has its input's size less `trim` pixels at each border (0 for
+    padded convolutions; a package's output size offset is -2 trim), `halo` pixels of it at
+    each border not to be trusted (a bioimage.io package's output halo): a tile's input is a
+    legal input size
     (`min_input + step_input * n`; only `min_input` when `step_input` is 0), its output that
     input less twice the halo. Tile origins are multiples of `step_input`, the size's own
     granularity (a network that pools k times declares a step of 2^k), so every tile is a
@@ -152,15 +156,17 @@ class HaloGeometry:
     min_input: int
     step_input: int
     padding: str = "symmetric"
+    trim: int = 0
 
     def __post_init__(self) -> None:
-        if self.halo < 0 or self.min_input < 1 or self.step_input < 0:
+        if self.halo < 0 or self.trim < 0 or self.min_input < 1 or self.step_input < 0:
             raise ValueError(f"not a size: {self}")
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, not {self.padding}")
         if self.step_input == 0 and self.min_input <= self.shrink:
             raise ValueError(
-                f"an input of {self.min_input} pixels leaves no output inside a halo of {self.halo}"
+                f"an input of {self.min_input} pixels leaves no output inside a halo of "
+                f"{self.halo} and a trim of {self.trim}"
             )
 
     @property
@@ -169,11 +175,11 @@ class HaloGeometry:
 
     @property
     def shrink(self) -> int:
-        return 2 * self.halo
+        return 2 * self.margin
 
     @property
     def margin(self) -> int:
-        return self.halo
+        return self.halo + self.trim
 
     def _first(self) -> int:
         """The smallest legal output (at least 1 pixel)."""
@@ -197,7 +203,7 @@ class HaloGeometry:
             )
             raise ValueError(
                 f"output size {size} is not legal for this package (its inputs are "
-                f"{self._inputs()}, less a halo of {self.halo} per side: outputs {legal})"
+                f"{self._inputs()}, less {self.margin} per side: outputs {legal})"
             )
         return size
 

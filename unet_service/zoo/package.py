@@ -1,6 +1,7 @@
 """A bioimage.io model package (the BioImage Model Zoo's format) read, validated and checked
 for what the service serves: a 2D network with one input and one output, both of axes batch,
-channel, y and x (in any order), whose output has the input's size less the halo it declares,
+channel, y and x (in any order), whose output has the input's size (or that size less a
+border the network trims, a negative offset) less the halo it declares,
 with TorchScript or ONNX weights and pre- and postprocessing that can be applied tile by tile
 (sample statistics of the input are measured over the whole image first). Anything else is
 refused with the reason, which the repository index shows.
@@ -61,7 +62,6 @@ class Package:
     description: str
     input_id: str
     input_axes: tuple[str, ...]
-    input_dtype: str
     output_id: str
     output_axes: tuple[str, ...]
     class_names: list[str]
@@ -185,14 +185,22 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
     _check_statistics(descr)
     axes = {str(a.id): a for a in tensor.axes}
     min_input, step_input = _input_sizes(axes, str(tensor.id), v0_5)
-    halo_yx = tuple(_output_halo(a, axes, str(tensor.id), v0_5) for a in _spatial(output))
+    (halo_y, trim_y), (halo_x, trim_x) = (
+        _output_halo(a, axes, str(tensor.id), v0_5) for a in _spatial(output)
+    )
+    if trim_y != trim_x:
+        raise PackageError(
+            f"its output is smaller than its input by {2 * trim_y} in y and {2 * trim_x} in x "
+            "(tiles are square)"
+        )
+    halo_yx = (halo_y, halo_x)
     pad = tensor.pad or v0_5.SymmetricPadding()
     if pad.mode not in PADDINGS:
         raise PackageError(
             f"it pads its input with mode {pad.mode!r} (the service pads {', '.join(PADDINGS)})"
         )
     try:
-        geometry = HaloGeometry(max(halo_yx), min_input, step_input, pad.mode)
+        geometry = HaloGeometry(max(halo_yx), min_input, step_input, pad.mode, trim_y)
     except ValueError as e:
         raise PackageError(str(e)) from None
     batch = next(a for a in tensor.axes if a.type == "batch")
@@ -203,7 +211,6 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
         description=descr.description,
         input_id=str(tensor.id),
         input_axes=tuple(str(a.id) for a in tensor.axes),
-        input_dtype=tensor.dtype,
         output_id=str(output.id),
         output_axes=tuple(str(a.id) for a in output.axes),
         class_names=_channel_names(output, "output"),
@@ -279,18 +286,19 @@ def _input_sizes(axes: dict[str, Any], tensor_id: str, v0_5: Any) -> tuple[int, 
     return y
 
 
-def _output_halo(axis: Any, inputs: dict[str, Any], tensor_id: str, v0_5: Any) -> int:
+def _output_halo(axis: Any, inputs: dict[str, Any], tensor_id: str, v0_5: Any) -> tuple[int, int]:
+    """(halo, trim) of an output axis: the input's size with an offset of -2 trim (0 for a
+    network that keeps its input's size), `halo` of it cropped at each border."""
     size = axis.size
-    same = (
+    follows = (
         isinstance(size, v0_5.SizeReference)
         and str(size.tensor_id) == tensor_id
         and str(size.axis_id) == str(axis.id)
-        and size.offset == 0
         and inputs[str(axis.id)].scale == axis.scale
     )
-    if not same:
+    if not follows or size.offset > 0 or size.offset % 2:
         raise PackageError(
-            f"its output's {axis.id} is not the input's {axis.id} ({size}; only outputs of the "
-            "input's size are served)"
+            f"its output's {axis.id} is not the input's {axis.id} less an even border ({size}; "
+            "only outputs of the input's size, or smaller by a border on each side, are served)"
         )
-    return int(getattr(axis, "halo", 0))
+    return int(getattr(axis, "halo", 0)), -size.offset // 2

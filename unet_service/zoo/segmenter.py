@@ -99,18 +99,24 @@ class PackageSegmenter(TiledModel):
         return self._processing.preprocess(raw, statistics)
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """(N, C, S, S) preprocessed tiles -> (N, K, S - 2 halo, ...) float32 outputs,
-        postprocessed."""
-        x = batch.transpose(self._to_declared).astype(self.package.input_dtype, copy=False)
+        """(N, C, S, S) preprocessed tiles -> (N, K, S - 2 (trim + halo), ...) float32
+        outputs, postprocessed."""
+        # The preprocessed tiles as the preprocessing left them (float32 for every step
+        # bioimage.io defines); the input's declared dtype is that of the raw pixels.
+        x = np.ascontiguousarray(batch.transpose(self._to_declared))
         if self.package.batch_size == 1:  # a network that takes one tile at a time
             y = np.concatenate([self._run(x[i : i + 1]) for i in range(len(x))])
         else:
             y = self._run(x)
         y = y.transpose(self._from_declared)
         side, h = batch.shape[-1], self.geometry.halo
-        if y.shape[-2:] != batch.shape[-2:]:
-            raise RuntimeError(f"the network gave {y.shape[-2:]} for inputs of {side}x{side}")
-        return self._processing.postprocess(y[:, :, h : side - h, h : side - h])
+        out = side - 2 * self.geometry.trim  # what a valid-convolution network leaves
+        if y.shape[-2:] != (out, out):
+            raise RuntimeError(
+                f"the network gave {tuple(y.shape[-2:])} for inputs of {side}x{side}, "
+                f"where its package declares {out}x{out}"
+            )
+        return self._processing.postprocess(y[:, :, h : out - h, h : out - h])
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.backend(x).detach().cpu().numpy()
