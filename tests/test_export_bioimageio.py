@@ -297,6 +297,7 @@ def test_the_exported_package_served_from_a_repository_answers_as_its_weights(
     weights = Segmenter.from_weights(tiny_model, device="cpu")
     assert served.geometry.shrink == weights.geometry.shrink
     assert served.geometry.trim == weights.geometry.margin and served.geometry.halo == 0
+    assert served.package.card == load_card(tiny_model)
     assert len(served.plan(*image.shape, 48)) > 1
     ours = served.segment(image[:, :, None], 48, probabilities=True).probabilities
     expected = weights.segment(image[:, :, None], 48, probabilities=True).probabilities
@@ -324,3 +325,22 @@ def test_the_exported_package_served_from_a_repository_answers_as_its_weights(
 
     package_answer, weights_answer = asyncio.run(both())
     np.testing.assert_allclose(package_answer, weights_answer, atol=1e-5)
+
+
+def test_a_repository_serving_our_package_keeps_the_cards_threshold_and_figures(
+    shipped_package: Path,
+) -> None:
+    """The package carries the card (config.unet_service.card): masks at 0.3, not the 0.5 of
+    packages that say nothing, the instance parameters and the validation figures."""
+    from unet_service.serving.catalog import package_info
+    from unet_service.settings import Settings
+    from unet_service.zoo.package import read_package
+    from unet_service.zoo.segmenter import PackageSegmenter
+
+    card = load_card(SHIPPED)
+    package = read_package(shipped_package)
+    assert package.card == card and package.threshold == card.threshold == 0.3
+    served = PackageSegmenter(package, device="cpu")
+    assert served.instance_params == card.instances
+    info = package_info("isbi2012", package, Settings())
+    assert info.threshold == 0.3 and info.metrics == card.metrics_summary() != {}

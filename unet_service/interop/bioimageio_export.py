@@ -191,6 +191,9 @@ def export_bioimageio(
                 inputs=[model_input],
                 outputs=[model_output],
                 weights=weights_descr(files),
+                # The card itself, so that a repository serving the package masks at its
+                # threshold, cuts instances by its parameters and shows its figures.
+                config=v0_5.Config(unet_service={"card": card.model_dump(mode="json")}),
             )
             with warnings.catch_warnings():
                 # Its check of the written zip reads the files' entries before it knows the

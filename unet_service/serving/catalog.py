@@ -14,7 +14,7 @@ from unet_service.core.geometry import Geometry
 from unet_service.core.tiling import tile_sizes
 from unet_service.core.weights import ModelCard, load_card
 from unet_service.settings import Settings
-from unet_service.zoo.package import MASK_THRESHOLD, Package, PackageError, is_package, read_package
+from unet_service.zoo.package import Package, PackageError, is_package, read_package
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,12 @@ def package_info(name: str, package: Package, settings: Settings) -> ModelInfo:
         name=name,
         description=package.description or package.title,
         class_names=package.class_names,
-        threshold=MASK_THRESHOLD,
+        threshold=package.threshold,
         depth=None,
         in_channels=package.in_channels,
         out_channels=package.out_channels,
         tile_sizes=tile_sizes(package.geometry, settings.tile_size),
-        metrics={},
+        metrics=package.card.metrics_summary() if package.card else {},
         platform="bioimageio",
     )
 

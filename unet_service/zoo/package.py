@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from unet_service.core.geometry import PADDINGS, HaloGeometry
+from unet_service.core.weights import ModelCard
 
 DESCRIPTION_FILES = ("rdf.yaml", "bioimageio.yaml")
 NEEDS_EXTRA = "it needs the bioimageio extra: pip install 'unet-service[bioimageio]'"
@@ -70,6 +71,12 @@ class Package:
     halo_yx: tuple[int, int]  # the input halo of y and x, as bioimageio.core pads the image
     batch_size: int | None  # None: any
     weights: tuple[str, ...]  # of SERVED_WEIGHTS, those it has
+    # Our model card, in packages `unet-export bioimageio` wrote (config.unet_service.card).
+    card: ModelCard | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.card.threshold if self.card else MASK_THRESHOLD
 
     @property
     def out_channels(self) -> int:
@@ -219,7 +226,20 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
         halo_yx=halo_yx,  # type: ignore[arg-type]
         batch_size=batch.size,
         weights=weights,
+        card=_exported_card(descr),
     )
+
+
+def _exported_card(descr: Any) -> ModelCard | None:
+    """The card a package of ours carries; None for others, or a card that does not read
+    (the package is still served, as any other)."""
+    ours = getattr(descr.config, "unet_service", None)
+    if not isinstance(ours, dict) or not isinstance(ours.get("card"), dict):
+        return None
+    try:
+        return ModelCard.model_validate(ours["card"])
+    except ValueError:
+        return None
 
 
 def _spatial(tensor: Any) -> list[Any]:

@@ -21,7 +21,7 @@ from unet_service.core.backends import (
 )
 from unet_service.core.engine import TiledModel, resolve_device
 from unet_service.options import BACKENDS
-from unet_service.zoo.package import MASK_THRESHOLD, Package, PackageError, read_package
+from unet_service.zoo.package import Package, PackageError, read_package
 from unet_service.zoo.processing import PackageProcessing
 
 # Beyond this many pixels an image's statistics are not measured (UNET_MAX_PIXELS' default).
@@ -46,7 +46,9 @@ class PackageSegmenter(TiledModel):
         self.geometry = package.geometry
         self.in_channels = package.in_channels
         self.out_channels = package.out_channels
-        self.threshold = MASK_THRESHOLD
+        self.threshold = package.threshold
+        if package.card is not None:
+            self.instance_params = package.card.instances
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.backend = self._runtime(backend)
         if self.backend.name == "onnxruntime":
