@@ -20,29 +20,22 @@ from typing import Any
 
 from unet_service.core.geometry import PADDINGS, HaloGeometry
 from unet_service.core.weights import ModelCard
+from unet_service.zoo.checks import (
+    PackageError,
+    channel_names,
+    check_2d,
+    check_statistics,
+    check_steps,
+    input_sizes,
+    output_halo,
+    spatial,
+)
 
 DESCRIPTION_FILES = ("rdf.yaml", "bioimageio.yaml")
 NEEDS_EXTRA = "it needs the bioimageio extra: pip install 'unet-service[bioimageio]'"
 # A package's masks: one class above this probability, or the arg-max of several.
 MASK_THRESHOLD = 0.5
 SERVED_WEIGHTS = ("torchscript", "onnx")
-# Steps bioimage.io defines that act on each pixel (given statistics measured beforehand).
-PER_PIXEL_STEPS = {
-    "binarize",
-    "clip",
-    "ensure_dtype",
-    "fixed_zero_mean_unit_variance",
-    "scale_linear",
-    "scale_mean_variance",
-    "scale_range",
-    "sigmoid",
-    "softmax",
-    "zero_mean_unit_variance",
-}
-
-
-class PackageError(ValueError):
-    """Why a package is not served (one line)."""
 
 
 def is_package(path: Path) -> bool:
@@ -150,20 +143,6 @@ def _first_error(descr: Any) -> str:
     return "invalid"
 
 
-def _axes(tensor: Any) -> str:
-    return ",".join(str(a.id) for a in tensor.axes)
-
-
-def _check_2d(tensor: Any, role: str) -> None:
-    types = sorted(a.type for a in tensor.axes)
-    spaces = sorted(str(a.id) for a in tensor.axes if a.type == "space")
-    if types != ["batch", "channel", "space", "space"] or spaces != ["x", "y"]:
-        raise PackageError(
-            f"its {role} has axes {_axes(tensor)} (only 2D images, of axes batch, channel, y "
-            "and x, are served)"
-        )
-
-
 def _check(path: Path, descr: Any, v0_5: Any) -> Package:
     if len(descr.inputs) != 1:
         raise PackageError(
@@ -174,8 +153,8 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
             f"it has {len(descr.outputs)} outputs (only packages of one output are served)"
         )
     (tensor,), (output,) = descr.inputs, descr.outputs
-    _check_2d(tensor, "input")
-    _check_2d(output, "output")
+    check_2d(tensor, "input")
+    check_2d(output, "output")
     if tensor.output_of is not None:
         raise PackageError(f"its input is the output of model {tensor.output_of}")
     if descr.run_mode is not None:
@@ -187,13 +166,13 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
             f"it has no torchscript or onnx weights, which the service runs (it has "
             f"{', '.join(present)})"
         )
-    _check_steps(tensor.preprocessing, "preprocessing")
-    _check_steps(output.postprocessing, "postprocessing")
-    _check_statistics(descr)
+    check_steps(tensor.preprocessing, "preprocessing")
+    check_steps(output.postprocessing, "postprocessing")
+    check_statistics(descr)
     axes = {str(a.id): a for a in tensor.axes}
-    min_input, step_input = _input_sizes(axes, str(tensor.id), v0_5)
+    min_input, step_input = input_sizes(axes, str(tensor.id), v0_5)
     (halo_y, trim_y), (halo_x, trim_x) = (
-        _output_halo(a, axes, str(tensor.id), v0_5) for a in _spatial(output)
+        output_halo(a, axes, str(tensor.id), v0_5) for a in spatial(output)
     )
     if trim_y != trim_x:
         raise PackageError(
@@ -220,8 +199,8 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
         input_axes=tuple(str(a.id) for a in tensor.axes),
         output_id=str(output.id),
         output_axes=tuple(str(a.id) for a in output.axes),
-        class_names=_channel_names(output, "output"),
-        in_channels=len(_channel_names(tensor, "input")),
+        class_names=channel_names(output, "output"),
+        in_channels=len(channel_names(tensor, "input")),
         geometry=geometry,
         halo_yx=halo_yx,  # type: ignore[arg-type]
         batch_size=batch.size,
@@ -240,85 +219,3 @@ def _exported_card(descr: Any) -> ModelCard | None:
         return ModelCard.model_validate(ours["card"])
     except ValueError:
         return None
-
-
-def _spatial(tensor: Any) -> list[Any]:
-    axes = {str(a.id): a for a in tensor.axes}
-    return [axes["y"], axes["x"]]
-
-
-def _channel_names(tensor: Any, role: str) -> list[str]:
-    channel = next(a for a in tensor.axes if a.type == "channel")
-    names = getattr(channel, "channel_names", None)
-    if not names:
-        raise PackageError(f"its {role}'s channels are not a fixed list")
-    return [str(n) for n in names]
-
-
-def _check_steps(steps: Any, kind: str) -> None:
-    for step in steps:
-        if step.id not in PER_PIXEL_STEPS:
-            raise PackageError(f"its {kind} step {step.id!r} is not applied tile by tile")
-        if step.id == "softmax" and str(step.kwargs.axis) != "channel":
-            raise PackageError(f"its {kind} softmax runs along {step.kwargs.axis}, not channels")
-
-
-def _check_statistics(descr: Any) -> None:
-    """Statistics of the input sample are measured over the whole image; dataset statistics
-    would have to be stated in the package (as fixed values), and statistics of the output
-    would need the whole output before any tile is done."""
-    from bioimageio.core.proc_setup import get_requried_measures
-    from bioimageio.core.stat_measures import DatasetMeasureBase
-
-    needed = get_requried_measures(descr)
-    if any(isinstance(m, DatasetMeasureBase) for m in needed.pre):
-        raise PackageError("its preprocessing needs dataset statistics that it does not state")
-    if needed.post:
-        raise PackageError("its postprocessing needs statistics of a whole tensor")
-
-
-def _input_sizes(axes: dict[str, Any], tensor_id: str, v0_5: Any) -> tuple[int, int]:
-    """(min, step) of the input's y and x, which must take the same sizes (tiles are
-    square); step 0 for a fixed size."""
-
-    def legal(axis: Any, seen: tuple[str, ...] = ()) -> tuple[int, int]:
-        size = axis.size
-        if isinstance(size, int):
-            return size, 0
-        if isinstance(size, v0_5.ParameterizedSize):
-            return size.min, size.step
-        if (
-            isinstance(size, v0_5.SizeReference)
-            and str(size.tensor_id) == tensor_id
-            and str(size.axis_id) in ("y", "x")
-            and str(size.axis_id) not in seen
-            and size.offset == 0
-            and axes[str(size.axis_id)].scale == axis.scale
-        ):
-            return legal(axes[str(size.axis_id)], (*seen, str(axis.id)))
-        raise PackageError(f"its input's {axis.id} size ({size}) is not one the service tiles by")
-
-    y, x = legal(axes["y"]), legal(axes["x"])
-    if y != x:
-        raise PackageError(
-            f"its input's y and x take different sizes, (min, step) {y} and {x} (tiles are square)"
-        )
-    return y
-
-
-def _output_halo(axis: Any, inputs: dict[str, Any], tensor_id: str, v0_5: Any) -> tuple[int, int]:
-    """(halo, trim) of an output axis: the input's size with an offset of -2 trim (0 for a
-    network that keeps its input's size), `halo` of it cropped at each border."""
-    size = axis.size
-    follows = (
-        isinstance(size, v0_5.SizeReference)
-        and str(size.tensor_id) == tensor_id
-        and str(size.axis_id) == str(axis.id)
-        and inputs[str(axis.id)].scale == axis.scale
-    )
-    if not follows or size.offset > 0 or size.offset % 2:
-        raise PackageError(
-            f"its output's {axis.id} is not the input's {axis.id} less an even border ({size}; "
-            "only outputs of the input's size, or smaller by a border on each side, are served)"
-        )
-    return int(getattr(axis, "halo", 0)), -size.offset // 2
