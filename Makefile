@@ -19,7 +19,7 @@ SERVE_LOCK := requirements/serve.txt
 DEV_LOCK := requirements/dev.txt
 # Extras that `make install` adds to the serving set. A name pyproject.toml does not define
 # (yet) is skipped, so adding an extra there and here is all it takes.
-DEV_EXTRAS := test train
+DEV_EXTRAS := test train bioimageio
 UV_VERSION := 0.13.9
 # Where `make lock` reads the CPU torch wheel's dependencies from: pip's own find-links when
 # this machine has them set (where `make install` finds torch), else PyTorch's CPU index.

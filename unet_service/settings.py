@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from unet_service.core.geometry import Geometry
+from unet_service.core.geometry import TileGeometry
 from unet_service.locations import LocationSettings
 from unet_service.options import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, BackendChoice, PrecisionChoice
 from unet_service.pipeline.outputs import TTA_VIEWS as VARIANTS
@@ -25,8 +25,7 @@ LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 class Settings(LocationSettings):
-    """Every `UNET_*` setting; those of inputs and results named by location are
-    `LocationSettings`' (`locations.py`)."""
+    """Every `UNET_*` setting (those of named locations and volumes: `locations.py`)."""
 
     model_config = SettingsConfigDict(
         env_prefix="UNET_", env_file=".env", extra="ignore", validate_default=True
@@ -39,14 +38,14 @@ class Settings(LocationSettings):
     models: Path | None = Field(
         None,
         description="A model repository: a folder where each model is NAME.safetensors with "
-        "its card NAME.json beside it, served under NAME; unset = the one model UNET_WEIGHTS "
-        "names.",
+        "its card NAME.json beside it, or a bioimage.io package NAME.zip or NAME/, served under "
+        "NAME; unset = the one model UNET_WEIGHTS names.",
     )
     default_model: str = Field(
         "",
         description="The model /v1/segment and jobs use when a request names none; empty = "
-        "the first of the repository (with one model, that one). It is loaded at start and "
-        "stays loaded.",
+        "the first of the repository that can be served (with one model, that one). It is "
+        "loaded at start and stays loaded.",
     )
     max_loaded_models: int = Field(
         4,
@@ -70,7 +69,8 @@ class Settings(LocationSettings):
     )
     tile_size: int = Field(
         DEFAULT_TILE_SIZE,
-        description="Largest output tile; must be legal for the model (4 + 2^depth * j).",
+        description="Largest output tile; must be legal for the model (4 + 2^depth * j); a "
+        "bioimage.io package takes its largest legal tile not above it.",
     )
     tta: int = Field(
         1,
@@ -289,10 +289,11 @@ class Settings(LocationSettings):
     def max_json_reply_bytes(self) -> int:
         return int(self.max_json_reply_mb * 1024 * 1024)
 
-    def check_tile_size(self, geometry: Geometry) -> None:
-        """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit."""
+    def check_tile_size(self, geometry: TileGeometry) -> None:
+        """Raise ValueError naming the nearest legal sizes when TILE_SIZE does not fit (our
+        U-Net's; a bioimage.io package takes its largest legal tile not above it)."""
         try:
-            geometry.check_tile(self.tile_size)
+            geometry.tile_for(self.tile_size)
         except ValueError as e:
             raise ValueError(
                 f"UNET_TILE_SIZE={self.tile_size} does not fit the model: {e}"

@@ -27,7 +27,7 @@ from unet_service.api.routes import (
     web,
 )
 from unet_service.api.uploads import ARRIVED
-from unet_service.core.engine import Segmenter
+from unet_service.core.engine import TiledModel
 from unet_service.jobs.files import JobFiles
 from unet_service.jobs.runner import JobRunner
 from unet_service.jobs.table.connect import open_job_table
@@ -105,7 +105,7 @@ def job_files(settings: Settings) -> JobFiles:
     return JobFiles(settings.jobs_dir, settings.jobs_quota_bytes)
 
 
-def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, segmenter: TiledModel | None = None) -> FastAPI:
     """The service. With `segmenter`, that already-loaded engine is the default model;
     otherwise the lifespan loads it. Readiness turns true after its warm-up."""
     settings = settings or Settings()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from unet_service.cli.stream import predict_section, wants_stream
 from unet_service.cli.volume import is_zarr, predict_volume
-from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter
+from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter, TiledModel
 from unet_service.core.precision import PRECISIONS
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.weights import WeightsError
@@ -27,6 +27,8 @@ from unet_service.imaging.tiff_writer import WriterError
 from unet_service.locations import DEFAULT_ZARR_BLOCK
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
+from unet_service.zoo.package import is_package
+from unet_service.zoo.segmenter import PackageSegmenter
 
 
 def write_outputs(
@@ -66,13 +68,21 @@ def output_clash(images: list[Path], output_dir: Path) -> str | None:
 
 
 def repository_weights(name: str, folder: Path | None) -> Path:
-    """The weights of model `name` in a repository folder (the service's UNET_MODELS)."""
+    """The weights of model `name` in a repository folder (the service's UNET_MODELS): its
+    NAME.safetensors, or its bioimage.io package NAME.zip or NAME/."""
     folder = folder or Path(os.environ.get("UNET_MODELS") or DEFAULT_WEIGHTS.parent)
-    path = folder / f"{name}.safetensors"
-    if not path.is_file():
-        names = sorted(p.stem for p in folder.glob("*.safetensors"))
-        raise ValueError(f"no model {name!r} in {folder} (it holds: {', '.join(names) or 'none'})")
-    return path
+    for path in (folder / f"{name}.safetensors", folder / f"{name}.zip", folder / name):
+        if (path.suffix == ".safetensors" and path.is_file()) or is_package(path):
+            return path
+    names = sorted(p.stem for p in folder.iterdir() if p.suffix == ".safetensors" or is_package(p))
+    raise ValueError(f"no model {name!r} in {folder} (it holds: {', '.join(names) or 'none'})")
+
+
+def load_model(weights: Path, device: str, precision: str) -> TiledModel:
+    """Our weights, or a bioimage.io package (run in float32 by its own weights)."""
+    if is_package(weights):
+        return PackageSegmenter.from_package(weights, device=device)
+    return Segmenter.from_weights(weights, device=device, precision=precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         metavar="NAME",
-        help="a model of the repository --models names (NAME.safetensors + NAME.json), "
-        "instead of --weights",
+        help="a model of the repository --models names (NAME.safetensors + NAME.json, or a "
+        "bioimage.io package NAME.zip or NAME/), instead of --weights",
     )
     p.add_argument(
         "--models",
@@ -105,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile-size",
         type=int,
         default=DEFAULT_TILE_SIZE,
-        help="output tile size; legal sizes are 4 + 2^depth * j (default %(default)s)",
+        help="output tile size; legal sizes are 4 + 2^depth * j (default %(default)s); a "
+        "bioimage.io package takes its largest legal tile not above it",
     )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--probabilities", action="store_true", help="also write float32 .npy")
@@ -153,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size and --block must be >= 1")
     try:
         weights = repository_weights(args.model, args.models) if args.model else args.weights
-        seg = Segmenter.from_weights(weights, device=args.device, precision=args.precision)
-        seg.geometry.check_tile(args.tile_size)
+        seg = load_model(weights, args.device, args.precision)
+        args.tile_size = seg.geometry.tile_for(args.tile_size)
     except (WeightsError, ValueError) as e:
         parser.exit(2, f"unet-predict: error: {e}\n")
     if args.instances and seg.out_channels != 1:
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def segment_pages(
-    seg: Segmenter, pages: list[np.ndarray], request: SegmentRequest, args: argparse.Namespace
+    seg: TiledModel, pages: list[np.ndarray], request: SegmentRequest, args: argparse.Namespace
 ) -> tuple[list[Segmentation], list[np.ndarray] | None]:
     """Every page segmented as if alone (a progress bar for many tiles), and its cell ids
     when asked for."""

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from unet_service.api.app import create_app
 from unet_service.core.weights import WeightsError
-from unet_service.serving.models import discover
+from unet_service.serving.catalog import default_model, discover
 from unet_service.serving.service import InferenceService, State, load_segmenter
 from unet_service.settings import Settings
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     # traceback uvicorn prints for a failed lifespan.
     try:
         models = discover(settings)
-        default = settings.default_model or next(iter(models))
-        if default not in models:
-            raise ValueError(f"UNET_DEFAULT_MODEL={default} is not one of {', '.join(models)}")
-        segmenter = load_segmenter(settings, models[default])
+        segmenter = load_segmenter(settings, models[default_model(settings, models)])
     except (WeightsError, ValueError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1

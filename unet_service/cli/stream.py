@@ -15,7 +15,7 @@ from pathlib import Path
 import tifffile
 from tqdm import tqdm
 
-from unet_service.core.engine import Segmenter
+from unet_service.core.engine import TiledModel
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.decode import TIFF_MAGIC
 from unet_service.imaging.errors import ImageError
@@ -55,7 +55,7 @@ def stream_result_path(output_dir: Path, stem: str, output: Output) -> Path:
 
 
 def predict_section(
-    seg: Segmenter,
+    seg: TiledModel,
     path: Path,
     output_dir: Path,
     *,
@@ -93,7 +93,7 @@ def predict_section(
 
 
 def section_image(
-    segmenter: Segmenter,
+    segmenter: TiledModel,
     source: Source,
     page: int,
     writer: SectionWriter,
@@ -116,7 +116,7 @@ class Cancelled(Exception):
 
 
 def run_section(
-    segmenter: Segmenter,
+    segmenter: TiledModel,
     source: Source,
     path: str | Path,
     *,

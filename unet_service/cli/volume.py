@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from unet_service.core.engine import Segmenter
+from unet_service.core.engine import TiledModel
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.imaging.errors import ImageError
 from unet_service.imaging.sources import open_zarr
@@ -69,8 +69,17 @@ def _existing(locations: dict[Output, str], input_name: str) -> dict[Output, Zar
     return results
 
 
+def model_names(seg: TiledModel, weights: Path) -> tuple[str, list[str]]:
+    """The model's name and class names: its card's, or for a bioimage.io package (which has
+    none of ours) its file's name and numbered classes."""
+    card = getattr(seg, "card", None)
+    if card is not None:
+        return card.name, list(card.class_names)
+    return weights.stem, [f"class {k}" for k in range(seg.out_channels)]
+
+
 def predict_volume(
-    seg: Segmenter,
+    seg: TiledModel,
     weights: Path,
     path: Path,
     output_dir: Path,
@@ -93,15 +102,11 @@ def predict_volume(
         results = _existing(locations, input_name)
         if results is None:
             volume = plan_volume(source, recipe, outputs, block)
-            card = seg.card
+            name, classes = model_names(seg, weights)
             info = {
                 "input": input_name,
-                "model": card.name,
-                "card": {
-                    "name": card.name,
-                    "threshold": card.threshold,
-                    "classes": card.class_names,
-                },
+                "model": name,
+                "card": {"name": name, "threshold": seg.threshold, "classes": classes},
                 "settings": {"tile_size": volume.tile_size, "block": list(volume.block)},
             }
             results = create_results(locations, source, recipe, volume, info)
@@ -113,7 +118,14 @@ def predict_volume(
         if scheduler:
             from unet_service.pipeline.cluster import BlockTask, ModelSpec, on_cluster
 
-            model = ModelSpec(str(weights), device, precision, batch_cpu=batch_size)
+            model = ModelSpec(
+                str(weights.resolve()),
+                device=device,
+                precision=precision,
+                tile_size=tile_size,
+                batch_cpu=batch_size,
+                batch_cuda=batch_size,
+            )
             task = BlockTask(
                 f"cli-{uuid.uuid4().hex}",
                 input_name,
@@ -143,6 +155,6 @@ def predict_volume(
                 runner=runner,
                 progress=progress,
                 name=path.name.removesuffix(".zarr"),
-                class_names=seg.card.class_names,
+                class_names=model_names(seg, weights)[1],
             )
             return asyncio.run(work)

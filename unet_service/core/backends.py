@@ -7,6 +7,7 @@
   for folded channels-last eager PyTorch and 0.41 for plain NCHW (bench/ measures it again).
 
 Both take normalised float32 (N, C, S, S) tiles and return float32 logits (N, K, S', S').
+A bioimage.io package runs its own weights: ONNX in the same runtime, or TorchScript.
 """
 
 from __future__ import annotations
@@ -115,26 +116,41 @@ class TorchBackend:
             return self.model(x)[:n].float().clone()
 
 
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    file: str | io.BytesIO,
+    names: tuple[str, str],
+    axes: tuple[str, str, str] = ("batch", "height", "width"),
+    opset: int | None = None,
+) -> None:
+    """The network as ONNX, its (input, output) named `names`, with dynamic batch, height and
+    width (`axes` names them): `example` is any legal input. The TorchScript-based exporter,
+    which needs no onnxscript and traces the centre crops' sizes as shape arithmetic."""
+    dims = dict(zip((0, 2, 3), axes, strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            copy.deepcopy(model).float().cpu().eval(),
+            (example,),
+            file,
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_axes={names[0]: dims, names[1]: dims},
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
 class OnnxRuntimeBackend:
+    """An ONNX model (its bytes) in an ONNX Runtime CPU session: our U-Net exported
+    (`exported`), or a bioimage.io package's onnx weights as they are."""
+
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, in_channels: int) -> None:
+    def __init__(self, onnx_model: bytes) -> None:
         import onnxruntime as ort
 
-        buf = io.BytesIO()
-        example = torch.zeros(1, in_channels, 188, 188)  # any legal size; axes are dynamic
-        axes = {0: "batch", 2: "height", 3: "width"}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(
-                copy.deepcopy(model).float().cpu().eval(),
-                (example,),
-                buf,
-                input_names=["tiles"],
-                output_names=["logits"],
-                dynamic_axes={"tiles": axes, "logits": axes},
-                dynamo=False,
-            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -142,16 +158,39 @@ class OnnxRuntimeBackend:
         # with decoding and encoding, and spinning threads slowed passes down there (a pass
         # of 4 tiles took 1.04 s without spinning against 1.19 s with it, on 2 busy cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            buf.getvalue(), options, providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    @classmethod
+    def exported(cls, model: nn.Module, in_channels: int) -> OnnxRuntimeBackend:
+        buf = io.BytesIO()
+        export_onnx(model, torch.zeros(1, in_channels, 188, 188), buf, ("tiles", "logits"))
+        return cls(buf.getvalue())
 
     def batch_shapes(self, max_batch: int) -> list[int]:
         return [1]  # any batch size runs the same session
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
-        (logits,) = self.session.run(None, {"tiles": np.ascontiguousarray(batch, np.float32)})
-        return torch.from_numpy(logits)
+        (out, *_) = self.session.run(None, {self._input: np.ascontiguousarray(batch)})
+        return torch.from_numpy(out)
+
+
+class TorchScriptBackend:
+    """A TorchScript module (a bioimage.io package's torchscript weights), run as it is."""
+
+    name = "torchscript"
+
+    def __init__(self, module: torch.jit.ScriptModule, device: torch.device) -> None:
+        self.device = device
+        self.module = module.to(device).eval()
+
+    def batch_shapes(self, max_batch: int) -> list[int]:
+        return [1]
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> torch.Tensor:
+        out = self.module(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        return out[0] if isinstance(out, list | tuple) else out
 
 
 def make_backend(
@@ -167,5 +206,5 @@ def make_backend(
     if choose_backend(name, device, precision) == "onnxruntime":
         if compile:
             raise ValueError("compile applies to the torch backend, not onnxruntime")
-        return OnnxRuntimeBackend(model, in_channels)
+        return OnnxRuntimeBackend.exported(model, in_channels)
     return TorchBackend(model, device, precision, compile=compile)

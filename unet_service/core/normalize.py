@@ -12,9 +12,14 @@ from unet_service.core.weights import Normalization
 _SCALE = {np.dtype(np.uint8): 1 / 255, np.dtype(np.uint16): 1 / 65535}
 
 
+def unit_scale(dtype: np.dtype) -> float:
+    """The factor that brings pixels of `dtype` to the [0, 1] scale (1 for floats)."""
+    return _SCALE.get(np.dtype(dtype), 1.0)
+
+
 def to_unit(raw: np.ndarray) -> np.ndarray:
     """Pixels in their own dtype -> float32 on the [0, 1] scale, any shape."""
-    return raw.astype(np.float32) * np.float32(_SCALE.get(raw.dtype, 1.0))
+    return raw.astype(np.float32) * np.float32(unit_scale(raw.dtype))
 
 
 class Normalizer:

@@ -22,9 +22,10 @@ OOM_PROBE_PASSES = 200
 
 
 class Model(Protocol):
-    """What a batch needs of the model (`core.engine.Segmenter`)."""
+    """What a batch needs of the model (`core.engine.Segmenter`,
+    `zoo.segmenter.PackageSegmenter`)."""
 
-    def normalize(self, raw: np.ndarray) -> np.ndarray: ...
+    def normalize(self, raw: np.ndarray, statistics: Any = None) -> np.ndarray: ...
 
     def forward(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -42,6 +43,8 @@ class TileImage(Protocol):
     def take(self) -> Any: ...
 
     def tile_input(self, ref: Any) -> np.ndarray: ...
+
+    def statistics(self, ref: Any) -> Any: ...
 
     def add(self, ref: Any, probabilities: np.ndarray, mask: np.ndarray) -> None: ...
 
@@ -85,7 +88,9 @@ class BatchRunner:
 
     def __call__(self, items: Sequence[BatchItem]) -> list[TileOutput]:
         seg = self.segmenter
-        batch = np.stack([seg.normalize(image.tile_input(tile)) for image, tile in items])
+        batch = np.stack(
+            [seg.normalize(image.tile_input(tile), image.statistics(tile)) for image, tile in items]
+        )
         probs = self._forward_splitting(batch)
         return [(p, seg.to_mask(p)) for p in probs]
 

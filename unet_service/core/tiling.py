@@ -2,10 +2,12 @@
 
 The planner lays output tiles on a grid whose origins are multiples of 2^d, so every tile is
 a shifted window of one big virtual forward pass over the mirror-padded image, and a tiled
-result equals that single pass. Each output pixel is taken from exactly one tile: nothing is
-blended. Planner and stitcher are separate, so one batch may hold tiles of many images.
-Tiles are cut lazily from the original (integer) image by index arithmetic: no padded or
-float copy of the whole image is ever made.
+result equals that single pass. The image is extended past its border as the geometry says
+(`padding`: our U-Net reflects, a bioimage.io package pads as it declares). Each output
+pixel is taken from exactly one tile: nothing is blended. Planner and stitcher are
+separate, so one batch may hold tiles of many images. Tiles are cut lazily from the original
+(integer) image by index arithmetic: no padded or float copy of the whole image is ever
+made.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from unet_service.core.geometry import Geometry
+from unet_service.core.geometry import TileGeometry
 
 
 def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
@@ -31,11 +33,28 @@ def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
     return np.where(positions < size, positions, period - positions)
 
 
-def mirror_pad(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """Mirror-pad the first two axes of an (H, W, ...) array by any amounts."""
+def border_indices(start: int, stop: int, size: int, padding: str = "reflect") -> np.ndarray:
+    """`reflect_indices` for any of numpy's padding modes the geometries use: "reflect",
+    "symmetric" (the edge pixel repeated, then mirrored: period 2 * size) or "edge"."""
+    if padding == "reflect":
+        return reflect_indices(start, stop, size)
+    positions = np.arange(start, stop)
+    if padding == "edge":
+        return np.clip(positions, 0, size - 1)
+    if padding == "symmetric":
+        positions = np.mod(positions, 2 * size)
+        return np.where(positions < size, positions, 2 * size - 1 - positions)
+    raise ValueError(f"unknown padding {padding!r}")
+
+
+def mirror_pad(
+    image: np.ndarray, top: int, bottom: int, left: int, right: int, padding: str = "reflect"
+) -> np.ndarray:
+    """Pad the first two axes of an (H, W, ...) array by any amounts (mirrored by default,
+    or as `padding` says: see `border_indices`)."""
     h, w = image.shape[:2]
-    ys = reflect_indices(-top, h + bottom, h)
-    xs = reflect_indices(-left, w + right, w)
+    ys = border_indices(-top, h + bottom, h, padding)
+    xs = border_indices(-left, w + right, w, padding)
     return image[ys][:, xs]
 
 
@@ -52,7 +71,7 @@ class TilePlan:
 
     height: int
     width: int
-    geometry: Geometry
+    geometry: TileGeometry
     tile_size: int
 
     def __post_init__(self) -> None:
@@ -123,9 +142,9 @@ class TilePlan:
 
     def input_indices(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """The image rows and columns of the tile's input window, mirrored at the borders."""
-        m = self.geometry.margin
-        ys = reflect_indices(tile.row - m, tile.row - m + self.input_size, self.height)
-        xs = reflect_indices(tile.col - m, tile.col - m + self.input_size, self.width)
+        m, padding = self.geometry.margin, self.geometry.padding
+        ys = border_indices(tile.row - m, tile.row - m + self.input_size, self.height, padding)
+        xs = border_indices(tile.col - m, tile.col - m + self.input_size, self.width, padding)
         return ys, xs
 
     def extract(self, image: np.ndarray, tile: Tile) -> np.ndarray:
@@ -143,6 +162,7 @@ class TilePlan:
             m + self.covered_height - self.height,
             m,
             m + self.covered_width - self.width,
+            self.geometry.padding,
         )
 
     def write_window(self, tile: Tile) -> tuple[slice, slice]:
@@ -157,12 +177,12 @@ class TilePlan:
         return slice(0, extent(tile.row, self.height)), slice(0, extent(tile.col, self.width))
 
 
-def tile_sizes(geometry: Geometry, max_tile: int) -> tuple[int, ...]:
+def tile_sizes(geometry: TileGeometry, max_tile: int) -> tuple[int, ...]:
     """Legal output tile sizes to plan images with: about a quarter, a half and all of
     `max_tile` (for depth 4 and 516: 132, 260, 516). A few sizes keep batches full (tiles of
     one size share a shape whatever image they come from) while small images are not padded
-    up to the full tile."""
-    geometry.check_tile(max_tile)
+    up to the full tile. `max_tile` is taken as the geometry takes it (`tile_for`)."""
+    max_tile = geometry.tile_for(max_tile)
     sizes = {max_tile}
     for fraction in (4, 2):
         wanted = max(math.ceil(max_tile / fraction), geometry.min_tile)
@@ -172,7 +192,9 @@ def tile_sizes(geometry: Geometry, max_tile: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def choose_tile_size(height: int, width: int, sizes: tuple[int, ...], geometry: Geometry) -> int:
+def choose_tile_size(
+    height: int, width: int, sizes: tuple[int, ...], geometry: TileGeometry
+) -> int:
     """The tile size that computes the image with the least work: the network's cost is
     about proportional to the input area, so minimise tiles x (tile + shrink)^2. Small images
     get a small tile instead of being padded up; large ones the largest, whose margins cost
@@ -185,7 +207,7 @@ def choose_tile_size(height: int, width: int, sizes: tuple[int, ...], geometry: 
     return min(sorted(sizes, reverse=True), key=cost)
 
 
-def plan_image(height: int, width: int, geometry: Geometry, sizes: tuple[int, ...]) -> TilePlan:
+def plan_image(height: int, width: int, geometry: TileGeometry, sizes: tuple[int, ...]) -> TilePlan:
     """The plan of an image with the cheapest of the offered tile sizes."""
     return TilePlan(height, width, geometry, choose_tile_size(height, width, sizes, geometry))
 

@@ -1,5 +1,8 @@
 """The U-Net of Ronneberger et al. (2015): valid 3x3 convolutions, so the output is smaller
-than the input and every output pixel sees its full receptive field (no zero padding)."""
+than the input and every output pixel sees its full receptive field (no zero padding).
+
+This module imports nothing of the package: the BioImage Model Zoo export ships it, as it
+is, as the architecture of its packages (interop/bioimageio_weights.py)."""
 
 from __future__ import annotations
 
@@ -104,3 +107,18 @@ class UNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips), strict=True):
             x = up(x, skip)  # (N, c_i, 2h - 4, 2w - 4)
         return self.head(x)  # (N, out_channels, H - shrink, W - shrink)
+
+
+def to_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K, ...) logits -> probabilities: the sigmoid for one class, the softmax over the K
+    classes for several."""
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+class UNetProbabilities(UNet):
+    """The U-Net with its final activation (`to_probabilities`), for runtimes that take the
+    network whole: the BioImage Model Zoo's packages, whose consumers then get probabilities
+    without a postprocessing step of their own. Same parameters, same state dict as `UNet`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return to_probabilities(super().forward(x))

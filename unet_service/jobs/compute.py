@@ -167,18 +167,24 @@ def _store(record: JobRecord, location: str, source: Source, model: LoadedModel)
         if record.params.get("store_named") and not is_empty(location):
             raise ImageError(f"{location} holds another result than this job's")
         remove_location(location)
-    request, card = job_request(record.params), model.segmenter.card
+    # The model's card, or a bioimage.io package's description of itself.
+    request, card = job_request(record.params), model.info
     volume = plan_volume(source, model.recipe, request.outputs, record.params["block"])
     info = {
         "job": record.id,
         "input": record.params.get("input_location") or record.input_name,
         "model": model.name,
-        "card": {"name": card.name, "threshold": card.threshold, "classes": card.class_names},
+        "card": {
+            "name": card.name,
+            "threshold": card.threshold,
+            "classes": card.class_names,
+            "platform": card.platform,
+        },
         "settings": {
             "output": request.outputs[0],
             "tile_size": volume.tile_size,
             "block": list(volume.block),
-            "precision": model.segmenter.precision,
+            "precision": getattr(model.segmenter, "precision", "fp32"),
         },
     }
     (output,) = request.outputs
@@ -201,11 +207,13 @@ def _cluster(
     location = record.params.get("input_location")
     model = ModelSpec(
         str(service.models.entry(record.params.get("model")).weights),
-        settings.device,
-        settings.precision,
-        settings.backend,
-        settings.job_batch_tiles_for("cpu"),
-        settings.batch_tiles_for("cuda"),
+        device=settings.device,
+        precision=settings.precision,
+        backend=settings.backend,
+        tile_size=settings.tile_size,
+        max_pixels=settings.max_pixels,
+        batch_cpu=settings.job_batch_tiles_for("cpu"),
+        batch_cuda=settings.batch_tiles_for("cuda"),
     )
     task = BlockTask(
         record.id,
@@ -240,7 +248,7 @@ async def _run_store(
             runner=_cluster(record, job, service, files, settings),
             progress=progress,
             name=Path(record.input_name.rstrip("/")).name or record.id,
-            class_names=model.segmenter.card.class_names,
+            class_names=model.info.class_names,
         )
         counts = await _supervised(work, settings, report)
     except Exception as e:

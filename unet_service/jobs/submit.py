@@ -28,7 +28,7 @@ from unet_service.pipeline.outputs import (
     store_nbytes,
 )
 from unet_service.pipeline.to_store import plan_volume
-from unet_service.serving.limits import check_instances, check_job
+from unet_service.serving.limits import check_instances, check_job, check_measured
 
 ZARR_MEDIA_TYPE = "application/vnd.ome-zarr"
 
@@ -153,6 +153,7 @@ async def _record(
     if result_format == "zarr":
         if request.labels:
             check_instances(settings, out_channels)
+        check_measured(settings, source.height, source.width, recipe.measure is not None)
         volume = plan_volume(source, recipe, request.outputs, settings.zarr_block)
         tiles = volume.total_tiles(recipe.geometry)
         reserve = 0 if store else store_nbytes(source.pixels, output, out_channels)
@@ -160,7 +161,8 @@ async def _record(
         store = store or str(runner.files.store_path(job_id))
         params.update(block=settings.zarr_block, store=store, store_named=named)
     else:
-        check_job(settings, request, out_channels, source.height, source.width)
+        measured = recipe.measure is not None
+        check_job(settings, request, out_channels, source.height, source.width, measured)
         reserve = result_nbytes(source.pixels, source.pages, output, out_channels)
         tiles = recipe.tiles(source.height, source.width, source.pages, request.tta)
     now = time.time()

@@ -141,7 +141,9 @@ def _entry(job: BlockJob, index: int) -> TiledImage | TiledStack:
             plan,
             RegionSink(plan, area, job.recipe.out_channels, keep),
             job.recipe.in_channels,
-            tiles,
+            # The whole page's, from the whole source: a block normalises as the page does.
+            statistics=job.recipe.statistics(job.source, page),
+            tiles=tiles,
         )
         for page in range(area.z0, area.z1)
     ]

@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin
@@ -27,6 +28,7 @@ from unet_service.errors import InferenceError
 from unet_service.imaging.location import location_exists
 from unet_service.imaging.sources import open_source, open_zarr
 from unet_service.imaging.zarr_result import ZarrResult
+from unet_service.options import DEFAULT_TILE_SIZE
 from unet_service.pipeline.blocks import BlockJob, compute_block
 from unet_service.pipeline.to_file import Progress
 from unet_service.pipeline.volume import Volume
@@ -34,7 +36,7 @@ from unet_service.pipeline.volume import Volume
 log = logging.getLogger("app.jobs")
 
 if TYPE_CHECKING:  # the engine needs torch; pipeline/ imports without it
-    from unet_service.core.engine import Segmenter
+    from unet_service.core.engine import TiledModel
 
 # Limits for a worker's reading of an input the server already checked against its own.
 _NO_LIMIT_PIXELS, _NO_LIMIT_PAGES = 10**13, 10**7
@@ -46,12 +48,15 @@ _OPEN_JOBS = 2
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model a worker loads, and how (the server's settings for it)."""
+    """Which model a worker loads (our weights or a bioimage.io package, at a path the
+    workers share), and how: the server's settings for it."""
 
     weights: str
     device: str = "auto"
     precision: str = "fp32"
     backend: str = "auto"
+    tile_size: int = DEFAULT_TILE_SIZE
+    max_pixels: int = 100_000_000  # a package measuring whole pages measures this many
     batch_cpu: int = 1  # tiles a forward pass on a worker's CPU
     batch_cuda: int = 4  # on its GPU
 
@@ -60,10 +65,21 @@ class ModelSpec:
         # The same in every process (hash() of a string is not).
         return f"unet-model-{hashlib.sha256(repr(self).encode()).hexdigest()[:16]}"
 
-    def load(self) -> Segmenter:
-        from unet_service.core.engine import Segmenter
+    def load(self) -> TiledModel:
+        """The model, loaded as the service loads it (`serving.service.load_segmenter`)."""
+        from unet_service.serving.service import load_segmenter
+        from unet_service.settings import Settings
 
-        return Segmenter.from_weights(self.weights, self.device, self.precision, self.backend)
+        settings = Settings(
+            _env_file=None,
+            weights=Path(self.weights),
+            device=self.device,
+            precision=self.precision,
+            backend=self.backend,
+            tile_size=self.tile_size,
+            max_pixels=self.max_pixels,
+        )
+        return load_segmenter(settings, Path(self.weights))
 
 
 @dataclass(frozen=True)
@@ -80,7 +96,7 @@ class BlockTask:
     instances: bool = False
     tag: int = 1
 
-    def open(self, segmenter: Segmenter) -> BlockJob:
+    def open(self, segmenter: TiledModel) -> BlockJob:
         """The job as `compute_block` takes it (blocking: opens the input and the stores)."""
         limits = {"max_pixels": _NO_LIMIT_PIXELS, "max_pages": _NO_LIMIT_PAGES}
         source = (open_zarr if self.zarr_input else open_source)(self.input, **limits)
@@ -104,7 +120,7 @@ class ModelPlugin(WorkerPlugin):
 
     def __init__(self, model: ModelSpec) -> None:
         self.model = model
-        self.segmenter: Segmenter | None = None
+        self.segmenter: TiledModel | None = None
         self.jobs: dict[str, BlockJob] = {}
         self.lock = threading.Lock()
 

@@ -5,12 +5,14 @@ torch-free, and the same for a request, a job and the command line."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from unet_service.core.geometry import Geometry
+from unet_service.core.geometry import TileGeometry
 from unet_service.core.tiling import TilePlan, plan_image
 from unet_service.imaging.decode import match_channels
 from unet_service.imaging.sources import ArraySource, Source, check_values
@@ -24,13 +26,17 @@ from unet_service.pipeline.views import VIEWS, DihedralView, view
 class Recipe:
     """`tile_sizes`: one legal output tile size, or several to choose from per image (the
     one that computes it with the least work). `to_mask`: (K, ...) probabilities -> (...)
-    uint8 mask."""
+    uint8 mask. `measure`: for a model whose normalisation needs statistics of the whole
+    image (a bioimage.io package's sample-wise preprocessing), what computes them from a page
+    of a source; they are computed once per page, when its first tile is cut (in the
+    inference thread), and shared by its views."""
 
-    geometry: Geometry
+    geometry: TileGeometry
     tile_sizes: tuple[int, ...]
     in_channels: int
     out_channels: int
     to_mask: Callable[[np.ndarray], np.ndarray]
+    measure: Callable[[Source, int], Any] | None = None
 
     def plan(self, height: int, width: int) -> TilePlan:
         if len(self.tile_sizes) == 1:
@@ -44,7 +50,15 @@ class Recipe:
     def page(self, source: Source, page: int, sink: Callable[[TilePlan], Sink]) -> TiledImage:
         """Page `page` of `source`, its outputs to the sink `sink(plan)` makes."""
         plan = self.plan(source.height, source.width)
-        return TiledImage(source, page, plan, sink(plan), self.in_channels)
+        statistics = self.statistics(source, page)
+        return TiledImage(source, page, plan, sink(plan), self.in_channels, statistics)
+
+    def statistics(self, source: Source, page: int) -> Callable[[], Any] | None:
+        """What gives page `page`'s statistics (measured once, when first asked), or None
+        for a model that needs none."""
+        if self.measure is None:
+            return None
+        return functools.cache(functools.partial(self.measure, source, page))
 
     def for_images(
         self, images: list[np.ndarray], *, probabilities: bool, tta: int = 1
@@ -76,10 +90,12 @@ class Recipe:
             )
         size = self.plan(source.height, source.width).tile_size
         total = np.zeros((self.out_channels, source.height, source.width), np.float64)
+        # A turned view's statistics are the image's (its pixels, and its padded border).
+        statistics = self.statistics(source, page)
         views = []
         for k in range(VIEWS):
             turned = DihedralView(source, k)
             plan = TilePlan(turned.height, turned.width, self.geometry, size)
             sink = SumSink(plan, view(total, k, (1, 2)))
-            views.append(TiledImage(turned, page, plan, sink, self.in_channels))
+            views.append(TiledImage(turned, page, plan, sink, self.in_channels, statistics))
         return AveragedViews(views, total, self.to_mask)

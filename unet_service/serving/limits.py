@@ -48,16 +48,36 @@ def check_instances(
         )
 
 
+def check_measured(settings: Settings, height: int, width: int, measured: bool) -> None:
+    """A model that normalises by statistics of the whole page (`measured`: a bioimage.io
+    package's sample-wise preprocessing) measures them in memory: each page must fit
+    UNET_MAX_PIXELS, whatever the job computes at once."""
+    if measured and height * width > settings.max_pixels:
+        raise LimitError(
+            f"this model normalises each page by statistics of the whole page, measured in "
+            f"memory, and a {width}x{height} page is more than UNET_MAX_PIXELS "
+            f"({settings.max_pixels}) pixels"
+        )
+
+
 def check_job(
-    settings: Settings, request: SegmentRequest, out_channels: int, height: int, width: int
+    settings: Settings,
+    request: SegmentRequest,
+    out_channels: int,
+    height: int,
+    width: int,
+    measured: bool = False,
 ) -> None:
     """What a job must fit beyond its file's limits: outputs computed page by page whole
-    hold each page in memory like a request, so each page must fit the same limits."""
+    hold each page in memory like a request, so each page must fit the same limits; so must
+    every page of a model that normalises by statistics of the whole page (`measured`: a
+    bioimage.io package's sample-wise preprocessing), which are measured in memory."""
     if request.labels:
         check_instances(settings, out_channels)
+    pixels = height * width
+    check_measured(settings, height, width, measured)
     if request.streamed:
         return
-    pixels = height * width
     if request.labels:
         limit, name = settings.max_instance_pixels, "UNET_MAX_INSTANCE_PIXELS"
     else:

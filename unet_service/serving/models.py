@@ -1,9 +1,10 @@
 """The models the service serves, by name: a repository (`UNET_MODELS`: a folder where each
-model is `NAME.safetensors` + `NAME.json`; or, without it, the one `UNET_WEIGHTS` names), each
-model loaded on the device on demand, at most `UNET_MAX_LOADED_MODELS` at once (the least
-recently used one that no request holds is unloaded first), and its state for the
-repository index: READY, LOADING, UNAVAILABLE (not loaded), or FAILED with the reason, while
-the others keep serving. The default model is loaded at start and stays loaded."""
+model is `NAME.safetensors` + `NAME.json`, or a bioimage.io package, see `serving.catalog`;
+or, without it, the one `UNET_WEIGHTS` names), each model loaded on the device on demand,
+at most `UNET_MAX_LOADED_MODELS` at once (the least recently used one that no request holds
+is unloaded first), and its state for the repository index: READY, LOADING, UNAVAILABLE (not
+loaded), or FAILED with the reason (from the start, for a package the service cannot serve),
+while the others keep serving. The default model is loaded at start and stays loaded."""
 
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from unet_service.core.engine import Segmenter
-from unet_service.core.geometry import Geometry
+from unet_service.core.engine import Segmenter, TiledModel
 from unet_service.core.runner import BatchRunner
-from unet_service.core.tiling import tile_sizes
-from unet_service.core.weights import ModelCard, load_card
 from unet_service.errors import NotFoundError, UnavailableError
 from unet_service.pipeline.recipe import Recipe
+from unet_service.serving.catalog import (
+    ModelInfo,
+    default_model,
+    info_of,
+    model_info,
+    package_info,
+    refusal,
+)
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import Lane
 from unet_service.settings import Settings
@@ -30,48 +35,20 @@ from unet_service.settings import Settings
 log = logging.getLogger("unet_service.serving.models")
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the routes show of a model (from its card) and of how it is served."""
-
-    name: str
-    description: str
-    class_names: list[str]
-    threshold: float
-    depth: int
-    in_channels: int
-    out_channels: int
-    tile_sizes: tuple[int, ...]
-    # The card's headline validation figures, each defined (core.card_metrics); {} if none.
-    metrics: dict[str, dict[str, Any]]
-
-
-def model_info(name: str, card: ModelCard, settings: Settings) -> ModelInfo:
-    """What is shown of model `name` (its card), served with the service's tile sizes."""
-    return ModelInfo(
-        name=name,
-        description=card.description,
-        class_names=list(card.class_names),
-        threshold=card.threshold,
-        depth=card.depth,
-        in_channels=card.in_channels,
-        out_channels=card.out_channels,
-        tile_sizes=tile_sizes(Geometry(card.depth), settings.tile_size),
-        metrics=card.metrics_summary(),
-    )
-
-
 class LoadedModel:
     """One model on the device: its engine, how it tiles images, its batch runner (and lane
     in the batcher), and what is shown of it."""
 
     def __init__(
-        self, name: str, segmenter: Segmenter, settings: Settings, metrics: Metrics
+        self, name: str, segmenter: TiledModel, settings: Settings, metrics: Metrics
     ) -> None:
         settings.check_tile_size(segmenter.geometry)
         self.name = name
         self.segmenter = segmenter
-        self.info = model_info(name, segmenter.card, settings)
+        if isinstance(segmenter, Segmenter):
+            self.info = model_info(name, segmenter.card, settings)
+        else:
+            self.info = package_info(name, segmenter.package, settings)
         self.recipe: Recipe = segmenter.recipe(self.info.tile_sizes)
         for family in (metrics.tiles, metrics.forward_passes, metrics.oom_splits):
             family.labels(name)  # each model's series from 0, before its first pass
@@ -108,24 +85,6 @@ class ModelEntry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def discover(settings: Settings) -> dict[str, Path]:
-    """The repository's models by name: UNET_MODELS' NAME.safetensors with a NAME.json beside
-    them, or the one model UNET_WEIGHTS names (by its card's name)."""
-    if settings.models is None:
-        return {load_card(settings.weights).name: settings.weights}
-    folder = settings.models
-    if not folder.is_dir():
-        raise ValueError(f"UNET_MODELS={folder} is not a folder")
-    found = {
-        path.stem: path
-        for path in sorted(folder.glob("*.safetensors"))
-        if path.with_suffix(".json").is_file()
-    }
-    if not found:
-        raise ValueError(f"UNET_MODELS={folder} holds no model (NAME.safetensors + NAME.json)")
-    return found
-
-
 Loader = Callable[[str, Path], LoadedModel]
 
 
@@ -144,13 +103,11 @@ class ModelRepository:
         self._load_model = loader
         self._on_change = on_change
         self.entries = {name: ModelEntry(name, path) for name, path in models.items()}
-        default = settings.default_model or next(iter(self.entries))
-        if default not in self.entries:
-            raise ValueError(
-                f"UNET_DEFAULT_MODEL={default} is not a model of the repository "
-                f"({', '.join(self.entries)})"
-            )
-        self.default = default
+        for entry in self.entries.values():
+            reason = refusal(entry.weights)  # a package that cannot be served: FAILED at once
+            if reason is not None:
+                entry.state, entry.reason = "FAILED", reason
+        self.default = default_model(settings, models)
         self._uses = itertools.count(1)
         for name in self.entries:
             on_change(name, False)
@@ -168,13 +125,15 @@ class ModelRepository:
         return entry
 
     def info(self, name: str) -> ModelInfo:
-        """What is shown of model `name`, loaded or not (from its card)."""
+        """What is shown of model `name`, loaded or not (from its card or package; a package
+        that cannot be served is unavailable, with the reason)."""
         entry = self.entry(name)
         if entry.loaded is not None:
             return entry.loaded.info
         try:
-            return model_info(entry.name, load_card(entry.weights), self.settings)
-        except ValueError as e:  # a broken or missing card (WeightsError), a bad depth
+            return info_of(entry.name, entry.weights, self.settings)
+        except ValueError as e:  # a broken or missing card (WeightsError), a bad depth, or a
+            # package that cannot be served (PackageError)
             if entry.state != "LOADING":
                 entry.state, entry.reason = "FAILED", str(e)
             raise UnavailableError(f"model {entry.name!r} cannot be served: {e}") from None

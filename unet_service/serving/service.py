@@ -14,18 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_service.core.engine import Segmenter
+from unet_service.core.engine import Segmenter, TiledModel
 from unet_service.core.runner import BatchRunner
 from unet_service.errors import UnavailableError
 from unet_service.imaging.pages import decode_pages
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.batcher import TileBatcher
+from unet_service.serving.catalog import ModelInfo, discover
 from unet_service.serving.limits import check_instances
 from unet_service.serving.metrics import Metrics
-from unet_service.serving.models import LoadedModel, ModelInfo, ModelRepository, discover
+from unet_service.serving.models import LoadedModel, ModelRepository
 from unet_service.serving.queued import QueuedImage, ShuttingDownError
 from unet_service.settings import Settings
+from unet_service.zoo.package import is_package
+from unet_service.zoo.segmenter import PackageSegmenter
 
 log = logging.getLogger("unet_service.serving.service")
 
@@ -39,16 +42,21 @@ class State(StrEnum):
     stopped = "stopped"
 
 
-def load_segmenter(settings: Settings, weights: Path | None = None) -> Segmenter:
-    """The one way the service loads a model's weights (at start-up and on demand, in
-    production and in tests). Raises WeightsError or ValueError with a one-line reason."""
-    segmenter = Segmenter.from_weights(
-        weights or settings.weights,
-        settings.device,
-        settings.precision,
-        settings.backend,
-        settings.compile,
-    )
+def load_segmenter(settings: Settings, weights: Path | None = None) -> TiledModel:
+    """The one way the service loads a model (at start-up and on demand, in production and
+    in tests): our weights, or a bioimage.io package (`zoo`, run in float32 by its own
+    weights; UNET_PRECISION and UNET_COMPILE are ours). Raises WeightsError or ValueError
+    (PackageError) with a one-line reason."""
+    path = weights or settings.weights
+    segmenter: TiledModel
+    if is_package(path):
+        segmenter = PackageSegmenter.from_package(
+            path, settings.device, settings.backend, settings.max_pixels
+        )
+    else:
+        segmenter = Segmenter.from_weights(
+            path, settings.device, settings.precision, settings.backend, settings.compile
+        )
     settings.check_tile_size(segmenter.geometry)
     return segmenter
 
@@ -58,7 +66,7 @@ class InferenceService:
     model), and the lifecycle. `preloaded`: the default model's engine, already loaded."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, preloaded: Segmenter | None = None
+        self, settings: Settings, metrics: Metrics, preloaded: TiledModel | None = None
     ) -> None:
         self.settings = settings
         self.metrics = metrics
@@ -99,7 +107,7 @@ class InferenceService:
         return self.model.info
 
     @property
-    def segmenter(self) -> Segmenter:
+    def segmenter(self) -> TiledModel:
         return self.model.segmenter
 
     @property
@@ -132,14 +140,14 @@ class InferenceService:
         self._set_state(State.ready)
         seg, info = self.segmenter, self.info
         log.info(
-            "model %r ready on %s (%s, %s) in %.1f s: depth %d, tile sizes %s, batch <= %d "
+            "model %r ready on %s (%s, %s) in %.1f s: %s, tile sizes %s, batch <= %d "
             "tiles; %d model(s) served",
             self.model_name,
             seg.device,
             seg.backend.name,
             seg.precision,
             time.monotonic() - started,
-            seg.geometry.depth,
+            seg.geometry,
             "/".join(map(str, info.tile_sizes)),
             self.runner.max_batch,
             len(self.models.names),

@@ -144,7 +144,7 @@ async def model_metadata(
     return {
         "name": name,
         "versions": [MODEL_VERSION],
-        "platform": "pytorch",
+        "platform": info.platform,
         "inputs": [
             {
                 "name": "image",

@@ -1,0 +1,2 @@
+"""The service's weights in other ecosystems' formats: a BioImage Model Zoo package
+(`unet-export bioimageio`)."""

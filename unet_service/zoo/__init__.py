@@ -1,0 +1,1 @@
+"""BioImage Model Zoo packages served beside our own models."""
