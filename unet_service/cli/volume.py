@@ -2,7 +2,7 @@
 DIR/VOLUME.zarr (the mask, an NGFF labels image), DIR/VOLUME.probabilities.zarr and
 DIR/VOLUME.instances.zarr: `pipeline.to_store`, as a job's OME-Zarr result, with the blocks
 computed in this process or, with `--scheduler ADDRESS`, on that Dask cluster's workers
-(`pipeline.cluster`). A run stopped part-way is resumed by the same command: the blocks its
+(`serving.cluster`). A run stopped part-way is resumed by the same command: the blocks its
 stores record as written are not computed again."""
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def predict_volume(
         job = BlockJob(volume, source, seg.recipe(volume.tile_size), results, labeller, tag=tag)
         runner = None
         if scheduler:
-            from unet_service.pipeline.cluster import BlockTask, ModelSpec, on_cluster
+            from unet_service.serving.cluster import BlockTask, ModelSpec, on_cluster
 
             model = ModelSpec(
                 str(weights.resolve()),

@@ -202,7 +202,7 @@ def _cluster(
     server, through its tile queue)."""
     if not settings.dask_scheduler:
         return None
-    from unet_service.pipeline.cluster import BlockTask, ModelSpec, on_cluster
+    from unet_service.serving.cluster import BlockTask, ModelSpec, on_cluster
 
     location = record.params.get("input_location")
     model = ModelSpec(

@@ -20,10 +20,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin
 
+from unet_service.core.engine import TiledModel
+from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.errors import InferenceError
 from unet_service.imaging.location import location_exists
 from unet_service.imaging.sources import open_source, open_zarr
@@ -32,11 +33,10 @@ from unet_service.options import DEFAULT_TILE_SIZE
 from unet_service.pipeline.blocks import BlockJob, compute_block
 from unet_service.pipeline.to_file import Progress
 from unet_service.pipeline.volume import Volume
+from unet_service.serving.service import load_segmenter
+from unet_service.settings import Settings
 
 log = logging.getLogger("app.jobs")
-
-if TYPE_CHECKING:  # the engine needs torch; pipeline/ imports without it
-    from unet_service.core.engine import TiledModel
 
 # Limits for a worker's reading of an input the server already checked against its own.
 _NO_LIMIT_PIXELS, _NO_LIMIT_PAGES = 10**13, 10**7
@@ -67,9 +67,6 @@ class ModelSpec:
 
     def load(self) -> TiledModel:
         """The model, loaded as the service loads it (`serving.service.load_segmenter`)."""
-        from unet_service.serving.service import load_segmenter
-        from unet_service.settings import Settings
-
         settings = Settings(
             _env_file=None,
             weights=Path(self.weights),
@@ -156,8 +153,6 @@ class ModelPlugin(WorkerPlugin):
 def run_block(task: BlockTask, index: int) -> int:
     """A Dask task: block `index` computed on this worker and written; returns its tiles."""
     from distributed import get_worker
-
-    from unet_service.core.runner import BatchRunner, run_tiles
 
     plugin: ModelPlugin = get_worker().plugins[task.model.plugin_name]
     job = plugin.job(task)
