@@ -354,3 +354,29 @@ async def test_deleting_a_running_zarr_job_removes_its_store(
         gone = await client.get(f"/v1/jobs/{job_id}")
     assert deleted.json() == {"id": job_id, "deleted": True, "state": "cancelled"}
     assert gone.status_code == 404 and not os.path.exists(store)
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+async def test_a_result_in_the_inputs_labels_group_is_one_of_its_labels(
+    weights: Path, tmp_path: Path, volume: np.ndarray, reference, version: str
+) -> None:
+    image = write_ome_zarr(
+        tmp_path / "data" / "v.zarr", volume, version=version, chunks=(1, 16, 16)
+    )
+    async with running_app(app_for(weights, tmp_path)) as client:
+        answer = await client.post(
+            "/v1/jobs", json={"input": image, "output_location": f"{image}/labels/mask"}
+        )
+        assert answer.status_code == 202, answer.text
+        job = await wait_state(client, answer.json()["id"])
+    assert job["state"] == "done", job
+    # ome-zarr's reader (napari's) finds the mask as a labels layer of the image.
+    nodes = list(Reader(parse_url(image))())
+    (label,) = [node for node in nodes if node.load(Label) is not None]
+    assert "v.zarr/labels/mask" in str(label.zarr)
+    assert label.metadata["image-label"]["source"] == {"image": "../../"}
+    assert np.array_equal(np.asarray(label.data[0]), np.stack([r.mask for r in reference]))
+    assert [a["name"] for a in label.metadata["axes"]] == ["z", "y", "x"]
+    from ome_zarr.writer import get_metadata
+
+    assert get_metadata(zarr.open_group(f"{image}/labels", mode="r"))["labels"] == ["mask"]

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 from ome_zarr.format import format_from_version
-from ome_zarr.writer import add_metadata, write_multiscales_metadata
+from ome_zarr.writer import add_metadata, get_metadata, write_multiscales_metadata
 
 from unet_service.imaging.errors import ImageError
 from unet_service.imaging.zarr_source import NGFF_VERSIONS, zarr_store
@@ -208,5 +208,28 @@ class ZarrResult:
             label: dict[str, Any] = {"version": fmt.version}
             if label_properties:
                 label["properties"] = label_properties
+            labels = _labels_group_of(self.location, spec.zarr_format)
+            if labels is not None:  # IMAGE/labels/NAME: listed as one of the image's labels
+                name = self.location.rstrip("/").rpartition("/")[2]
+                listed = get_metadata(labels).get("labels", [])
+                if name not in listed:  # (a resumed finish may have listed it)
+                    add_metadata(labels, {"labels": [*listed, name]}, fmt=fmt)
+                label["source"] = {"image": "../../"}
             add_metadata(self.group, {"image-label": label}, fmt=fmt)
         self.set_info(complete=True)
+
+
+def _labels_group_of(location: str, zarr_format: int) -> zarr.Group | None:
+    """The `labels` group of the OME-Zarr image a result at IMAGE/labels/NAME labels (made
+    when the image has none yet), or None for a result anywhere else."""
+    parent = location.rstrip("/").rpartition("/")[0]
+    image, _, folder = parent.rpartition("/")
+    if folder != "labels" or not image:
+        return None
+    try:
+        group = zarr.open_group(zarr_store(image, read_only=False), mode="r+")
+        if group.metadata.zarr_format != zarr_format or "multiscales" not in get_metadata(group):
+            return None
+    except Exception:  # no image there: the result is a labels image on its own
+        return None
+    return zarr.open_group(zarr_store(parent, read_only=False), mode="a", zarr_format=zarr_format)
