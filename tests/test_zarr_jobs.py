@@ -374,9 +374,10 @@ async def test_a_result_in_the_inputs_labels_group_is_one_of_its_labels(
     nodes = list(Reader(parse_url(image))())
     (label,) = [node for node in nodes if node.load(Label) is not None]
     assert "v.zarr/labels/mask" in str(label.zarr)
-    assert label.metadata["image-label"]["source"] == {"image": "../../"}
     assert np.array_equal(np.asarray(label.data[0]), np.stack([r.mask for r in reference]))
     assert [a["name"] for a in label.metadata["axes"]] == ["z", "y", "x"]
     from ome_zarr.writer import get_metadata
 
     assert get_metadata(zarr.open_group(f"{image}/labels", mode="r"))["labels"] == ["mask"]
+    mask = get_metadata(zarr.open_group(f"{image}/labels/mask", mode="r"))
+    assert mask["image-label"]["source"] == {"image": "../../"}
