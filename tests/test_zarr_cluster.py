@@ -81,6 +81,12 @@ jobs_opened = lambda dask_worker: sum(  # noqa: E731
 )
 
 
+# Each worker's loaded models (their ids: the same objects while they are not reloaded).
+models_loaded = lambda dask_worker: sorted(  # noqa: E731
+    (name, id(plugin.segmenter))
+    for name, plugin in dask_worker.plugins.items()
+    if name.startswith("unet-model-")
+)
 # The scheduler's (key, from state, to state) transitions; a lambda, sent by value.
 transitions = lambda dask_scheduler: [tuple(t)[:3] for t in dask_scheduler.transition_log]  # noqa: E731
 # Tasks the scheduler still holds.
@@ -103,7 +109,9 @@ async def test_blocks_on_the_cluster_equal_the_whole_image(
     source = write_ome_zarr(tmp_path / "data" / "v.zarr", volume, version="0.5", chunks=(1, 8, 8))
     app = app_for(weights, tmp_path, side, cluster.address)
     mask_job = await run_job(app, source, "mask")
+    loaded = cluster.run(models_loaded)
     probs_job = await run_job(app, source, "probabilities")
+    assert cluster.run(models_loaded) == loaded  # each worker loaded the model once
     blocks = mask_job["result"]["store"]
     layout = np.asarray(written(Path(blocks)))
     assert layout.size == 2 * -(-75 // min(side, 80)) * -(-61 // min(side, 64))

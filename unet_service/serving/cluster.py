@@ -190,7 +190,7 @@ def on_cluster(address: str, task: BlockTask, *, connect_s: float = 30.0):
         except OSError as e:
             raise ClusterError(f"the Dask scheduler at {address} cannot be reached ({e})") from None
         try:
-            await client.register_plugin(ModelPlugin(task.model), name=task.model.plugin_name)
+            await _ensure_plugin(client, task.model)
             keys = [f"unet-block-{task.key}-{task.tag}-{i}" for i in indices]
             futures = client.map(run_block, [task] * len(indices), indices, key=keys, pure=False)
             index_of = {f.key: i for f, i in zip(futures, indices, strict=True)}
@@ -214,6 +214,19 @@ def on_cluster(address: str, task: BlockTask, *, connect_s: float = 30.0):
             await client.close()
 
     return run
+
+
+async def _ensure_plugin(client, model: ModelSpec) -> None:
+    """The model's plugin on the cluster: registered by the first job that uses the model, so
+    that each worker loads it once (registering it again would load it again on every
+    worker); workers that join later get it from the scheduler."""
+    name = model.plugin_name
+    # A lambda goes to the scheduler by value: the scheduler need not import this package.
+    registered = await client.run_on_scheduler(
+        lambda dask_scheduler, name: name in dask_scheduler.worker_plugins, name=name
+    )
+    if not registered:
+        await client.register_plugin(ModelPlugin(model), name=name)
 
 
 def executing_keys(dask_worker, prefix: str) -> list[str]:
