@@ -22,6 +22,7 @@ class Cluster:
         self.logs = logs
         logs.mkdir(parents=True, exist_ok=True)
         self.procs: list[subprocess.Popen] = []
+        self._logs: list = []
         port = self.address.rsplit(":", 1)[1]
         self.scheduler = self._start(
             "scheduler",
@@ -43,7 +44,8 @@ class Cluster:
         ]
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by close()
+        self._logs.append(log)
         # A session of its own: a worker and its nanny are killed together.
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -78,6 +80,8 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+        for log in self._logs:
+            log.close()
 
     def output(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
