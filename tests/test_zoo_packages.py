@@ -308,3 +308,12 @@ async def test_asking_for_a_refused_package_unloads_nothing(repository: Path) ->
             assert r.status_code == 503 and "2 inputs" in r.json()["error"]
         index = {row["name"]: row for row in (await client.post("/v2/repository/index")).json()}
         assert index["a"]["state"] == index["pkg"]["state"] == "READY"
+
+
+@pytest.mark.anyio
+async def test_unet_weights_may_name_a_package(repository: Path) -> None:
+    app = make_app(repository / "pkg.zip")
+    upload = {"file": ("em.png", png_bytes(em_crop(3, 0, 0, 64, 64)))}
+    async with running(app) as client:
+        r = await client.post("/v1/segment", files=upload)
+        assert r.status_code == 200 and r.headers["x-model-name"] == "pkg"

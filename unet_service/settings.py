@@ -30,7 +30,8 @@ class Settings(BaseSettings):
 
     weights: Path = Field(
         DEFAULT_WEIGHTS,
-        description="Path to NAME.safetensors; its model card NAME.json must sit beside it.",
+        description="Path to NAME.safetensors (its model card NAME.json must sit beside it), "
+        "or to a bioimage.io package NAME.zip.",
     )
     models: Path | None = Field(
         None,

@@ -90,9 +90,10 @@ def refusal(path: Path) -> str | None:
 
 def discover(settings: Settings) -> dict[str, Path]:
     """The repository's models by name, in order of name (`scan` of UNET_MODELS), or the one
-    model UNET_WEIGHTS names (by its card's name)."""
+    model UNET_WEIGHTS names (by its card's name; a bioimage.io package by its file's)."""
     if settings.models is None:
-        return {load_card(settings.weights).name: settings.weights}
+        path = settings.weights
+        return {path.stem if is_package(path) else load_card(path).name: path}
     return scan(settings.models)
 
 
