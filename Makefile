@@ -13,10 +13,13 @@ TORCH_VERSION := 2.13.0
 TORCH ?= torch==$(TORCH_VERSION)
 
 # The lock (docs/development.md, "Dependencies"): requirements/serve.txt is what
-# `pip install .` needs, for the images; requirements/dev.txt adds DEV_EXTRAS, for
+# `pip install .` needs with SERVE_EXTRAS, for the images; requirements/dev.txt adds DEV_EXTRAS, for
 # `make install`. Both are for CPython 3.11 on x86-64 Linux, the Python of CI and of the images.
 SERVE_LOCK := requirements/serve.txt
 DEV_LOCK := requirements/dev.txt
+# Extras in the serving set, so in the images: bioimageio, for model repositories that hold
+# BioImage Model Zoo packages (docs/models.md).
+SERVE_EXTRAS := bioimageio
 # Extras that `make install` adds to the serving set. A name pyproject.toml does not define
 # (yet) is skipped, so adding an extra there and here is all it takes.
 DEV_EXTRAS := test train bioimageio
@@ -32,7 +35,7 @@ LOCK_FLAGS ?=
 
 defined_extras = $(shell $(PYTHON) -c 'import sys, tomllib; \
 	extras = tomllib.load(open("pyproject.toml", "rb"))["project"].get("optional-dependencies", {}); \
-	print(*(e for e in sys.argv[1:] if e in extras))' $(DEV_EXTRAS))
+	print(*(e for e in sys.argv[1:] if e in extras))' $(1))
 
 .PHONY: install serve test lint format lock image-check compose-check
 
@@ -75,11 +78,12 @@ lock:
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--constraint $(VENV)/torch-constraint.txt $(addprefix --find-links ,$(TORCH_FIND_LINKS)) \
 		--no-emit-package torch --custom-compile-command "make lock" $(LOCK_FLAGS) \
-		$(foreach extra,$(defined_extras),--extra $(extra)) --output-file $(DEV_LOCK)
+		$(foreach extra,$(call defined_extras,$(DEV_EXTRAS)),--extra $(extra)) --output-file $(DEV_LOCK)
 	$(BIN)/uv pip compile pyproject.toml --quiet --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--constraint $(VENV)/torch-constraint.txt $(addprefix --find-links ,$(TORCH_FIND_LINKS)) \
 		--no-emit-package torch --custom-compile-command "make lock" \
+		$(foreach extra,$(call defined_extras,$(SERVE_EXTRAS)),--extra $(extra)) \
 		--constraint $(DEV_LOCK) --output-file $(SERVE_LOCK)
 
 # Builds the CPU image with podman, runs it and checks it end to end (deploy/image-check).

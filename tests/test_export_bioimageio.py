@@ -325,6 +325,11 @@ def test_the_exported_package_served_from_a_repository_answers_as_its_weights(
 
     package_answer, weights_answer = asyncio.run(both())
     np.testing.assert_allclose(package_answer, weights_answer, atol=1e-5)
+    # The package declares uint8 inputs: 16-bit and float images of the same picture are
+    # brought to its scale as the service scales them for the weights.
+    for same in (image.astype(np.uint16) * 257, image.astype(np.float32) / 255):
+        again = served.segment(same[:, :, None], 48, probabilities=True).probabilities
+        np.testing.assert_allclose(again, ours, atol=1e-6)
 
 
 def test_a_repository_serving_our_package_keeps_the_cards_threshold_and_figures(

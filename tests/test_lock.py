@@ -69,11 +69,19 @@ def pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
-def dev_extras() -> list[str]:
-    """The Makefile's DEV_EXTRAS that pyproject.toml defines, as `make install` and
-    `make lock` take them."""
-    (line,) = re.findall(r"^DEV_EXTRAS :?= (.*)$", (REPO / "Makefile").read_text(), re.M)
+def makefile_extras(variable: str) -> list[str]:
+    """The Makefile's SERVE_EXTRAS or DEV_EXTRAS that pyproject.toml defines, as `make
+    install` and `make lock` take them."""
+    (line,) = re.findall(rf"^{variable} :?= (.*)$", (REPO / "Makefile").read_text(), re.M)
     return [e for e in line.split() if e in pyproject().get("optional-dependencies", {})]
+
+
+def dev_extras() -> list[str]:
+    return makefile_extras("DEV_EXTRAS")
+
+
+def serve_extras() -> list[str]:
+    return makefile_extras("SERVE_EXTRAS")
 
 
 def roots(extras: list[str]) -> list[Requirement]:
@@ -139,7 +147,7 @@ def test_every_entry_is_pinned_with_hashes(serve: dict[str, Pin], dev: dict[str,
 def test_every_pyproject_dependency_is_locked_at_an_admitted_version(
     which: str, serve: dict[str, Pin], dev: dict[str, Pin]
 ) -> None:
-    pins, extras = (serve, []) if which == "serve" else (dev, dev_extras())
+    pins, extras = (serve, serve_extras()) if which == "serve" else (dev, dev_extras())
     for req in roots(extras):
         name = canonicalize_name(req.name)
         if name in UNLOCKED or not applies(req, {""}):
@@ -154,7 +162,7 @@ def test_every_pyproject_dependency_is_locked_at_an_admitted_version(
 def test_lock_holds_the_dependency_tree_and_nothing_else(
     which: str, serve: dict[str, Pin], dev: dict[str, Pin]
 ) -> None:
-    pins, extras = (serve, []) if which == "serve" else (dev, dev_extras())
+    pins, extras = (serve, serve_extras()) if which == "serve" else (dev, dev_extras())
     needed = closure(roots(extras))
     if Version(metadata.version("torch")).local != "cpu":
         # The lock is resolved for the CPU build of torch; a CUDA build (make install

@@ -292,3 +292,28 @@ async def test_a_job_page_too_large_to_measure_is_refused_at_once(
         r = await client.post("/v1/jobs", params={"model": "pkg"}, files=page)
         assert r.status_code == 413 and "statistics of the whole page" in r.json()["error"]
         assert (await client.post("/v1/jobs", params={"model": "a"}, files=page)).status_code == 202
+
+
+@pytest.mark.anyio
+async def test_asking_for_a_refused_package_unloads_nothing(repository: Path) -> None:
+    """A refused package is known without loading it: a request for it is a 503 with the
+    reason, and the loaded models stay loaded even at UNET_MAX_LOADED_MODELS."""
+    app = make_app(repository / "a.safetensors", models=repository, max_loaded_models=2)
+    upload = {"file": ("em.png", png_bytes(em_crop(3, 0, 0, 64, 64)))}
+    async with running(app) as client:
+        r = await client.post("/v1/segment", params={"model": "pkg"}, files=upload)
+        assert r.status_code == 200
+        for _ in range(2):
+            r = await client.post("/v1/segment", params={"model": "pair"}, files=upload)
+            assert r.status_code == 503 and "2 inputs" in r.json()["error"]
+        index = {row["name"]: row for row in (await client.post("/v2/repository/index")).json()}
+        assert index["a"]["state"] == index["pkg"]["state"] == "READY"
+
+
+@pytest.mark.anyio
+async def test_unet_weights_may_name_a_package(repository: Path) -> None:
+    app = make_app(repository / "pkg.zip")
+    upload = {"file": ("em.png", png_bytes(em_crop(3, 0, 0, 64, 64)))}
+    async with running(app) as client:
+        r = await client.post("/v1/segment", files=upload)
+        assert r.status_code == 200 and r.headers["x-model-name"] == "pkg"

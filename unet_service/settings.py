@@ -1,5 +1,4 @@
-"""Service settings: one pydantic-settings object read from `UNET_*` environment variables
-(and a `.env` file in the working directory, if there is one)."""
+"""The service's `UNET_*` settings, one pydantic-settings object (and a `.env` file, if any)."""
 
 from __future__ import annotations
 
@@ -33,7 +32,8 @@ class Settings(LocationSettings):
 
     weights: Path = Field(
         DEFAULT_WEIGHTS,
-        description="Path to NAME.safetensors; its model card NAME.json must sit beside it.",
+        description="Path to NAME.safetensors (its model card NAME.json must sit beside it), "
+        "or to a bioimage.io package NAME.zip.",
     )
     models: Path | None = Field(
         None,

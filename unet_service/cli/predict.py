@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from unet_service.cli.stream import predict_section, wants_stream
 from unet_service.cli.volume import is_zarr, predict_volume
-from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, Segmenter, TiledModel
+from unet_service.core.engine import DEFAULT_TILE_SIZE, DEFAULT_WEIGHTS, TiledModel
 from unet_service.core.precision import PRECISIONS
 from unet_service.core.runner import BatchRunner, run_tiles
 from unet_service.core.weights import WeightsError
@@ -27,8 +27,7 @@ from unet_service.imaging.tiff_writer import WriterError
 from unet_service.locations import DEFAULT_ZARR_BLOCK
 from unet_service.pipeline.outputs import SegmentRequest
 from unet_service.pipeline.sinks import Segmentation
-from unet_service.zoo.package import is_package
-from unet_service.zoo.segmenter import PackageSegmenter
+from unet_service.serving.catalog import find_model, open_model
 
 
 def write_outputs(
@@ -68,21 +67,9 @@ def output_clash(images: list[Path], output_dir: Path) -> str | None:
 
 
 def repository_weights(name: str, folder: Path | None) -> Path:
-    """The weights of model `name` in a repository folder (the service's UNET_MODELS): its
-    NAME.safetensors, or its bioimage.io package NAME.zip or NAME/."""
-    folder = folder or Path(os.environ.get("UNET_MODELS") or DEFAULT_WEIGHTS.parent)
-    for path in (folder / f"{name}.safetensors", folder / f"{name}.zip", folder / name):
-        if (path.suffix == ".safetensors" and path.is_file()) or is_package(path):
-            return path
-    names = sorted(p.stem for p in folder.iterdir() if p.suffix == ".safetensors" or is_package(p))
-    raise ValueError(f"no model {name!r} in {folder} (it holds: {', '.join(names) or 'none'})")
-
-
-def load_model(weights: Path, device: str, precision: str) -> TiledModel:
-    """Our weights, or a bioimage.io package (run in float32 by its own weights)."""
-    if is_package(weights):
-        return PackageSegmenter.from_package(weights, device=device)
-    return Segmenter.from_weights(weights, device=device, precision=precision)
+    """The weights of model `name` in a repository folder (the service's UNET_MODELS, found
+    as the service finds them)."""
+    return find_model(folder or Path(os.environ.get("UNET_MODELS") or DEFAULT_WEIGHTS.parent), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size and --block must be >= 1")
     try:
         weights = repository_weights(args.model, args.models) if args.model else args.weights
-        seg = load_model(weights, args.device, args.precision)
+        seg = open_model(weights, args.device, args.precision)
         args.tile_size = seg.geometry.tile_for(args.tile_size)
     except (WeightsError, ValueError) as e:
         parser.exit(2, f"unet-predict: error: {e}\n")

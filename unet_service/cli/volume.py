@@ -122,7 +122,6 @@ def predict_volume(
                 str(weights.resolve()),
                 device=device,
                 precision=precision,
-                tile_size=tile_size,
                 batch_cpu=batch_size,
                 batch_cuda=batch_size,
             )

@@ -210,7 +210,6 @@ def _cluster(
         device=settings.device,
         precision=settings.precision,
         backend=settings.backend,
-        tile_size=settings.tile_size,
         max_pixels=settings.max_pixels,
         batch_cpu=settings.job_batch_tiles_for("cpu"),
         batch_cuda=settings.batch_tiles_for("cuda"),

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unet_service.core.engine import Segmenter, TiledModel
 from unet_service.core.geometry import Geometry
 from unet_service.core.tiling import tile_sizes
 from unet_service.core.weights import ModelCard, load_card
 from unet_service.settings import Settings
 from unet_service.zoo.package import Package, PackageError, is_package, read_package
+from unet_service.zoo.segmenter import MAX_MEASURED_PIXELS, PackageSegmenter
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,18 @@ def refusal(path: Path) -> str | None:
 
 
 def discover(settings: Settings) -> dict[str, Path]:
-    """The repository's models by name, in order of name: UNET_MODELS' NAME.safetensors with a
-    NAME.json beside them and its bioimage.io packages (NAME.zip, or a folder NAME/ with its
-    description), or the one model UNET_WEIGHTS names (by its card's name)."""
+    """The repository's models by name, in order of name (`scan` of UNET_MODELS), or the one
+    model UNET_WEIGHTS names (by its card's name; a bioimage.io package by its file's)."""
     if settings.models is None:
-        return {load_card(settings.weights).name: settings.weights}
-    folder = settings.models
+        path = settings.weights
+        return {path.stem if is_package(path) else load_card(path).name: path}
+    return scan(settings.models)
+
+
+def scan(folder: Path) -> dict[str, Path]:
+    """The models of a repository folder by name, in order of name: its NAME.safetensors with
+    a NAME.json beside them and its bioimage.io packages (NAME.zip, or a folder NAME/ with its
+    description)."""
     if not folder.is_dir():
         raise ValueError(f"UNET_MODELS={folder} is not a folder")
     found: dict[str, Path] = {}
@@ -112,6 +120,31 @@ def discover(settings: Settings) -> dict[str, Path]:
             "bioimage.io package NAME.zip)"
         )
     return dict(sorted(found.items()))
+
+
+def find_model(folder: Path, name: str) -> Path:
+    """Model `name` of a repository folder, as the service finds it (ValueError naming the
+    models there otherwise)."""
+    models = scan(folder)
+    if name not in models:
+        raise ValueError(f"no model {name!r} in {folder} (it holds: {', '.join(models)})")
+    return models[name]
+
+
+def open_model(
+    path: Path,
+    device: str = "auto",
+    precision: str = "fp32",
+    backend: str = "auto",
+    compile: bool = False,
+    max_pixels: int = MAX_MEASURED_PIXELS,
+) -> TiledModel:
+    """The model at `path` on a device: our weights, or a bioimage.io package (run in float32
+    by its own weights; `precision` and `compile` are our models'; `max_pixels` bounds the
+    images whose statistics it measures). Raises WeightsError or PackageError."""
+    if is_package(path):
+        return PackageSegmenter.from_package(path, device, backend, max_pixels)
+    return Segmenter.from_weights(path, device, precision, backend, compile)
 
 
 def default_model(settings: Settings, models: dict[str, Path]) -> str:

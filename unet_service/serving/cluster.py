@@ -29,12 +29,10 @@ from unet_service.errors import InferenceError
 from unet_service.imaging.location import location_exists
 from unet_service.imaging.sources import open_source, open_zarr
 from unet_service.imaging.zarr_result import ZarrResult
-from unet_service.options import DEFAULT_TILE_SIZE
 from unet_service.pipeline.blocks import BlockJob, compute_block
 from unet_service.pipeline.to_file import Progress
 from unet_service.pipeline.volume import Volume
-from unet_service.serving.service import load_segmenter
-from unet_service.settings import Settings
+from unet_service.serving.catalog import open_model
 
 log = logging.getLogger("app.jobs")
 
@@ -55,7 +53,6 @@ class ModelSpec:
     device: str = "auto"
     precision: str = "fp32"
     backend: str = "auto"
-    tile_size: int = DEFAULT_TILE_SIZE
     max_pixels: int = 100_000_000  # a package measuring whole pages measures this many
     batch_cpu: int = 1  # tiles a forward pass on a worker's CPU
     batch_cuda: int = 4  # on its GPU
@@ -66,17 +63,10 @@ class ModelSpec:
         return f"unet-model-{hashlib.sha256(repr(self).encode()).hexdigest()[:16]}"
 
     def load(self) -> TiledModel:
-        """The model, loaded as the service loads it (`serving.service.load_segmenter`)."""
-        settings = Settings(
-            _env_file=None,
-            weights=Path(self.weights),
-            device=self.device,
-            precision=self.precision,
-            backend=self.backend,
-            tile_size=self.tile_size,
-            max_pixels=self.max_pixels,
+        """The model, opened as the service opens it (`serving.catalog.open_model`)."""
+        return open_model(
+            Path(self.weights), self.device, self.precision, self.backend, False, self.max_pixels
         )
-        return load_segmenter(settings, Path(self.weights))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from unet_service.serving.catalog import (
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.queued import Lane
 from unet_service.settings import Settings
+from unet_service.zoo.package import PackageError
 
 log = logging.getLogger("unet_service.serving.models")
 
@@ -182,6 +183,10 @@ class ModelRepository:
         async with entry.lock:
             if entry.loaded is not None:
                 return
+            reason = refusal(entry.weights)  # known (and kept) without loading: takes no room
+            if reason is not None:
+                entry.state, entry.reason = "FAILED", reason
+                raise PackageError(reason)
             self._make_room(entry)
             entry.state, entry.reason = "LOADING", None
             try:

@@ -14,21 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_service.core.engine import Segmenter, TiledModel
+from unet_service.core.engine import TiledModel
 from unet_service.core.runner import BatchRunner
 from unet_service.errors import UnavailableError
 from unet_service.imaging.pages import decode_pages
 from unet_service.pipeline.sinks import Segmentation
 from unet_service.pipeline.tiled_image import TiledImage, TileGroup
 from unet_service.serving.batcher import TileBatcher
-from unet_service.serving.catalog import ModelInfo, discover
+from unet_service.serving.catalog import ModelInfo, discover, open_model
 from unet_service.serving.limits import check_instances
 from unet_service.serving.metrics import Metrics
 from unet_service.serving.models import LoadedModel, ModelRepository
 from unet_service.serving.queued import QueuedImage, ShuttingDownError
 from unet_service.settings import Settings
-from unet_service.zoo.package import is_package
-from unet_service.zoo.segmenter import PackageSegmenter
 
 log = logging.getLogger("unet_service.serving.service")
 
@@ -47,16 +45,14 @@ def load_segmenter(settings: Settings, weights: Path | None = None) -> TiledMode
     in tests): our weights, or a bioimage.io package (`zoo`, run in float32 by its own
     weights; UNET_PRECISION and UNET_COMPILE are ours). Raises WeightsError or ValueError
     (PackageError) with a one-line reason."""
-    path = weights or settings.weights
-    segmenter: TiledModel
-    if is_package(path):
-        segmenter = PackageSegmenter.from_package(
-            path, settings.device, settings.backend, settings.max_pixels
-        )
-    else:
-        segmenter = Segmenter.from_weights(
-            path, settings.device, settings.precision, settings.backend, settings.compile
-        )
+    segmenter = open_model(
+        weights or settings.weights,
+        settings.device,
+        settings.precision,
+        settings.backend,
+        settings.compile,
+        settings.max_pixels,
+    )
     settings.check_tile_size(segmenter.geometry)
     return segmenter
 

@@ -56,6 +56,8 @@ class Package:
     description: str
     input_id: str
     input_axes: tuple[str, ...]
+    input_dtype: str  # the raw pixels' type the package declares (images are brought to it)
+    network_dtype: str  # what its preprocessing hands the network (its last ensure_dtype)
     output_id: str
     output_axes: tuple[str, ...]
     class_names: list[str]
@@ -75,12 +77,12 @@ class Package:
     def out_channels(self) -> int:
         return len(self.class_names)
 
-    @property
+    @functools.cached_property
     def dims(self) -> tuple[str, str, str, str]:
         """The input's axis ids in the order the service holds tiles: batch, channel, y, x."""
         return _by_type(self.input_axes, self.descr.inputs[0].axes)
 
-    @property
+    @functools.cached_property
     def output_dims(self) -> tuple[str, str, str, str]:
         return _by_type(self.output_axes, self.descr.outputs[0].axes)
 
@@ -97,9 +99,12 @@ def read_package(path: Path) -> Package:
     inputs (...)")."""
     try:
         source = _description_source(path)
-        return _read(str(path), str(source), source.stat().st_mtime_ns)
+        read = _read(str(path), str(source), source.stat().st_mtime_ns)
     except PackageError as e:
-        raise PackageError(f"bioimage.io package {path.name}: {e}") from None
+        read = e
+    if isinstance(read, PackageError):
+        raise PackageError(f"bioimage.io package {path.name}: {read}") from None
+    return read
 
 
 def _description_source(path: Path) -> Path:
@@ -112,7 +117,16 @@ def _description_source(path: Path) -> Path:
 
 
 @functools.lru_cache(maxsize=64)
-def _read(path: str, source: str, stamp: int) -> Package:
+def _read(path: str, source: str, stamp: int) -> Package | PackageError:
+    """The package, or why it is refused: both kept, as reading validates (and hashes) every
+    file of the package, and a refused package is asked about again and again."""
+    try:
+        return _read_checked(path, source)
+    except PackageError as e:
+        return e
+
+
+def _read_checked(path: str, source: str) -> Package:
     try:
         from bioimageio.core import Tensor  # noqa: F401  (the pre- and postprocessing)
         from bioimageio.spec import InvalidDescr, load_description
@@ -197,6 +211,8 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
         description=descr.description,
         input_id=str(tensor.id),
         input_axes=tuple(str(a.id) for a in tensor.axes),
+        input_dtype=tensor.dtype,
+        network_dtype=_network_dtype(tensor.preprocessing),
         output_id=str(output.id),
         output_axes=tuple(str(a.id) for a in output.axes),
         class_names=channel_names(output, "output"),
@@ -207,6 +223,13 @@ def _check(path: Path, descr: Any, v0_5: Any) -> Package:
         weights=weights,
         card=_exported_card(descr),
     )
+
+
+def _network_dtype(steps: Any) -> str:
+    """The type the preprocessing ends in: bioimageio.spec closes every 0.5 preprocessing
+    with an `ensure_dtype` step (float32 unless the package asks for another)."""
+    last = steps[-1] if steps else None
+    return str(last.kwargs.dtype) if last is not None and last.id == "ensure_dtype" else "float32"
 
 
 def _exported_card(descr: Any) -> ModelCard | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from unet_service.core.normalize import to_unit
 from unet_service.core.tiling import border_indices
 from unet_service.imaging.decode import match_channels
 from unet_service.imaging.errors import ImageTooLargeError
@@ -56,7 +57,9 @@ class PackageProcessing:
                 f"the whole image, measured in memory up to {self.max_pixels} pixels; this one "
                 f"has {height * width}"
             )
-        pixels = match_channels(source.read(page, 0, height, 0, width), self.package.in_channels)
+        pixels = self.as_declared(
+            match_channels(source.read(page, 0, height, 0, width), self.package.in_channels)
+        )
         (hy, hx), padding = self.package.halo_yx, self.package.geometry.padding
         padded = np.take(pixels, border_indices(-hy, height + hy, height, padding), axis=0)
         padded = np.take(padded, border_indices(-hx, width + hx, width, padding), axis=1)
@@ -70,11 +73,25 @@ class PackageProcessing:
         from bioimageio.core import Sample
 
         member = self.package.input_id
-        tile = self._tensor(raw.transpose(1, 2, 0))
+        tile = self._tensor(self.as_declared(raw).transpose(1, 2, 0))
         sample = Sample(members={member: tile}, stat=dict(statistics or {}), id=None)
         for op in self._pre:
             op(sample)
         return _values(sample.members[member], self.package.dims)[0]
+
+    def as_declared(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels of any type the service decodes (uint8, uint16, float in [0, 1]) in the
+        type the package declares, by the same [0, 1] scale the service gives our models: a
+        16-bit image to a package of 8-bit inputs is divided by 257, not wrapped around or
+        taken as values 257 times too bright."""
+        declared = np.dtype(self.package.input_dtype)
+        if pixels.dtype == declared:
+            return pixels
+        unit = to_unit(pixels)
+        if declared.kind in "ui":
+            top = np.iinfo(declared).max
+            return np.rint(np.clip(unit, 0.0, 1.0) * top).astype(declared)
+        return unit.astype(declared)
 
     def postprocess(self, outputs: np.ndarray) -> np.ndarray:
         """(N, K, S', S') network outputs -> float32 (N, K, S', S') after postprocessing."""

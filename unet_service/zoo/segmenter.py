@@ -8,6 +8,7 @@ at 0.5 and take the arg-max of several."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,14 @@ class PackageSegmenter(TiledModel):
                     f"{requested})"
                 )
         entry = getattr(self.package.descr.weights, fmt)
+        if fmt == "onnx" and getattr(entry, "external_data", None) is not None:
+            raise PackageError(f"bioimage.io package {name}: its onnx weights keep external data")
+        # bioimageio.spec's readers hold the file's bytes (checked against its hash), with
+        # nothing to close.
+        weights_bytes = entry.get_reader().read()
         if fmt == "onnx":
-            if getattr(entry, "external_data", None) is not None:
-                raise PackageError(
-                    f"bioimage.io package {name}: its onnx weights keep external data"
-                )
-            return OnnxRuntimeBackend(entry.get_reader().read())
-        module = torch.jit.load(entry.get_reader(), map_location=self.device)
+            return OnnxRuntimeBackend(weights_bytes)
+        module = torch.jit.load(io.BytesIO(weights_bytes), map_location=self.device)
         return TorchScriptBackend(module, self.device)
 
     def normalize(self, raw: np.ndarray, statistics: Any = None) -> np.ndarray:
@@ -103,9 +105,9 @@ class PackageSegmenter(TiledModel):
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """(N, C, S, S) preprocessed tiles -> (N, K, S - 2 (trim + halo), ...) float32
         outputs, postprocessed."""
-        # The preprocessed tiles as the preprocessing left them (float32 for every step
-        # bioimage.io defines); the input's declared dtype is that of the raw pixels.
-        x = np.ascontiguousarray(batch.transpose(self._to_declared))
+        # The network takes the type the preprocessing ends in (the warm-up's zeros come
+        # as float32 whatever that is); the input's declared type is the raw pixels'.
+        x = batch.transpose(self._to_declared).astype(self.package.network_dtype, order="C")
         if self.package.batch_size == 1:  # a network that takes one tile at a time
             y = np.concatenate([self._run(x[i : i + 1]) for i in range(len(x))])
         else:
