@@ -114,3 +114,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal server error; see the server log")
+
+
+# How every error answer is documented in the OpenAPI document: a JSON body {"error": "..."}.
+ERROR_RESPONSE = {"content": {"application/json": {"example": {"error": "..."}}}}

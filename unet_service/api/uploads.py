@@ -145,3 +145,23 @@ def unsupported_content_type(content_type: str) -> ApiError:
         f"unsupported Content-Type ({shown}): send multipart/form-data with the image in "
         "field 'file', or the raw image bytes as image/* or application/octet-stream",
     )
+
+
+def image_upload_body(description: str) -> dict:
+    """The OpenAPI request body of a route that takes one image as multipart field `file`
+    or as the raw bytes (`read_image_upload`)."""
+    binary = {"type": "string", "format": "binary"}
+    return {
+        "required": True,
+        "description": description,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {**binary, "description": "The image."}},
+                }
+            },
+            "application/octet-stream": {"schema": binary},
+        },
+    }

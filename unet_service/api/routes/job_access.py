@@ -12,9 +12,9 @@ from fastapi import Path, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
 from unet_service.api.auth import Caller
-from unet_service.api.errors import ApiError
+from unet_service.api.errors import ERROR_RESPONSE, ApiError
 from unet_service.api.job_views import content_disposition, download_name, job_json
-from unet_service.api.routes.jobs import ERROR, get_runner, job_router
+from unet_service.api.routes.jobs import get_runner, job_router
 from unet_service.api.zip_stream import zipped_store
 from unet_service.imaging.location import location_exists
 from unet_service.jobs.files import JOB_ID
@@ -24,7 +24,7 @@ router = job_router()
 JobId = Path(description="The job's id, as POST /v1/jobs returned it.")
 DEFAULT_LIST = 100
 MAX_LIST = 1000
-NOT_FOUND = {404: {"description": "No such job (for this key).", **ERROR}}
+NOT_FOUND = {404: {"description": "No such job (for this key).", **ERROR_RESPONSE}}
 
 
 async def find_job(request: Request, job_id: str, caller: str | None) -> JobRecord:
@@ -71,7 +71,7 @@ def parse_cursor(before: str | None) -> tuple[float, str] | None:
     summary="List your section jobs",
     description="Your jobs, newest first, a page at a time: `next` is the link to the next "
     "page (null on the last one).",
-    responses={422: {"description": "A bad `limit`, `state` or `before`.", **ERROR}},
+    responses={422: {"description": "A bad `limit`, `state` or `before`.", **ERROR_RESPONSE}},
 )
 async def list_jobs(
     request: Request,
@@ -113,7 +113,10 @@ RESULT_RESPONSES = {
         "content": {"image/tiff": {}, "application/zip": {}},
     },
     **NOT_FOUND,
-    409: {"description": "The job is not done (yet, or it failed or was cancelled).", **ERROR},
+    409: {
+        "description": "The job is not done (yet, or it failed or was cancelled).",
+        **ERROR_RESPONSE,
+    },
 }
 
 

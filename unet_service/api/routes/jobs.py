@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from unet_service.api.auth import Caller
-from unet_service.api.errors import ApiError
+from unet_service.api.errors import ERROR_RESPONSE, ApiError
 from unet_service.api.job_views import job_json
 from unet_service.api.named_input import names_input, read_named_input
 from unet_service.api.routes.common import get_service
@@ -20,14 +20,14 @@ from unet_service.api.upload_stream import StreamedUpload
 from unet_service.jobs.submit import submit_job, submit_location_job
 from unet_service.pipeline.outputs import Colour, Output, ResultFormat
 
-ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
-
 
 def job_router() -> APIRouter:
     """A router for job routes: every one takes the caller's key when the server has keys
     (UNET_API_KEY, UNET_API_KEYS), so every one may answer 401."""
     unauthorised = "Missing or wrong bearer token (when UNET_API_KEY is set)."
-    return APIRouter(tags=["section jobs"], responses={401: {"description": unauthorised, **ERROR}})
+    return APIRouter(
+        tags=["section jobs"], responses={401: {"description": unauthorised, **ERROR_RESPONSE}}
+    )
 
 
 router = job_router()
@@ -53,16 +53,16 @@ def get_runner(request: Request):
     '(`{"input": "PATH_OR_URL", "output_location": "PATH_OR_URL"}`) under the locations '
     "the server allows (UNET_DATA_ROOTS, UNET_DATA_URLS).",
     responses={
-        403: {"description": "A named location the server may not use.", **ERROR},
-        409: {"description": "The output location already exists.", **ERROR},
-        413: {"description": "Upload, image or stack beyond the job limits.", **ERROR},
-        415: {"description": "Not an image in a supported format.", **ERROR},
-        422: {"description": "Truncated, corrupt or unusable image or stack.", **ERROR},
+        403: {"description": "A named location the server may not use.", **ERROR_RESPONSE},
+        409: {"description": "The output location already exists.", **ERROR_RESPONSE},
+        413: {"description": "Upload, image or stack beyond the job limits.", **ERROR_RESPONSE},
+        415: {"description": "Not an image in a supported format.", **ERROR_RESPONSE},
+        422: {"description": "Truncated, corrupt or unusable image or stack.", **ERROR_RESPONSE},
         507: {
             "description": "The upload and its result would not fit in the job storage "
             "(UNET_JOBS_QUOTA_GB, or the disk), counting the results unfinished jobs will "
             "write.",
-            **ERROR,
+            **ERROR_RESPONSE,
         },
     },
     openapi_extra={"requestBody": REQUEST_BODY},

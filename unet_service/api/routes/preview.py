@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from PIL import Image
 
 from unet_service.api.auth import require_api_key
-from unet_service.api.errors import ApiError
+from unet_service.api.errors import ERROR_RESPONSE, ApiError
 from unet_service.api.routes.common import get_service
 from unet_service.api.routes.segment import ModelName
-from unet_service.api.uploads import read_image_upload
+from unet_service.api.uploads import image_upload_body, read_image_upload
 from unet_service.imaging.display import cell_ids, cells_view, classes_view, image_view
 from unet_service.imaging.encode import png_bytes
 
@@ -26,7 +26,6 @@ DEFAULT_MAX_SIDE = 2048
 MIN_MAX_SIDE = 16
 MAX_MAX_SIDE = 8192
 
-_ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
 _HEADERS = {
     "X-Image-Width": "Width of the upload, pixels (before any scaling down).",
     "X-Image-Height": "Height of the upload, pixels (before any scaling down).",
@@ -41,36 +40,26 @@ RESPONSES = {
             name: {"description": d, "schema": {"type": "string"}} for name, d in _HEADERS.items()
         },
     },
-    401: {"description": "Missing or wrong bearer token (when UNET_API_KEY is set).", **_ERROR},
-    413: {"description": "Upload or image larger than the limits.", **_ERROR},
-    415: {"description": "Not an image in a supported format.", **_ERROR},
+    401: {
+        "description": "Missing or wrong bearer token (when UNET_API_KEY is set).",
+        **ERROR_RESPONSE,
+    },
+    413: {"description": "Upload or image larger than the limits.", **ERROR_RESPONSE},
+    415: {"description": "Not an image in a supported format.", **ERROR_RESPONSE},
     422: {
         "description": "Empty, truncated or unusable image; missing `file` field; `page` "
         "beyond the upload's pages; `max_side` out of range; `colour` with an upload that "
         "holds no labels.",
-        **_ERROR,
+        **ERROR_RESPONSE,
     },
-    503: {"description": "Server not ready or shutting down (see Retry-After).", **_ERROR},
+    503: {"description": "Server not ready or shutting down (see Retry-After).", **ERROR_RESPONSE},
 }
-REQUEST_BODY = {
-    "required": True,
-    "description": "The image as multipart field `file`, in any format `/v1/segment` reads "
+REQUEST_BODY = image_upload_body(
+    "The image as multipart field `file`, in any format `/v1/segment` reads "
     "(a multi-page TIFF's pages are chosen with `page`), or a mask or instances answer of "
     "`/v1/segment` with `colour`. The raw bytes with `Content-Type: image/...` or "
-    "`application/octet-stream` work too.",
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "The image."}
-                },
-            }
-        },
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
+    "`application/octet-stream` work too."
+)
 
 
 @router.post(

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from unet_service.api.auth import require_api_key
+from unet_service.api.errors import ERROR_RESPONSE
 from unet_service.api.routes.common import arrival, get_service, timing_headers, wait_for_disconnect
-from unet_service.api.uploads import read_image_upload
+from unet_service.api.uploads import image_upload_body, read_image_upload
 from unet_service.errors import InvalidRequestError
 from unet_service.imaging.encode import encode_output, slices
 from unet_service.pipeline.outputs import Colour, Output, SegmentRequest
@@ -21,7 +22,6 @@ from unet_service.serving.segment import segment as segment_image
 router = APIRouter(tags=["segmentation"])
 
 
-_ERROR = {"content": {"application/json": {"example": {"error": "..."}}}}
 _HEADERS = {
     "X-Model-Name": "Name of the model (from its card).",
     "X-Image-Width": "Width of the input image, pixels.",
@@ -47,33 +47,26 @@ RESPONSES = {
             name: {"description": d, "schema": {"type": "string"}} for name, d in _HEADERS.items()
         },
     },
-    401: {"description": "Missing or wrong bearer token (when UNET_API_KEY is set).", **_ERROR},
-    413: {"description": "Upload or image larger than the limits.", **_ERROR},
-    415: {"description": "Not an image in a supported format.", **_ERROR},
-    422: {"description": "Empty, truncated or unusable image; missing `file` field.", **_ERROR},
-    503: {"description": "Queue full or server not ready (see Retry-After).", **_ERROR},
-    504: {"description": "Not done within UNET_REQUEST_TIMEOUT_S.", **_ERROR},
+    401: {
+        "description": "Missing or wrong bearer token (when UNET_API_KEY is set).",
+        **ERROR_RESPONSE,
+    },
+    413: {"description": "Upload or image larger than the limits.", **ERROR_RESPONSE},
+    415: {"description": "Not an image in a supported format.", **ERROR_RESPONSE},
+    422: {
+        "description": "Empty, truncated or unusable image; missing `file` field.",
+        **ERROR_RESPONSE,
+    },
+    503: {"description": "Queue full or server not ready (see Retry-After).", **ERROR_RESPONSE},
+    504: {"description": "Not done within UNET_REQUEST_TIMEOUT_S.", **ERROR_RESPONSE},
 }
 
-REQUEST_BODY = {
-    "required": True,
-    "description": "The image as multipart field `file` (PNG, JPEG, TIFF incl. 16-bit, BMP, "
+REQUEST_BODY = image_upload_body(
+    "The image as multipart field `file` (PNG, JPEG, TIFF incl. 16-bit, BMP, "
     "WebP, GIF). A multi-page TIFF is a stack: every page (one size) is segmented and the "
     "answer has the same pages. The raw image bytes with `Content-Type: image/...` or "
-    "`application/octet-stream` work too.",
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["file"],
-                "properties": {
-                    "file": {"type": "string", "format": "binary", "description": "The image."}
-                },
-            }
-        },
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    },
-}
+    "`application/octet-stream` work too."
+)
 
 
 @router.post(
